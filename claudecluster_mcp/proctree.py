@@ -1,0 +1,171 @@
+"""Finding and killing every process an agent run started, wherever it went.
+
+Claude Code starts each Bash-tool command in a **new session**, and a command may
+double-fork, so neither the CLI's process group nor its child list reaches everything.
+Two mechanisms make the tree findable:
+
+* this process becomes a *child subreaper* (Linux ``PR_SET_CHILD_SUBREAPER``), so orphaned
+  descendants are re-parented to us instead of PID 1 and stay in our process tree;
+* each run's processes carry a unique environment tag (``CLAUDECLUSTER_RUN=<id>``) that
+  children inherit, so a sweep can find them by ``/proc/<pid>/environ``.
+
+A :class:`ProcessTree` records every (pid, start time) seen for a run and kills them all,
+re-checking start times so that a recycled pid is never hit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+__all__ = ["RUN_TAG_VAR", "ProcessTree", "become_subreaper"]
+
+logger = logging.getLogger(__name__)
+
+RUN_TAG_VAR = "CLAUDECLUSTER_RUN"
+_PR_SET_CHILD_SUBREAPER = 36
+_subreaper: bool | None = None
+
+
+def become_subreaper() -> bool:
+    """Make this process the subreaper of its descendants (once; Linux only)."""
+    global _subreaper
+    if _subreaper is None:
+        _subreaper = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                _subreaper = libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+            except (OSError, AttributeError):  # pragma: no cover - exotic libc
+                _subreaper = False
+        if not _subreaper:  # pragma: no cover - non-Linux
+            logger.info("cannot become a child subreaper; relying on the environment tag sweep")
+    return _subreaper
+
+
+def _has_tag(proc: psutil.Process, tag: str) -> bool:
+    try:
+        return proc.environ().get(RUN_TAG_VAR) == tag
+    except (psutil.Error, OSError):
+        return False
+
+
+@dataclass
+class ProcessTree:
+    """The processes of one agent run: the CLI (``root``) and all it started."""
+
+    root: int
+    tag: str
+    seen: dict[int, float] = field(default_factory=dict)
+
+    def _remember(self, proc: psutil.Process) -> None:
+        with contextlib.suppress(psutil.Error):
+            self.seen.setdefault(proc.pid, proc.create_time())
+
+    def scan(self) -> list[psutil.Process]:
+        """Living processes of the run (root, descendants, re-parented orphans); remembers them."""
+        found: dict[int, psutil.Process] = {}
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(self.root)
+            found[root.pid] = root
+            for child in root.children(recursive=True):
+                found[child.pid] = child
+        # Orphans re-parented to us (the subreaper) and not below the root any more.
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process().children(recursive=True):
+                if child.pid not in found and _has_tag(child, self.tag):
+                    found[child.pid] = child
+        for proc in found.values():
+            self._remember(proc)
+        return [p for p in found.values() if _alive(p)]
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the whole run, in bytes."""
+        total = 0
+        for proc in self.scan():
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss
+        return total
+
+    def _tagged_anywhere(self) -> list[psutil.Process]:
+        procs = []
+        for proc in psutil.process_iter():
+            if proc.pid != os.getpid() and _has_tag(proc, self.tag):
+                procs.append(proc)
+        return procs
+
+    def survivors(self) -> list[psutil.Process]:
+        """Processes of this run still alive (recorded ones that kept their identity, or tagged)."""
+        alive: dict[int, psutil.Process] = {}
+        for pid, started in list(self.seen.items()):
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(pid)
+                if abs(proc.create_time() - started) < 0.01 and _alive(proc):
+                    alive[pid] = proc
+        for proc in self._tagged_anywhere():
+            if _alive(proc):
+                alive.setdefault(proc.pid, proc)
+                self._remember(proc)
+        return list(alive.values())
+
+    def kill_all(self, *, exclude_root: bool = False, timeout: float = 3.0) -> list[int]:
+        """SIGKILL every process of the run until none is left; reap our orphaned zombies.
+
+        Blocking (call from a worker thread). Returns the pids that were killed.
+        """
+        killed: list[int] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            targets = [p for p in self.survivors() if not (exclude_root and p.pid == self.root)]
+            if not targets:
+                break
+            for proc in targets:
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(signal.SIGKILL)
+                    killed.append(proc.pid)
+            self._reap()
+            if time.monotonic() > deadline:
+                logger.error(
+                    "processes of run %s survived SIGKILL: %s", self.tag, [p.pid for p in targets]
+                )
+                break
+            time.sleep(0.02)
+        self._reap()
+        return sorted(set(killed))
+
+    def _reap(self) -> None:
+        """waitpid() only our own zombie children that belong to this run (never the root:
+        its owner reaps it), so no other waiter loses an exit status."""
+        me = os.getpid()
+        for pid in list(self.seen):
+            if pid == self.root:
+                continue
+            try:
+                proc = psutil.Process(pid)
+                if proc.ppid() != me or proc.status() != psutil.STATUS_ZOMBIE:
+                    continue
+            except psutil.Error:
+                continue
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            except OSError as exc:  # pragma: no cover - defensive
+                if exc.errno != errno.ECHILD:
+                    raise
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

@@ -1,0 +1,162 @@
+"""Scenarios for the scripted model server: which conversation gets which scripted turns.
+
+A scenario is a list of rules. A rule matches a conversation by a substring (``match``) or a
+regular expression (``regex``) searched in the conversation's first user message, and then
+plays its ``turns`` in order: turn *k* answers the request that already holds *k* assistant
+messages. A turn is text and/or tool calls, optional latency, and an optional fault.
+Strings in a turn may use ``{cwd}`` (the agent's working directory as the CLI reports it)
+and the named groups of the rule's ``regex``. See ``docs/scenarios.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ScenarioError
+
+__all__ = ["Fault", "Rule", "Scenario", "Storm", "ToolCall", "Turn", "load_scenario"]
+
+FaultType = Literal[
+    "rate_limit", "overloaded", "server_error", "unauthorized", "stall", "hang", "cut"
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Fault(_Strict):
+    """A failure injected instead of (or in the middle of) a turn.
+
+    ``rate_limit`` = HTTP 429 with ``retry-after``; ``overloaded`` = 529; ``server_error`` =
+    500; ``unauthorized`` = 401; ``hang`` = accept the request and send nothing for
+    ``seconds``; ``stall`` = send ``message_start`` then nothing for ``seconds``, then finish
+    the turn; ``cut`` = close the connection in the middle of the message.
+    ``times`` = how many attempts at this turn (per conversation) get the fault; ``None`` = all.
+    """
+
+    type: FaultType
+    retry_after: float = 1.0
+    seconds: float = 3600.0
+    times: int | None = Field(default=1, ge=1)
+    message: str | None = None
+
+
+class ToolCall(_Strict):
+    """A ``tool_use`` block: any tool the CLI offers (Write, Edit, Bash, Read, ``mcp__…``)."""
+
+    name: str = Field(min_length=1)
+    input: dict[str, Any] = Field(default_factory=dict)
+
+
+class Turn(_Strict):
+    """One scripted model response."""
+
+    text: str | None = None
+    tools: list[ToolCall] = Field(default_factory=list)
+    latency: float = Field(default=0.0, ge=0)
+    fault: Fault | None = None
+    input_tokens: int | None = Field(default=None, ge=0)
+    output_tokens: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _has_content(self) -> Turn:
+        if self.text is None and not self.tools and self.fault is None:
+            raise ValueError("a turn needs text, tools or a fault")
+        return self
+
+
+class Rule(_Strict):
+    """Matches conversations and scripts their turns."""
+
+    name: str = Field(min_length=1)
+    match: str | None = None
+    regex: str | None = None
+    turns: list[Turn] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_matcher(self) -> Rule:
+        if (self.match is None) == (self.regex is None):
+            raise ValueError(f"rule {self.name!r} needs exactly one of 'match' or 'regex'")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"rule {self.name!r}: bad regex: {exc}") from exc
+        return self
+
+    def variables(self, first_user_text: str) -> dict[str, str] | None:
+        """Template variables if this rule matches the conversation, else ``None``."""
+        if self.match is not None:
+            return {} if self.match in first_user_text else None
+        assert self.regex is not None
+        found = re.search(self.regex, first_user_text)
+        if found is None:
+            return None
+        return {k: v for k, v in found.groupdict().items() if v is not None}
+
+
+class Storm(_Strict):
+    """A fault for the first ``requests`` model requests the server receives, any rule."""
+
+    requests: int = Field(ge=1)
+    fault: Fault
+
+
+class Scenario(_Strict):
+    """A named set of rules, tried in order; the first match wins."""
+
+    name: str = "scenario"
+    rules: list[Rule] = Field(min_length=1)
+    storm: Storm | None = None
+    default_latency: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Scenario:
+        names = [rule.name for rule in self.rules]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate rule names: {', '.join(duplicates)}")
+        return self
+
+    def find_rule(self, first_user_text: str) -> tuple[Rule, dict[str, str]] | None:
+        """The first rule matching the conversation, with its template variables."""
+        for rule in self.rules:
+            variables = rule.variables(first_user_text)
+            if variables is not None:
+                return rule, variables
+        return None
+
+
+def load_scenario(source: Path | str | dict[str, Any]) -> Scenario:
+    """Load and validate a scenario from a YAML/JSON file path or an already parsed dict."""
+    if isinstance(source, dict):
+        data: Any = source
+        origin = "scenario"
+    else:
+        path = Path(source)
+        origin = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ScenarioError(f"cannot read scenario {origin}: {exc.strerror or exc}") from exc
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise ScenarioError(f"scenario {origin} is not valid YAML/JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ScenarioError(f"scenario {origin} must be a mapping with a 'rules' list")
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ScenarioError(f"scenario {origin} is invalid: {problems}") from exc
