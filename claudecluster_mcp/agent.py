@@ -446,13 +446,16 @@ class AgentRun:
         self.log_path = spec.log_path or _default_log_dir() / f"{self.run_id}.log"
         self.state = RunState.STARTING
         self.pid: int | None = None
+        self.tmpdir: Path | None = None  #: the run's private TMPDIR, removed at the end
         self.events: list[AgentEvent] = []
         self.last_activity = time.monotonic()
         self._claude = claude
         self._on_event = on_event
         self._stop: tuple[OutcomeStatus, str] | None = None
         self._stop_requested = anyio.Event()
-        self._result: ResultEvent | None = None
+        # A run can emit several results (background tasks start new turns); per result the
+        # CLI reports turns and usage since the previous one, but cost as a running total.
+        self._results: list[ResultEvent] = []
         self._last_retry: ApiRetry | None = None
         self._stderr: deque[str] = deque(maxlen=20)
         self._turn_messages: set[str] = set()
@@ -500,7 +503,7 @@ class AgentRun:
             if self.state is not RunState.STOPPING:
                 self.state = RunState.RUNNING
         elif isinstance(event, ResultEvent):
-            self._result = event
+            self._results.append(event)
         elif isinstance(event, StderrLine):
             self._stderr.append(event.text)
         if self._on_event is not None:
@@ -527,7 +530,7 @@ class AgentRun:
             else await anyio.to_thread.run_sync(find_claude)
         )
         become_subreaper()
-        tmpdir = Path(tempfile.mkdtemp(prefix="ccrun-"))
+        tmpdir = self.tmpdir = Path(tempfile.mkdtemp(prefix="ccrun-"))
         env = agent_env(spec, tmpdir=tmpdir, run_tag=self.run_id)
         argv = build_argv(spec, claude.path, self.session_id)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -574,15 +577,15 @@ class AgentRun:
     ) -> AgentOutcome:
         exit_code = proc.exitstatus
         signal_number = proc.signalstatus
+        result = self._results[-1] if self._results else None
         status, reason = decide_outcome(
-            self._result,
+            result,
             exit_code=exit_code,
             signal_number=signal_number,
             stopped=self._stop,
             stderr_tail=list(self._stderr),
             last_retry=self._last_retry,
         )
-        result = self._result
         init = next((e for e in self.events if isinstance(e, InitEvent)), None)
         retry_after = self._last_retry.retry_delay_ms / 1000 if self._last_retry else None
         assert self._tree is not None
@@ -594,9 +597,14 @@ class AgentRun:
             signal=signal_number,
             session_id=self.session_id,
             model=init.model if init else None,
-            num_turns=result.num_turns if result else self.turns,
+            num_turns=sum(r.num_turns for r in self._results) if result else self.turns,
             cost_usd=result.total_cost_usd if result else 0.0,
-            usage=result.usage if result else Usage(),
+            usage=Usage(
+                **{
+                    name: sum(getattr(r.usage, name) for r in self._results)
+                    for name in Usage.model_fields
+                }
+            ),
             duration_s=round(duration, 3),
             final_text=result.result if result else None,
             permission_denials=result.permission_denials if result else [],

@@ -1,0 +1,69 @@
+"""Shared fixtures: a real git repo, the real `claude` CLI, and the scripted model server."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from claudecluster_mcp.agent import AgentSpec, ClaudeBinary, find_claude
+from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
+from claudecluster_mcp.scenario import load_scenario
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def claude() -> ClaudeBinary:
+    """The real Claude Code CLI; `make test` installs the pinned version with `npm ci`."""
+    return find_claude()
+
+
+def make_repo(path: Path) -> Path:
+    """A git repository with one commit, as an agent would get it."""
+    path.mkdir(parents=True, exist_ok=True)
+    env_args = ["-c", "user.name=Test", "-c", "user.email=test@example.invalid"]
+    subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
+    (path / "README.md").write_text("# test repo\n")
+    subprocess.run(["git", "-C", str(path), "add", "."], check=True)
+    subprocess.run(["git", "-C", str(path), *env_args, "commit", "-qm", "init"], check=True)
+    return path
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    return make_repo(tmp_path / "repo")
+
+
+@pytest.fixture
+def model_server() -> Iterator[Callable[[dict[str, Any]], ScriptedModelServer]]:
+    """Start scripted model servers for scenario dicts; all are stopped after the test."""
+    started: list[ScriptedModelServer] = []
+
+    def start(scenario: dict[str, Any]) -> ScriptedModelServer:
+        server = ScriptedModelServer(load_scenario(scenario)).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def spec_for(tmp_path: Path) -> Callable[..., AgentSpec]:
+    """AgentSpec factory: isolated Claude config, scripted-model env, log under tmp_path."""
+
+    def make(server: ScriptedModelServer, prompt: str, cwd: Path, **fields: Any) -> AgentSpec:
+        env = {**scripted_env(server.url), **fields.pop("env", {})}
+        fields.setdefault("config_dir", tmp_path / "claude-config")
+        fields.setdefault("log_path", tmp_path / "logs" / "run.log")
+        return AgentSpec(prompt=prompt, cwd=cwd, env=env, **fields)
+
+    return make
