@@ -442,7 +442,7 @@ class ScriptedModelServer:
                         },
                     )
                     if fault is not None and fault.type == "cut":
-                        pass
+                        raise _CutStream("scripted cut")
             else:
                 yield _sse(
                     "content_block_start",
@@ -467,7 +467,7 @@ class ScriptedModelServer:
                         },
                     )
                     if fault is not None and fault.type == "cut":
-                        pass
+                        raise _CutStream("scripted cut")
             yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
         yield _sse(
             "message_delta",

@@ -168,7 +168,7 @@ async def test_cancel_during_bash_leaves_no_process_alive(
     async def cancel_when_started() -> None:
         pid_files = [repo / "bg.pid", repo / "daemon.pid", repo / "shell.pid"]
         with anyio.fail_after(30):
-            while not all(p.exists() and p.read_text().strip() for p in pid_files):
+            while not all(p.exists() and p.read_text().strip() for p in pid_files):  # noqa: ASYNC110
                 await anyio.sleep(0.1)
         await anyio.sleep(0.3)
         run.cancel()

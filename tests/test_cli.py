@@ -1,0 +1,143 @@
+"""The `claudecluster` command as a user runs it (a real subprocess)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from claudecluster_mcp.cli import build_parser
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def claudecluster(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "claudecluster_mcp.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_help_lists_the_commands() -> None:
+    done = claudecluster("--help")
+
+    assert done.returncode == 0
+    for command in ("demo", "model-server", "check"):
+        assert command in done.stdout
+
+
+def test_every_command_is_documented_in_the_readme() -> None:
+    readme = README.read_text()
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+
+    for name in commands:
+        assert f"claudecluster {name}" in readme, f"`claudecluster {name}` is not in README.md"
+
+
+def test_check_finds_the_pinned_claude() -> None:
+    done = claudecluster("check")
+
+    assert done.returncode == 0, done.stderr
+    assert "claude 2.1.332 at" in done.stdout
+
+
+@pytest.mark.parametrize("command", [["check"], ["demo"]])
+def test_missing_claude_is_one_clear_line_not_a_traceback(command: list[str]) -> None:
+    done = claudecluster(*command, env={"CLAUDECLUSTER_CLAUDE_BIN": "/nonexistent/claude"})
+
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith(
+        "claudecluster: error: The Claude Code CLI (`claude`) was not found"
+    )
+    assert "npm ci" in done.stderr
+
+
+def test_bad_scenario_file_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - name: r\n    turns: []\n")
+
+    done = claudecluster("model-server", "--scenario", str(bad))
+
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "bad.yaml is invalid" in done.stderr and "turns" in done.stderr
+
+
+def test_model_server_command_serves_a_scenario(tmp_path: Path) -> None:
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(
+        "rules:\n  - name: hi\n    match: HELLO\n    turns:\n      - text: hi there\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "claudecluster_mcp.cli",
+            "model-server",
+            "--scenario",
+            str(scenario),
+            "--port",
+            str(port),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(url + "/", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "model server did not come up"
+                time.sleep(0.1)
+        answer = httpx.post(
+            url + "/v1/messages",
+            json={
+                "model": "m",
+                "max_tokens": 10,
+                "messages": [{"role": "user", "content": "HELLO"}],
+            },
+            timeout=5,
+        )
+        assert answer.status_code == 200
+        assert answer.json()["content"] == [{"type": "text", "text": "hi there"}]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=10)
+    assert proc.returncode == 0
+
+
+@pytest.mark.claude
+def test_demo_runs_three_real_agents(tmp_path: Path) -> None:
+    done = claudecluster("demo", "--workdir", str(tmp_path / "demo"), timeout=180)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3/3 agents succeeded" in done.stdout
+    assert (tmp_path / "demo" / "ops" / "calc" / "ops.py").exists()
+    assert "def parse_number" in (tmp_path / "demo" / "parse" / "calc" / "parse.py").read_text()
+    assert "## Usage" in (tmp_path / "demo" / "docs" / "README.md").read_text()
