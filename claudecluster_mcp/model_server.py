@@ -38,7 +38,7 @@ __all__ = ["RecordedRequest", "ScriptedModelServer", "create_app", "scripted_env
 
 logger = logging.getLogger(__name__)
 
-_CWD = re.compile(r"Primary working directory: (\S+)")
+_CWD = re.compile(r"Primary working directory: ([^\n]+?)\s*$", re.MULTILINE)
 _TEMPLATE = re.compile(r"\{(\w+)\}")
 _FAULT_STATUS = {"rate_limit": 429, "overloaded": 529, "server_error": 500, "unauthorized": 401}
 _FAULT_ERROR = {
@@ -323,7 +323,7 @@ class ScriptedModelServer:
             turn=turn_index,
             **common,
         )
-        latency = turn.latency or self.scenario.default_latency
+        latency = self.scenario.default_latency if turn.latency is None else turn.latency
         if latency:
             await anyio.sleep(latency)
         if fault is not None and fault.type in _FAULT_STATUS | {"hang": 0}:

@@ -60,7 +60,9 @@ class Turn(_Strict):
 
     text: str | None = None
     tools: list[ToolCall] = Field(default_factory=list)
-    latency: float = Field(default=0.0, ge=0)
+    latency: float | None = Field(
+        default=None, ge=0, description="seconds; default: the scenario's"
+    )
     fault: Fault | None = None
     input_tokens: int | None = Field(default=None, ge=0)
     output_tokens: int | None = Field(default=None, ge=0)

@@ -1,0 +1,22 @@
+"""The public API: everything exported exists, and every public module declares __all__."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import claudecluster_mcp
+
+
+def test_top_level_exports_exist() -> None:
+    for name in claudecluster_mcp.__all__:
+        assert hasattr(claudecluster_mcp, name), name
+
+
+def test_every_module_declares_an_accurate_all() -> None:
+    for info in pkgutil.iter_modules(claudecluster_mcp.__path__):
+        module = importlib.import_module(f"claudecluster_mcp.{info.name}")
+        exported = getattr(module, "__all__", None)
+        assert exported is not None, f"{module.__name__} has no __all__"
+        for name in exported:
+            assert hasattr(module, name), f"{module.__name__}.__all__ names missing {name}"
