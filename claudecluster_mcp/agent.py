@@ -26,12 +26,13 @@ import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import anyio
+import psutil
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import AgentError, ClaudeNotFoundError, ClaudeVersionError
@@ -77,9 +78,7 @@ _INSTALL_HINT = (
     f"or point {CLAUDE_BIN_ENV} at a `claude` executable."
 )
 
-PermissionMode = Literal[
-    "acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "manual", "plan"
-]
+PermissionMode = Literal["acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "manual", "plan"]
 
 
 # --------------------------------------------------------------------------- the binary
@@ -129,8 +128,7 @@ def _version_of(path: Path) -> str:
         if done.returncode != 0 or match is None:
             detail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
             raise ClaudeVersionError(
-                f"`{path} --version` did not report a Claude Code version ({detail[0]}). "
-                + _INSTALL_HINT
+                f"`{path} --version` did not report a Claude Code version ({detail[0]}). " + _INSTALL_HINT
             )
         _version_cache[key] = match.group(0)
     return _version_cache[key]
@@ -201,9 +199,7 @@ class AgentSpec(BaseModel):
     def _tools_are_names(cls, value: list[str]) -> list[str]:
         for tool in value:
             if not tool or tool.startswith("-") or "," in tool:
-                raise ValueError(
-                    f"bad tool rule {tool!r}: one rule per item, no commas, not starting with '-'"
-                )
+                raise ValueError(f"bad tool rule {tool!r}: one rule per item, no commas, not starting with '-'")
         return value
 
     @field_validator("session_id", "resume")
@@ -283,30 +279,16 @@ def decide_outcome(
     if result is not None:
         if result.succeeded:
             return OutcomeStatus.SUCCEEDED, ""
-        text = (
-            result.result
-            or "; ".join(result.errors)
-            or f"{result.subtype} ({result.terminal_reason})"
-        )
+        text = result.result or "; ".join(result.errors) or f"{result.subtype} ({result.terminal_reason})"
         limited = result.api_error_status == 429 or result.api_error_type == "rate_limit_error"
         if limited or (result.terminal_reason == "api_error" and _RATE_LIMIT_TEXT.search(text)):
             return OutcomeStatus.RATE_LIMITED, text
-        if (
-            last_retry is not None
-            and last_retry.error == "rate_limit"
-            and result.api_error_status is None
-        ):
+        if last_retry is not None and last_retry.error == "rate_limit" and result.api_error_status is None:
             return OutcomeStatus.RATE_LIMITED, text
         return OutcomeStatus.FAILED, text
-    how = (
-        f"was killed by signal {signal_number}"
-        if signal_number
-        else f"exited with code {exit_code}"
-    )
+    how = f"was killed by signal {signal_number}" if signal_number else f"exited with code {exit_code}"
     detail = " | ".join(line for line in stderr_tail[-3:] if line)
-    return OutcomeStatus.CRASHED, f"claude {how} without a result" + (
-        f": {detail}" if detail else ""
-    )
+    return OutcomeStatus.CRASHED, f"claude {how} without a result" + (f": {detail}" if detail else "")
 
 
 # --------------------------------------------------------------------------- argv and env
@@ -398,8 +380,7 @@ def agent_env(
     env = {
         key: value
         for key, value in source.items()
-        if (key in _ENV_ALLOW or key.startswith(_ENV_ALLOW_PREFIXES))
-        and key not in _ENV_PARENT_SESSION
+        if (key in _ENV_ALLOW or key.startswith(_ENV_ALLOW_PREFIXES)) and key not in _ENV_PARENT_SESSION
     }
     env.setdefault("PATH", os.defpath)
     env.update(
@@ -438,6 +419,7 @@ class AgentRun:
         *,
         claude: ClaudeBinary | None = None,
         on_event: Callable[[AgentEvent], None] | None = None,
+        on_start: Callable[[int, float], Awaitable[None]] | None = None,
         run_id: str | None = None,
     ) -> None:
         self.spec = spec
@@ -451,6 +433,7 @@ class AgentRun:
         self.last_activity = time.monotonic()
         self._claude = claude
         self._on_event = on_event
+        self._on_start = on_start
         self._stop: tuple[OutcomeStatus, str] | None = None
         self._stop_requested = anyio.Event()
         # A run can emit several results (background tasks start new turns); per result the
@@ -524,11 +507,7 @@ class AgentRun:
         spec = self.spec
         if not spec.cwd.is_dir():
             raise AgentError(f"agent working directory {spec.cwd} does not exist")
-        claude = (
-            self._claude
-            if self._claude is not None
-            else await anyio.to_thread.run_sync(find_claude)
-        )
+        claude = self._claude if self._claude is not None else await anyio.to_thread.run_sync(find_claude)
         become_subreaper()
         tmpdir = self.tmpdir = Path(tempfile.mkdtemp(prefix="ccrun-"))
         env = agent_env(spec, tmpdir=tmpdir, run_tag=self.run_id)
@@ -540,18 +519,16 @@ class AgentRun:
         log = self.log_path.open("ab")
         try:
             try:
-                proc = PtyProcess.spawn(
-                    argv, cwd=str(spec.cwd), env=env, echo=False, dimensions=(50, 250)
-                )
+                proc = PtyProcess.spawn(argv, cwd=str(spec.cwd), env=env, echo=False, dimensions=(50, 250))
             except (OSError, FileNotFoundError) as exc:
-                raise ClaudeNotFoundError(
-                    f"cannot start {claude.path}: {exc}. {_INSTALL_HINT}"
-                ) from exc
+                raise ClaudeNotFoundError(f"cannot start {claude.path}: {exc}. {_INSTALL_HINT}") from exc
             self.pid = proc.pid
             self._tree = ProcessTree(proc.pid, self.run_id)
             self._tree.seen[proc.pid] = time.time()
             self.state = RunState.RUNNING
             try:
+                if self._on_start is not None:
+                    await self._on_start(proc.pid, _create_time(proc.pid))
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._watch, proc, t0)
                     await self._pump(proc, log)
@@ -559,9 +536,7 @@ class AgentRun:
             finally:
                 with anyio.CancelScope(shield=True):
                     if proc.isalive():
-                        self._request_stop(
-                            OutcomeStatus.CANCELLED, "cancelled: the caller was cancelled"
-                        )
+                        self._request_stop(OutcomeStatus.CANCELLED, "cancelled: the caller was cancelled")
                         await self._terminate(proc)
                     killed = await anyio.to_thread.run_sync(self._tree.kill_all)
                     with contextlib.suppress(OSError):
@@ -572,9 +547,7 @@ class AgentRun:
         self.state = RunState.FINISHED
         return self._outcome(proc, started_at, time.monotonic() - t0, killed)
 
-    def _outcome(
-        self, proc: Any, started_at: datetime, duration: float, killed: list[int]
-    ) -> AgentOutcome:
+    def _outcome(self, proc: Any, started_at: datetime, duration: float, killed: list[int]) -> AgentOutcome:
         exit_code = proc.exitstatus
         signal_number = proc.signalstatus
         result = self._results[-1] if self._results else None
@@ -599,12 +572,7 @@ class AgentRun:
             model=init.model if init else None,
             num_turns=sum(r.num_turns for r in self._results) if result else self.turns,
             cost_usd=result.total_cost_usd if result else 0.0,
-            usage=Usage(
-                **{
-                    name: sum(getattr(r.usage, name) for r in self._results)
-                    for name in Usage.model_fields
-                }
-            ),
+            usage=Usage(**{name: sum(getattr(r.usage, name) for r in self._results) for name in Usage.model_fields}),
             duration_s=round(duration, 3),
             final_text=result.result if result else None,
             permission_denials=result.permission_denials if result else [],
@@ -671,10 +639,7 @@ class AgentRun:
                     OutcomeStatus.TIMED_OUT,
                     f"wall-clock timeout: still running after {spec.wall_timeout:g}s",
                 )
-            elif (
-                spec.inactivity_timeout is not None
-                and now - self.last_activity > spec.inactivity_timeout
-            ):
+            elif spec.inactivity_timeout is not None and now - self.last_activity > spec.inactivity_timeout:
                 self._request_stop(
                     OutcomeStatus.TIMED_OUT,
                     f"inactivity timeout: no event from claude for {spec.inactivity_timeout:g}s",
@@ -705,6 +670,13 @@ class AgentRun:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, sig)
             await _wait_exit(proc, wait)
+
+
+def _create_time(pid: int) -> float:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return time.time()
 
 
 async def _wait_exit(proc: Any, limit: float | None) -> bool:

@@ -71,9 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the examples/demo tasks as real Claude Code agents in parallel, each in "
         "its own git repository, against the bundled scripted model. No API key needed.",
     )
-    demo.add_argument(
-        "--workdir", type=Path, help="where to put the demo repos (default: a temp dir)"
-    )
+    demo.add_argument("--workdir", type=Path, help="where to put the demo repos (default: a temp dir)")
     demo.set_defaults(handler=_cmd_demo)
 
     model = commands.add_parser(

@@ -39,9 +39,7 @@ def find_examples() -> Path:
     """The ``examples/demo`` folder of the source checkout."""
     examples = Path(__file__).resolve().parent.parent / "examples" / "demo"
     if not (examples / "scenario.yaml").is_file():
-        raise ConfigError(
-            f"demo files not found at {examples}; run the demo from a claudecluster source checkout"
-        )
+        raise ConfigError(f"demo files not found at {examples}; run the demo from a claudecluster source checkout")
     return examples
 
 
@@ -111,14 +109,10 @@ async def run_demo(console: Console, *, workdir: Path | None = None) -> int:
 
     table = Table(title=f"{len(tasks)} agents in {wall:.1f}s wall")
     for column in ("task", "outcome", "turns", "cost", "tokens", "duration", "files written"):
-        table.add_column(
-            column, justify="right" if column in ("turns", "cost", "tokens", "duration") else "left"
-        )
+        table.add_column(column, justify="right" if column in ("turns", "cost", "tokens", "duration") else "left")
     for task in tasks:
         outcome = outcomes[task["id"]]
-        changed = _git(repos[task["id"]], "status", "--porcelain", "--untracked-files=all").split(
-            "\n"
-        )
+        changed = _git(repos[task["id"]], "status", "--porcelain", "--untracked-files=all").split("\n")
         files = ", ".join(line[3:] for line in changed if line)
         colour = "green" if outcome.ok else "red"
         table.add_row(

@@ -10,7 +10,14 @@ traceback.
 
     ClusterError
     ├── ConfigError                 bad settings or arguments
-    │   └── ScenarioError           a scripted-model scenario file is invalid
+    │   ├── ScenarioError           a scripted-model scenario file is invalid
+    │   └── PlanValidationError     a task list is not a valid DAG (cycle, unknown dep, …)
+    ├── NotFoundError               unknown plan or task id (the message lists known ones)
+    ├── StateError                  the operation does not fit the current state
+    ├── RepositoryError             not a git repository, path outside it, bad ref name
+    │   ├── DirtyWorktreeError      refusing to touch a working tree with local changes
+    │   └── GitError                a git command failed (its stderr is in the message)
+    ├── StoreError                  the state database cannot be opened or written
     ├── ClaudeNotFoundError         no `claude` executable where we looked
     │   └── ClaudeVersionError      `claude` is there but too old or unusable
     └── AgentError                  an agent run could not be started or supervised
@@ -24,7 +31,14 @@ __all__ = [
     "ClaudeVersionError",
     "ClusterError",
     "ConfigError",
+    "DirtyWorktreeError",
+    "GitError",
+    "NotFoundError",
+    "PlanValidationError",
+    "RepositoryError",
     "ScenarioError",
+    "StateError",
+    "StoreError",
 ]
 
 
@@ -38,6 +52,34 @@ class ConfigError(ClusterError):
 
 class ScenarioError(ConfigError):
     """A scripted-model scenario is invalid or cannot be read."""
+
+
+class PlanValidationError(ConfigError):
+    """A task list is not a valid DAG; the message lists every problem."""
+
+
+class NotFoundError(ClusterError):
+    """An unknown plan or task id."""
+
+
+class StateError(ClusterError):
+    """The operation does not fit the current state (e.g. merging a plan still running)."""
+
+
+class RepositoryError(ClusterError):
+    """The repository, a path in it, or a ref name is unusable."""
+
+
+class DirtyWorktreeError(RepositoryError):
+    """A working tree has local changes we will not overwrite."""
+
+
+class GitError(RepositoryError):
+    """A git command failed."""
+
+
+class StoreError(ClusterError):
+    """The state database cannot be opened, migrated or written."""
 
 
 class ClaudeNotFoundError(ClusterError):

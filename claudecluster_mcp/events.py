@@ -48,12 +48,7 @@ class Usage(BaseModel):
     @property
     def total_tokens(self) -> int:
         """All tokens billed for the run, input (incl. cache) plus output."""
-        return (
-            self.input_tokens
-            + self.output_tokens
-            + self.cache_creation_input_tokens
-            + self.cache_read_input_tokens
-        )
+        return self.input_tokens + self.output_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
 
 
 class InitEvent(_Event):
@@ -192,11 +187,7 @@ def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        parts = [
-            block.get("text", "")
-            for block in content
-            if isinstance(block, dict) and block.get("type") == "text"
-        ]
+        parts = [block.get("text", "") for block in content if isinstance(block, dict) and block.get("type") == "text"]
         return "\n".join(parts)
     return ""
 
@@ -298,13 +289,7 @@ def parse_event(obj: dict[str, Any]) -> list[AgentEvent]:
                 num_turns=int(obj.get("num_turns") or 0),
                 duration_ms=float(obj.get("duration_ms") or 0),
                 total_cost_usd=float(obj.get("total_cost_usd") or 0.0),
-                usage=Usage(
-                    **{
-                        k: int(v)
-                        for k, v in usage.items()
-                        if k in Usage.model_fields and isinstance(v, int)
-                    }
-                ),
+                usage=Usage(**{k: int(v) for k, v in usage.items() if k in Usage.model_fields and isinstance(v, int)}),
                 terminal_reason=obj.get("terminal_reason"),
                 api_error_status=_int_or_none(obj.get("api_error_status")),
                 api_error_type=obj.get("api_error_type"),
@@ -312,9 +297,7 @@ def parse_event(obj: dict[str, Any]) -> list[AgentEvent]:
                 permission_denials=[d for d in denials if isinstance(d, dict)],
             )
         ]
-    return [
-        OtherEvent(type=str(etype), subtype=subtype if isinstance(subtype, str) else None, raw=obj)
-    ]
+    return [OtherEvent(type=str(etype), subtype=subtype if isinstance(subtype, str) else None, raw=obj)]
 
 
 def _decode_line(line: str) -> list[AgentEvent]:

@@ -117,9 +117,7 @@ def _chunks(text: str, pieces: int = 3) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)] or [""]
 
 
-def _error_response(
-    status: int, kind: str, message: str, headers: dict[str, str] | None = None
-) -> Response:
+def _error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> Response:
     body = {"type": "error", "error": {"type": kind, "message": message}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -161,9 +159,7 @@ class ScriptedModelServer:
             record = RecordedRequest(index=len(self._requests), **fields)
             self._requests.append(record)
         level = logging.WARNING if record.outcome.startswith("unmatched") else logging.INFO
-        logger.log(
-            level, "scripted model request #%d %s: %s", record.index, record.path, record.outcome
-        )
+        logger.log(level, "scripted model request #%d %s: %s", record.index, record.path, record.outcome)
         return record
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -183,9 +179,7 @@ class ScriptedModelServer:
             timeout_keep_alive=30,
         )
         server = uvicorn.Server(config)
-        thread = threading.Thread(
-            target=server.run, kwargs={"sockets": [sock]}, name="scripted-model", daemon=True
-        )
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="scripted-model", daemon=True)
         thread.start()
         deadline = time.monotonic() + 15
         while not server.started:
@@ -246,13 +240,9 @@ class ScriptedModelServer:
         messages = body.get("messages") if isinstance(body, dict) else None
         if not isinstance(messages, list) or not messages:
             self._record(path=request.url.path, outcome="bad request: no messages")
-            return _error_response(
-                400, "invalid_request_error", "messages: at least one message is required"
-            )
+            return _error_response(400, "invalid_request_error", "messages: at least one message is required")
 
-        first_user = next(
-            (m for m in messages if isinstance(m, dict) and m.get("role") == "user"), {}
-        )
+        first_user = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), {})
         first_text = _blocks_text(first_user.get("content"))
         all_text = (
             _blocks_text(body.get("system"))
@@ -261,9 +251,7 @@ class ScriptedModelServer:
         )
         cwd_match = _CWD.search(all_text)
         cwd = cwd_match.group(1) if cwd_match else None
-        turn_index = sum(
-            1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant"
-        )
+        turn_index = sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant")
         last = messages[-1] if isinstance(messages[-1], dict) else {}
         last_content = last.get("content")
         tool_results = tuple(
@@ -274,8 +262,7 @@ class ScriptedModelServer:
         stream = bool(body.get("stream"))
         model = str(body.get("model") or "claude-scripted")
         conversation = (
-            request.headers.get("x-claude-code-session-id")
-            or hashlib.sha256(first_text.encode()).hexdigest()[:16]
+            request.headers.get("x-claude-code-session-id") or hashlib.sha256(first_text.encode()).hexdigest()[:16]
         )
         common = {
             "path": request.url.path,
@@ -332,9 +319,7 @@ class ScriptedModelServer:
             variables = {"cwd": cwd, **variables}
         content = self._content(turn, variables)
         usage = {
-            "input_tokens": turn.input_tokens
-            if turn.input_tokens is not None
-            else max(1, len(first_text) // 4),
+            "input_tokens": turn.input_tokens if turn.input_tokens is not None else max(1, len(first_text) // 4),
             "output_tokens": turn.output_tokens
             if turn.output_tokens is not None
             else max(1, len(json.dumps(content)) // 4),
@@ -389,9 +374,7 @@ class ScriptedModelServer:
             return _error_response(504, "timeout_error", "scripted hang ended")
         kind, default_message = _FAULT_ERROR[fault.type]
         headers = {"retry-after": f"{fault.retry_after:g}"} if fault.type == "rate_limit" else None
-        return _error_response(
-            _FAULT_STATUS[fault.type], kind, fault.message or default_message, headers
-        )
+        return _error_response(_FAULT_STATUS[fault.type], kind, fault.message or default_message, headers)
 
     @staticmethod
     async def _stream(
@@ -488,12 +471,8 @@ class ScriptedModelServer:
     async def probe(self, request: Request) -> Response:
         """``HEAD``/``GET /`` and ``GET /v1/models``: the CLI's and users' reachability probes."""
         if request.url.path.endswith("/models"):
-            return JSONResponse(
-                {"data": [{"type": "model", "id": "claude-scripted"}], "has_more": False}
-            )
-        return JSONResponse(
-            {"ok": True, "server": "claudecluster scripted model", "scenario": self.scenario.name}
-        )
+            return JSONResponse({"data": [{"type": "model", "id": "claude-scripted"}], "has_more": False})
+        return JSONResponse({"ok": True, "server": "claudecluster scripted model", "scenario": self.scenario.name})
 
 
 def create_app(server: ScriptedModelServer) -> Starlette:

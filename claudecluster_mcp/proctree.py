@@ -134,9 +134,7 @@ class ProcessTree:
                     killed.append(proc.pid)
             self._reap()
             if time.monotonic() > deadline:
-                logger.error(
-                    "processes of run %s survived SIGKILL: %s", self.tag, [p.pid for p in targets]
-                )
+                logger.error("processes of run %s survived SIGKILL: %s", self.tag, [p.pid for p in targets])
                 break
             time.sleep(0.02)
         self._reap()

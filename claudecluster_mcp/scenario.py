@@ -22,9 +22,7 @@ from .errors import ScenarioError
 
 __all__ = ["Fault", "Rule", "Scenario", "Storm", "ToolCall", "Turn", "load_scenario"]
 
-FaultType = Literal[
-    "rate_limit", "overloaded", "server_error", "unauthorized", "stall", "hang", "cut"
-]
+FaultType = Literal["rate_limit", "overloaded", "server_error", "unauthorized", "stall", "hang", "cut"]
 
 
 class _Strict(BaseModel):
@@ -60,9 +58,7 @@ class Turn(_Strict):
 
     text: str | None = None
     tools: list[ToolCall] = Field(default_factory=list)
-    latency: float | None = Field(
-        default=None, ge=0, description="seconds; default: the scenario's"
-    )
+    latency: float | None = Field(default=None, ge=0, description="seconds; default: the scenario's")
     fault: Fault | None = None
     input_tokens: int | None = Field(default=None, ge=0)
     output_tokens: int | None = Field(default=None, ge=0)
@@ -158,7 +154,6 @@ def load_scenario(source: Path | str | dict[str, Any]) -> Scenario:
         return Scenario.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-            for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
         )
         raise ScenarioError(f"scenario {origin} is invalid: {problems}") from exc

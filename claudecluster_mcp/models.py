@@ -1,0 +1,241 @@
+"""Plans, tasks and their states.
+
+A plan is a goal split into tasks that form a DAG. Task states move along one table of
+allowed transitions (:data:`TRANSITIONS`); the store refuses any other move::
+
+    pending → ready → running ⇄ waiting
+    running → succeeded | failed | timed_out | cancelled | pending (retry)
+    succeeded → merged | conflicted | gate_failed
+    pending/ready → blocked (a dependency failed) | cancelled
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "ACTIVE_STATES",
+    "FINAL_STATES",
+    "TASK_ID_PATTERN",
+    "TRANSITIONS",
+    "Category",
+    "MergePolicy",
+    "Plan",
+    "PlanState",
+    "PlanStatus",
+    "Priority",
+    "Task",
+    "TaskKind",
+    "TaskSpec",
+    "TaskState",
+]
+
+TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_TASK_ID = re.compile(TASK_ID_PATTERN)
+
+
+class Priority(enum.StrEnum):
+    """How urgent a task is; the scheduler starts higher priorities first."""
+
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+    @property
+    def rank(self) -> int:
+        """0 for low … 3 for critical."""
+        return list(Priority).index(self)
+
+
+class Category(enum.StrEnum):
+    """What kind of work a task is."""
+
+    CODE = "code"
+    TEST = "test"
+    REFACTOR = "refactor"
+    ANALYZE = "analyze"
+    DOCUMENT = "document"
+
+
+class TaskKind(enum.StrEnum):
+    """A task from the plan, or one the merge queue created to resolve a conflict."""
+
+    TASK = "task"
+    RESOLVE = "resolve"
+
+
+class MergePolicy(enum.StrEnum):
+    """What the merge queue does with a conflict."""
+
+    RESOLVE = "resolve"  #: start a resolve task (an agent in a worktree holding the conflict)
+    REPORT = "report"  #: mark the task conflicted, with files and commands to resolve by hand
+
+
+class TaskState(enum.StrEnum):
+    """Where a task is. One comment per member says what holds in that state."""
+
+    PENDING = "pending"  #: waiting for its dependencies to be merged (or for a retry delay)
+    READY = "ready"  #: dependencies merged; waiting for a free agent slot
+    RUNNING = "running"  #: an agent process is working on it
+    WAITING = "waiting"  #: its agent is waiting out a model rate limit
+    SUCCEEDED = "succeeded"  #: the agent succeeded; its branch is queued for merging
+    FAILED = "failed"  #: the agent failed for good (retries exhausted or not retryable)
+    TIMED_OUT = "timed_out"  #: the agent hit a timeout on its last attempt
+    CANCELLED = "cancelled"  #: cancelled by request
+    BLOCKED = "blocked"  #: a dependency failed, so it will never run
+    MERGED = "merged"  #: its work is on the plan's integration branch
+    CONFLICTED = "conflicted"  #: its branch conflicts with the integration branch
+    GATE_FAILED = "gate_failed"  #: the gate command failed on the merge candidate
+
+
+FINAL_STATES = frozenset(
+    {
+        TaskState.FAILED,
+        TaskState.TIMED_OUT,
+        TaskState.CANCELLED,
+        TaskState.BLOCKED,
+        TaskState.MERGED,
+        TaskState.CONFLICTED,
+        TaskState.GATE_FAILED,
+    }
+)
+ACTIVE_STATES = frozenset({TaskState.RUNNING, TaskState.WAITING})
+
+_S = TaskState
+TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    _S.PENDING: frozenset({_S.READY, _S.BLOCKED, _S.CANCELLED}),
+    _S.READY: frozenset({_S.RUNNING, _S.PENDING, _S.BLOCKED, _S.CANCELLED}),
+    _S.RUNNING: frozenset({_S.WAITING, _S.SUCCEEDED, _S.FAILED, _S.TIMED_OUT, _S.CANCELLED, _S.PENDING}),
+    _S.WAITING: frozenset({_S.RUNNING, _S.SUCCEEDED, _S.FAILED, _S.TIMED_OUT, _S.CANCELLED, _S.PENDING}),
+    # A succeeded task's branch waits in the merge queue; a gate failure may be retried.
+    _S.SUCCEEDED: frozenset({_S.MERGED, _S.CONFLICTED, _S.GATE_FAILED, _S.CANCELLED}),
+    _S.GATE_FAILED: frozenset({_S.PENDING}),
+    # A conflict is merged once its resolve task is.
+    _S.CONFLICTED: frozenset({_S.MERGED}),
+    _S.FAILED: frozenset(),
+    _S.TIMED_OUT: frozenset(),
+    _S.CANCELLED: frozenset(),
+    _S.BLOCKED: frozenset(),
+    _S.MERGED: frozenset(),
+}
+
+
+class PlanState(enum.StrEnum):
+    """Where a plan is."""
+
+    PLANNED = "planned"  #: stored, not dispatched
+    RUNNING = "running"  #: dispatched; tasks are being worked on
+    DONE = "done"  #: every task reached a final state
+    CANCELLED = "cancelled"  #: cancelled by request
+    MERGED = "merged"  #: the integration branch was merged into the target branch
+
+
+class TaskSpec(BaseModel):
+    """A task as a caller gives it (the shape of the `plan` tool's `tasks` items)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="unique within the plan: letters, digits, '.', '_', '-'")
+    title: str = ""
+    prompt: str
+    deps: list[str] = Field(default_factory=list)
+    priority: Priority = Priority.MEDIUM
+    category: Category = Category.CODE
+    files: list[str] = Field(default_factory=list, description="globs of the files it will touch")
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_safe(cls, value: str) -> str:
+        if not _TASK_ID.match(value):
+            raise ValueError(
+                f"task id {value!r} must start with a letter or digit and use only letters, "
+                "digits, '.', '_' and '-' (max 64 characters)"
+            )
+        if value.endswith(".lock") or ".." in value:
+            raise ValueError(f"task id {value!r} cannot be part of a git branch name")
+        return value
+
+
+class Task(TaskSpec):
+    """A stored task with its live state and results."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    plan_id: str
+    kind: TaskKind = TaskKind.TASK
+    state: TaskState = TaskState.PENDING
+    attempts: int = 0
+    reason: str = ""
+    branch: str | None = None
+    base_commit: str | None = None
+    commit: str | None = None
+    merge_commit: str | None = None
+    worktree: Path | None = None
+    session_id: str | None = None
+    run_id: str | None = None
+    pid: int | None = None
+    pid_started: float | None = None
+    turns: int = 0
+    cost_usd: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    changed_files: list[str] = Field(default_factory=list)
+    resolves: str | None = None
+    resume: bool = False
+    last_activity: str = ""
+    not_before: float | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime
+
+    @property
+    def ref(self) -> str:
+        """The task's global id: ``<plan id>/<task id>``."""
+        return f"{self.plan_id}/{self.id}"
+
+
+class Plan(BaseModel):
+    """A goal, its tasks, and where their work goes."""
+
+    id: str
+    repo: Path
+    goal: str
+    state: PlanState = PlanState.PLANNED
+    base_ref: str
+    base_commit: str
+    target_branch: str
+    integration_branch: str
+    merge_policy: MergePolicy = MergePolicy.RESOLVE
+    gate: list[str] | None = None
+    warnings: list[str] = Field(default_factory=list)
+    final_merge: dict[str, Any] | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class PlanStatus(BaseModel):
+    """A plan with its tasks (in topological order) and counts by state."""
+
+    plan: Plan
+    tasks: list[Task]
+    counts: dict[str, int]
+
+    @property
+    def finished(self) -> bool:
+        """True when every task is in a final state."""
+        return all(t.state in FINAL_STATES for t in self.tasks)
+
+    def task(self, task_id: str) -> Task:
+        """The task with this id (``KeyError`` if none)."""
+        for task in self.tasks:
+            if task.id == task_id:
+                return task
+        raise KeyError(task_id)

@@ -1,0 +1,437 @@
+"""Durable state: one SQLite file per repository (WAL), plus a registry of plan ids.
+
+Every state change is committed before it is acted on. Task moves are guarded updates
+(``UPDATE … WHERE state IN (allowed predecessors)``) that fail loudly when the task was not
+where the caller thought. Agent events go to an append-only table. A merge journal makes
+ref updates recoverable: a merge is recorded as ``started`` with the old and new tips
+before the ref moves, and closed as ``done`` or ``undone``.
+
+The database lives in the repository's git directory (``.git/claudecluster/state.db``), so
+``git status`` never shows it; the registry (``$XDG_STATE_HOME/claudecluster/registry.db``)
+maps plan ids to repositories so that a plan id alone is enough, also after a restart.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import anyio
+
+from .errors import NotFoundError, StateError, StoreError
+from .models import TRANSITIONS, Plan, PlanState, Task, TaskState
+
+__all__ = ["MIGRATIONS", "Registry", "Store", "StoredEvent", "now"]
+
+_TASK_STATES = ", ".join(f"'{s.value}'" for s in TaskState)
+_PLAN_STATES = ", ".join(f"'{s.value}'" for s in PlanState)
+
+#: Ordered schema migrations; each runs in one transaction with its version bump.
+MIGRATIONS: list[str] = [
+    f"""
+    CREATE TABLE plans (
+        id TEXT PRIMARY KEY,
+        repo TEXT NOT NULL,
+        goal TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ({_PLAN_STATES})),
+        base_ref TEXT NOT NULL,
+        base_commit TEXT NOT NULL,
+        target_branch TEXT NOT NULL,
+        integration_branch TEXT NOT NULL,
+        merge_policy TEXT NOT NULL,
+        gate TEXT,
+        warnings TEXT NOT NULL DEFAULT '[]',
+        final_merge TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE tasks (
+        plan_id TEXT NOT NULL REFERENCES plans(id),
+        id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('task', 'resolve')),
+        title TEXT NOT NULL DEFAULT '',
+        prompt TEXT NOT NULL CHECK (length(trim(prompt)) > 0),
+        deps TEXT NOT NULL DEFAULT '[]',
+        priority TEXT NOT NULL CHECK (priority IN ('low', 'medium', 'high', 'critical')),
+        category TEXT NOT NULL CHECK (category IN ('code', 'test', 'refactor', 'analyze', 'document')),
+        files TEXT NOT NULL DEFAULT '[]',
+        state TEXT NOT NULL CHECK (state IN ({_TASK_STATES})),
+        attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+        reason TEXT NOT NULL DEFAULT '',
+        branch TEXT,
+        base_commit TEXT,
+        "commit" TEXT,
+        merge_commit TEXT,
+        worktree TEXT,
+        session_id TEXT,
+        run_id TEXT,
+        pid INTEGER,
+        pid_started REAL,
+        turns INTEGER NOT NULL DEFAULT 0,
+        cost_usd REAL NOT NULL DEFAULT 0,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        changed_files TEXT NOT NULL DEFAULT '[]',
+        resolves TEXT,
+        resume INTEGER NOT NULL DEFAULT 0,
+        last_activity TEXT NOT NULL DEFAULT '',
+        not_before REAL,
+        created_at TEXT NOT NULL,
+        started_at TEXT,
+        finished_at TEXT,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (plan_id, id),
+        CHECK (state NOT IN ('running', 'waiting') OR run_id IS NOT NULL)
+    );
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        plan_id TEXT NOT NULL,
+        task_id TEXT,
+        at TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        data TEXT NOT NULL DEFAULT '{{}}'
+    );
+    CREATE INDEX events_by_task ON events (plan_id, task_id, seq);
+    CREATE TABLE merges (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        plan_id TEXT NOT NULL,
+        task_id TEXT,
+        ref TEXT NOT NULL,
+        old TEXT NOT NULL,
+        new TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('started', 'done', 'undone')),
+        at TEXT NOT NULL
+    );
+    """,
+]
+
+_JSON_COLUMNS = {"deps", "files", "changed_files", "warnings", "gate", "final_merge"}
+
+
+def now() -> datetime:
+    """The current UTC time (what the store records)."""
+    return datetime.now(UTC)
+
+
+def _encode(column: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if column in _JSON_COLUMNS:
+        return json.dumps(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _decode(row: aiosqlite.Row) -> dict[str, Any]:
+    data = dict(row)
+    for column in _JSON_COLUMNS & data.keys():
+        if data[column] is not None:
+            data[column] = json.loads(data[column])
+    return data
+
+
+def _quote(column: str) -> str:
+    if not column.replace("_", "").isalnum():
+        raise ValueError(f"bad column name {column!r}")
+    return f'"{column}"'
+
+
+class StoredEvent(dict[str, Any]):
+    """An event row: seq, plan_id, task_id, at, kind, data."""
+
+
+class Store:
+    """The state of every plan of one repository."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+        # One connection: transactions of concurrent tasks must not interleave on it.
+        self._lock = anyio.Lock()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, path: Path) -> AsyncIterator[Store]:
+        """Open (creating and migrating as needed) the database at ``path``."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = await aiosqlite.connect(path, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the state database {path}: {exc}") from exc
+        try:
+            db.row_factory = aiosqlite.Row
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA busy_timeout=10000")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA foreign_keys=ON")
+            store = cls(db, path)
+            await store._migrate()
+            yield store
+        finally:
+            await db.close()
+
+    async def _migrate(self) -> None:
+        async with self._db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        version = int(row[0]) if row else 0
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"the state database {self.path} is from a newer claudecluster "
+                f"(schema {version}, this version knows {len(MIGRATIONS)})"
+            )
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            statements = [s for s in script.split(";") if s.strip()]
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in statements:
+                    await self._db.execute(statement)
+                await self._db.execute(f"PRAGMA user_version={number}")
+                await self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                await self._db.execute("ROLLBACK")
+                raise StoreError(f"migrating {self.path} to schema {number} failed: {exc}") from exc
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE`` … ``COMMIT``; rolled back on error)."""
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._db.execute("ROLLBACK")
+                raise
+            with anyio.CancelScope(shield=True):
+                await self._db.execute("COMMIT")
+
+    # -- plans ------------------------------------------------------------------------------
+
+    async def create_plan(self, plan: Plan, tasks: Sequence[Task]) -> None:
+        """Store a plan and its tasks atomically."""
+        async with self.transaction() as db:
+            row = plan.model_dump()
+            await db.execute(
+                f"INSERT INTO plans ({', '.join(map(_quote, row))}) VALUES ({', '.join('?' * len(row))})",
+                [_encode(k, v) for k, v in row.items()],
+            )
+            for seq, task in enumerate(tasks):
+                await self._insert_task(db, task, seq)
+
+    async def _insert_task(self, db: aiosqlite.Connection, task: Task, seq: int) -> None:
+        row = {**task.model_dump(), "seq": seq}
+        await db.execute(
+            f"INSERT INTO tasks ({', '.join(map(_quote, row))}) VALUES ({', '.join('?' * len(row))})",
+            [_encode(k, v) for k, v in row.items()],
+        )
+
+    async def add_task(self, task: Task) -> None:
+        """Add a task to an existing plan (resolve tasks)."""
+        async with self.transaction() as db:
+            async with db.execute(
+                "SELECT COALESCE(MAX(seq), -1) + 1 FROM tasks WHERE plan_id = ?", [task.plan_id]
+            ) as c:
+                row = await c.fetchone()
+            await self._insert_task(db, task, int(row[0]) if row else 0)
+
+    async def plan(self, plan_id: str) -> Plan:
+        """The plan with this id (:class:`NotFoundError` if none)."""
+        async with self._db.execute("SELECT * FROM plans WHERE id = ?", [plan_id]) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            known = ", ".join(p.id for p in await self.plans()) or "none"
+            raise NotFoundError(f"no plan {plan_id!r} in {self.path.parent.parent} (plans: {known})")
+        return Plan.model_validate(_decode(row))
+
+    async def plans(self, states: Iterable[PlanState] | None = None) -> list[Plan]:
+        """All plans (optionally only those in ``states``), oldest first."""
+        query, args = "SELECT * FROM plans", []
+        if states is not None:
+            wanted = [s.value for s in states]
+            query += f" WHERE state IN ({', '.join('?' * len(wanted))})"
+            args = wanted
+        async with self._db.execute(query + " ORDER BY created_at", args) as cursor:
+            return [Plan.model_validate(_decode(row)) for row in await cursor.fetchall()]
+
+    async def update_plan(self, plan_id: str, **fields: Any) -> None:
+        """Set plan columns (``state``, ``final_merge``, …)."""
+        fields["updated_at"] = now()
+        sets = ", ".join(f"{_quote(k)} = ?" for k in fields)
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                f"UPDATE plans SET {sets} WHERE id = ?",
+                [*(_encode(k, v) for k, v in fields.items()), plan_id],
+            )
+            if cursor.rowcount == 0:
+                raise NotFoundError(f"no plan {plan_id!r}")
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    async def tasks(self, plan_id: str) -> list[Task]:
+        """The plan's tasks in stored (topological) order."""
+        async with self._db.execute("SELECT * FROM tasks WHERE plan_id = ? ORDER BY seq", [plan_id]) as cursor:
+            return [Task.model_validate(_decode(row)) for row in await cursor.fetchall()]
+
+    async def task(self, plan_id: str, task_id: str) -> Task:
+        """One task (:class:`NotFoundError` naming the plan's tasks if unknown)."""
+        async with self._db.execute("SELECT * FROM tasks WHERE plan_id = ? AND id = ?", [plan_id, task_id]) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            known = ", ".join(t.id for t in await self.tasks(plan_id)) or "none"
+            raise NotFoundError(f"plan {plan_id!r} has no task {task_id!r} (tasks: {known})")
+        return Task.model_validate(_decode(row))
+
+    async def move(self, plan_id: str, task_id: str, to: TaskState, **fields: Any) -> Task:
+        """Guarded state transition; raises :class:`StateError` if ``to`` is not allowed from
+        the task's current state. Extra ``fields`` are written in the same statement."""
+        allowed_from = [s.value for s, targets in TRANSITIONS.items() if to in targets]
+        fields = {**fields, "state": to, "updated_at": now()}
+        sets = ", ".join(f"{_quote(k)} = ?" for k in fields)
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                f"UPDATE tasks SET {sets} WHERE plan_id = ? AND id = ? "
+                f"AND state IN ({', '.join('?' * len(allowed_from))})",
+                [*(_encode(k, v) for k, v in fields.items()), plan_id, task_id, *allowed_from],
+            )
+            if cursor.rowcount == 0:
+                async with db.execute("SELECT state FROM tasks WHERE plan_id = ? AND id = ?", [plan_id, task_id]) as c:
+                    row = await c.fetchone()
+                if row is None:
+                    raise NotFoundError(f"plan {plan_id!r} has no task {task_id!r}")
+                raise StateError(f"task {plan_id}/{task_id} cannot move from {row[0]} to {to.value}")
+            await self._event(db, plan_id, task_id, "state", {"state": to.value, **_brief(fields)})
+        return await self.task(plan_id, task_id)
+
+    async def update_task(self, plan_id: str, task_id: str, **fields: Any) -> None:
+        """Set non-state task columns (progress, pid, worktree, …)."""
+        if "state" in fields:
+            raise ValueError("use move() to change a task's state")
+        fields["updated_at"] = now()
+        sets = ", ".join(f"{_quote(k)} = ?" for k in fields)
+        async with self.transaction() as db:
+            await db.execute(
+                f"UPDATE tasks SET {sets} WHERE plan_id = ? AND id = ?",
+                [*(_encode(k, v) for k, v in fields.items()), plan_id, task_id],
+            )
+
+    # -- events -----------------------------------------------------------------------------
+
+    @staticmethod
+    async def _event(
+        db: aiosqlite.Connection,
+        plan_id: str,
+        task_id: str | None,
+        kind: str,
+        data: Mapping[str, Any],
+    ) -> None:
+        await db.execute(
+            "INSERT INTO events (plan_id, task_id, at, kind, data) VALUES (?, ?, ?, ?, ?)",
+            [plan_id, task_id, now().isoformat(), kind, json.dumps(data, default=str)],
+        )
+
+    async def append_event(self, plan_id: str, task_id: str | None, kind: str, data: Mapping[str, Any]) -> None:
+        """Append to the event log (never updated or deleted)."""
+        async with self.transaction() as db:
+            await self._event(db, plan_id, task_id, kind, data)
+
+    async def events(
+        self, plan_id: str, task_id: str | None = None, *, after: int = 0, limit: int | None = None
+    ) -> list[StoredEvent]:
+        """Events of a plan (or one task), oldest first, after sequence number ``after``."""
+        query = "SELECT * FROM events WHERE plan_id = ? AND seq > ?"
+        args: list[Any] = [plan_id, after]
+        if task_id is not None:
+            query += " AND task_id = ?"
+            args.append(task_id)
+        query += " ORDER BY seq"
+        if limit is not None:
+            query = f"SELECT * FROM ({query.replace('ORDER BY seq', 'ORDER BY seq DESC')} LIMIT ?) ORDER BY seq"
+            args.append(limit)
+        async with self._db.execute(query, args) as cursor:
+            rows = await cursor.fetchall()
+        return [StoredEvent({**dict(row), "data": json.loads(row["data"])}) for row in rows]
+
+    # -- merge journal ----------------------------------------------------------------------
+
+    async def begin_merge(self, plan_id: str, task_id: str | None, ref: str, old: str, new: str) -> int:
+        """Record a ref update about to happen; returns its journal number."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "INSERT INTO merges (plan_id, task_id, ref, old, new, state, at) VALUES (?, ?, ?, ?, ?, 'started', ?)",
+                [plan_id, task_id, ref, old, new, now().isoformat()],
+            )
+            return int(cursor.lastrowid or 0)
+
+    async def end_merge(self, seq: int, state: str) -> None:
+        """Close a journal entry as ``done`` or ``undone``."""
+        async with self.transaction() as db:
+            await db.execute("UPDATE merges SET state = ? WHERE seq = ? AND state = 'started'", [state, seq])
+
+    async def open_merges(self) -> list[dict[str, Any]]:
+        """Journal entries left ``started`` (a crash between recording and closing)."""
+        async with self._db.execute("SELECT * FROM merges WHERE state = 'started' ORDER BY seq") as cursor:
+            return [dict(row) for row in await cursor.fetchall()]
+
+    async def schema(self) -> list[tuple[str, str]]:
+        """(name, sql) of every table and index, for the migrated-equals-fresh test."""
+        async with self._db.execute(
+            "SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%' ORDER BY name"
+        ) as cursor:
+            return [(row[0], row[1]) for row in await cursor.fetchall()]
+
+
+def _brief(fields: Mapping[str, Any]) -> dict[str, Any]:
+    keep = ("attempts", "reason", "commit", "merge_commit", "turns", "cost_usd")
+    return {k: _encode(k, v) for k, v in fields.items() if k in keep and v not in (None, "")}
+
+
+class Registry:
+    """Plan id → repository, across repositories (a small SQLite file in the state dir)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=10)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS plans (id TEXT PRIMARY KEY, repo TEXT NOT NULL, created_at TEXT NOT NULL)"
+        )
+        return db
+
+    def register(self, plan_id: str, repo: Path) -> None:
+        """Remember which repository holds ``plan_id``."""
+        try:
+            with self._connect() as db:
+                db.execute(
+                    "INSERT OR REPLACE INTO plans VALUES (?, ?, ?)",
+                    [plan_id, str(repo), now().isoformat()],
+                )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write the plan registry {self.path}: {exc}") from exc
+
+    def lookup(self, plan_id: str) -> Path:
+        """The repository of ``plan_id`` (:class:`NotFoundError` listing recent plans if unknown)."""
+        try:
+            with self._connect() as db:
+                row = db.execute("SELECT repo FROM plans WHERE id = ?", [plan_id]).fetchone()
+                recent = [r[0] for r in db.execute("SELECT id FROM plans ORDER BY created_at DESC LIMIT 10")]
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the plan registry {self.path}: {exc}") from exc
+        if row is None:
+            raise NotFoundError(f"unknown plan id {plan_id!r} (recent plans: {', '.join(recent) or 'none'})")
+        return Path(row[0])

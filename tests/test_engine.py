@@ -1,0 +1,293 @@
+"""The engine end to end: real `claude` agents against the scripted model, real git worktrees
+and merges, a real SQLite store."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+import pytest
+
+from claudecluster_mcp.agent import ClaudeBinary
+from claudecluster_mcp.engine import Cluster, EngineSettings
+from claudecluster_mcp.errors import (
+    DirtyWorktreeError,
+    NotFoundError,
+    PlanValidationError,
+    RepositoryError,
+    StateError,
+)
+from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
+from claudecluster_mcp.models import MergePolicy, TaskState
+from claudecluster_mcp.proctree import RUN_TAG_VAR
+
+pytestmark = [pytest.mark.anyio, pytest.mark.claude]
+
+StartServer = Callable[[dict[str, Any]], ScriptedModelServer]
+
+
+def write(name: str, content: str) -> dict[str, Any]:
+    return {"tools": [{"name": "Write", "input": {"file_path": "{cwd}/" + name, "content": content}}]}
+
+
+def bash(command: str) -> dict[str, Any]:
+    return {"tools": [{"name": "Bash", "input": {"command": command}}]}
+
+
+def rule(marker: str, *turns: dict[str, Any]) -> dict[str, Any]:
+    return {"name": marker, "match": f"[{marker}]", "turns": [*turns, {"text": f"{marker} done"}]}
+
+
+def settings(tmp_path: Path, server: ScriptedModelServer, **overrides: Any) -> EngineSettings:
+    return EngineSettings(
+        state_dir=tmp_path / "state",
+        claude_config_dir=tmp_path / "claude-config",
+        agent_env=scripted_env(server.url),
+        allowed_tools=["Bash"],
+        retry_backoff=0.2,
+        rate_limit_pause=1.0,
+        restart_stagger=0.2,
+        inactivity_timeout=60,
+        wall_timeout=120,
+        cancel_grace=2,
+        **overrides,
+    )
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
+
+
+def task(task_id: str, deps: list[str] | None = None, **fields: Any) -> dict[str, Any]:
+    return {
+        "id": task_id,
+        "title": f"task {task_id}",
+        "prompt": f"[{task_id}] do {task_id}",
+        "deps": deps or [],
+        **fields,
+    }
+
+
+async def test_diamond_dag_dependents_see_their_dependencies_work(
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path
+) -> None:
+    server = model_server(
+        {
+            "rules": [
+                rule("A", write("a.txt", "from A\n")),
+                rule("B", bash("cat a.txt > b.txt && echo from B >> b.txt")),
+                rule("C", bash("cat a.txt > c.txt && echo from C >> c.txt")),
+                rule("D", bash("cat b.txt c.txt > d.txt")),
+            ]
+        }
+    )
+    tasks = [task("A"), task("B", ["A"]), task("C", ["A"]), task("D", ["B", "C"])]
+
+    async with Cluster.open(repo, workers=4, settings=settings(tmp_path, server), claude=claude) as cluster:
+        plan = (await cluster.plan("build the diamond", tasks)).plan
+        await cluster.dispatch(plan.id)
+        with anyio.fail_after(90):
+            status = await cluster.wait(plan.id)
+        report = await cluster.merge(plan.id)
+
+    assert {t.id: t.state for t in status.tasks} == dict.fromkeys("ABCD", TaskState.MERGED), [
+        (t.id, t.state, t.reason) for t in status.tasks
+    ]
+    assert report.kind == "fast-forward"
+    # D ran on a tree holding B's and C's work (which held A's), and main now has it all.
+    assert (repo / "d.txt").read_text() == "from A\nfrom B\nfrom A\nfrom C\n"
+    assert git(repo, "status", "--porcelain") == ""
+    d = status.task("D")
+    assert d.turns == 2 and d.cost_usd > 0 and d.input_tokens > 0
+    assert d.changed_files == ["d.txt"]
+    # Worktrees of merged tasks are removed; the task branches stay.
+    assert not any((tmp_path / "state" / "worktrees" / plan.id).glob("*/README.md"))
+    assert status.plan.state.value == "done"
+
+
+async def test_conflicting_tasks_get_a_resolve_task_and_merge(
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path
+) -> None:
+    server = model_server(
+        {
+            "rules": [
+                # The resolve prompt quotes the original task's prompt, so its rule comes first.
+                {
+                    "name": "resolve",
+                    "match": "[claudecluster:resolve]",
+                    "turns": [write("shared.txt", "line from left\nline from right\n"), {"text": "resolved"}],
+                },
+                rule("left", write("shared.txt", "line from left\n")),
+                rule("right", write("shared.txt", "line from right\n")),
+            ]
+        }
+    )
+    tasks = [task("left", files=["shared.txt"]), task("right", files=["shared.txt"])]
+
+    async with Cluster.open(repo, workers=2, settings=settings(tmp_path, server), claude=claude) as cluster:
+        created = await cluster.plan("two edits of one file", tasks)
+        assert any("expect a merge conflict" in w for w in created.plan.warnings)
+        await cluster.dispatch(created.plan.id)
+        with anyio.fail_after(90):
+            status = await cluster.wait(created.plan.id)
+        await cluster.merge(created.plan.id)
+
+    states = {t.id: (t.state, t.kind.value) for t in status.tasks}
+    resolver = next(t for t in status.tasks if t.kind.value == "resolve")
+    assert states == {
+        "left": (TaskState.MERGED, "task"),
+        "right": (TaskState.MERGED, "task"),
+        resolver.id: (TaskState.MERGED, "resolve"),
+    }, [(t.id, t.state, t.reason) for t in status.tasks]
+    assert resolver.files == ["shared.txt"]
+    assert (repo / "shared.txt").read_text() == "line from left\nline from right\n"
+
+
+async def test_conflict_with_report_policy_says_how_to_resolve(
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path
+) -> None:
+    server = model_server(
+        {"rules": [rule("left", write("shared.txt", "left\n")), rule("right", write("shared.txt", "right\n"))]}
+    )
+    engine = settings(tmp_path, server, merge_policy=MergePolicy.REPORT)
+
+    async with Cluster.open(repo, workers=2, settings=engine, claude=claude) as cluster:
+        plan = (await cluster.plan("clash", [task("left"), task("right")])).plan
+        await cluster.dispatch(plan.id)
+        with anyio.fail_after(90):
+            status = await cluster.wait(plan.id)
+
+    states = sorted(t.state.value for t in status.tasks)
+    assert states == ["conflicted", "merged"]
+    loser = next(t for t in status.tasks if t.state is TaskState.CONFLICTED)
+    assert "shared.txt" in loser.reason and f"git merge claudecluster/{plan.id}/{loser.id}" in loser.reason
+
+
+async def test_gate_failure_keeps_the_work_off_the_integration_branch(
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path
+) -> None:
+    server = model_server({"rules": [rule("bad", write("value.txt", "wrong\n"))]})
+    gate = [
+        "python3",
+        "-c",
+        "import sys; v = open('value.txt').read(); print('value is', v); sys.exit(v != 'right\\n')",
+    ]
+
+    async with Cluster.open(repo, settings=settings(tmp_path, server, gate=gate), claude=claude) as cluster:
+        plan = (await cluster.plan("gated", [task("bad"), task("after", ["bad"])])).plan
+        await cluster.dispatch(plan.id)
+        with anyio.fail_after(90):
+            status = await cluster.wait(plan.id)
+        integration_tip = git(repo, "rev-parse", plan.integration_branch).strip()
+
+    bad = status.task("bad")
+    assert bad.state is TaskState.GATE_FAILED
+    assert "value is wrong" in bad.reason
+    assert status.task("after").state is TaskState.BLOCKED
+    assert integration_tip == plan.base_commit
+
+
+async def test_a_429_storm_pauses_the_pool_then_everything_succeeds(
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path
+) -> None:
+    server = model_server(
+        {
+            "storm": {"requests": 3, "fault": {"type": "rate_limit", "retry_after": 1}},
+            "rules": [rule(f"T{i}", write(f"t{i}.txt", f"{i}\n")) for i in range(3)],
+        }
+    )
+
+    async with Cluster.open(repo, workers=3, settings=settings(tmp_path, server), claude=claude) as cluster:
+        plan = (await cluster.plan("storm", [task(f"T{i}") for i in range(3)])).plan
+        await cluster.dispatch(plan.id)
+        with anyio.fail_after(120):
+            status = await cluster.wait(plan.id)
+        events = await cluster.store.events(plan.id)
+
+    assert all(t.state is TaskState.MERGED for t in status.tasks), [(t.id, t.state, t.reason) for t in status.tasks]
+    assert [r.outcome for r in server.requests[:3]] == ["storm fault: rate_limit"] * 3
+    assert any(e["kind"] == "pool_paused" for e in events)
+    # Rate limits do not use up attempts.
+    assert all(t.attempts == 1 for t in status.tasks)
+
+
+async def test_cancel_a_running_plan_leaves_no_process(
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path
+) -> None:
+    sleeper = "python3 -c 'import time; time.sleep(120)'"
+    server = model_server({"rules": [rule(f"S{i}", bash(f"({sleeper} &) ; {sleeper}")) for i in range(2)]})
+
+    async with Cluster.open(repo, workers=2, settings=settings(tmp_path, server), claude=claude) as cluster:
+        plan = (await cluster.plan("sleepers", [task("S0"), task("S1"), task("S2", ["S0"])])).plan
+        await cluster.dispatch(plan.id)
+        with anyio.fail_after(30):
+            while cluster.running < 2 or len([r for r in server.requests if r.turn == 0]) < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.1)
+        await anyio.sleep(1.5)  # the Bash tools are running now
+        run_ids = [t.run_id for t in (await cluster.status(plan.id)).tasks if t.run_id]
+        status = await cluster.cancel(plan.id)
+
+    assert status.plan.state.value == "cancelled"
+    assert {t.state for t in status.tasks} == {TaskState.CANCELLED}
+    assert len(run_ids) == 2
+    leftovers = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(RUN_TAG_VAR) in run_ids and proc.status() != psutil.STATUS_ZOMBIE:
+                leftovers.append(proc.pid)
+        except psutil.Error:
+            continue
+    assert leftovers == []
+
+
+async def test_bad_input_is_refused_with_clear_errors(
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path
+) -> None:
+    server = model_server({"rules": [rule("A", write("a.txt", "a"))]})
+
+    async with Cluster.open(repo, settings=settings(tmp_path, server), claude=claude) as cluster:
+        with pytest.raises(PlanValidationError, match="dependency cycle: A → B → A"):
+            await cluster.plan("cycle", [task("A", ["B"]), task("B", ["A"])])
+        with pytest.raises(PlanValidationError, match="unknown task 'Z'"):
+            await cluster.plan("unknown dep", [task("A", ["Z"])])
+        with pytest.raises(PlanValidationError, match="must start with a letter or digit"):
+            await cluster.plan("bad id", [task("-rf")])
+        with pytest.raises(RepositoryError, match="must not be empty or start with '-'"):
+            await cluster.plan("bad base", [task("A")], base_ref="--upload-pack=evil")
+        with pytest.raises(RepositoryError, match="'nope' is not a commit"):
+            await cluster.plan("missing base", [task("A")], base_ref="nope")
+        with pytest.raises(RepositoryError, match="invalid branch name"):
+            await cluster.plan("bad target", [task("A")], target="-main")
+        with pytest.raises(NotFoundError, match="no plan 'p-nope'"):
+            await cluster.status("p-nope")
+        plan = (await cluster.plan("ok", [task("A")])).plan
+        with pytest.raises(NotFoundError, match=r"has no task 'Q' \(tasks: A\)"):
+            await cluster.cancel(plan.id, "Q")
+        with pytest.raises(StateError, match="still running"):
+            await cluster.merge(plan.id)
+
+
+async def test_final_merge_refuses_a_dirty_checked_out_target(
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path
+) -> None:
+    server = model_server({"rules": [rule("A", write("a.txt", "a\n"))]})
+
+    async with Cluster.open(repo, settings=settings(tmp_path, server), claude=claude) as cluster:
+        plan = (await cluster.plan("one", [task("A")])).plan
+        await cluster.dispatch(plan.id)
+        with anyio.fail_after(60):
+            await cluster.wait(plan.id)
+        (repo / "README.md").write_text("local edit\n")
+        with pytest.raises(DirtyWorktreeError, match="uncommitted changes"):
+            await cluster.merge(plan.id)
+        dry = await cluster.merge(plan.id, dry_run=True)
+        assert dry.kind == "fast-forward" and not (repo / "a.txt").exists()
+        git(repo, "checkout", "--", "README.md")
+        done = await cluster.merge(plan.id)
+
+    assert (repo / "a.txt").read_text() == "a\n"
+    assert done.previous_tip == plan.base_commit and done.undo and plan.base_commit in done.undo
