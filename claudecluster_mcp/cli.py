@@ -28,7 +28,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     console = Console(highlight=False)
-    return anyio.run(lambda: run_demo(console, workdir=args.workdir))
+    return anyio.run(lambda: run_demo(console, workdir=args.workdir, workers=args.workers))
 
 
 def _cmd_model_server(args: argparse.Namespace) -> int:
@@ -67,11 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="run real claude agents in parallel against the scripted model (offline)",
-        description="Run the examples/demo tasks as real Claude Code agents in parallel, each in "
-        "its own git repository, against the bundled scripted model. No API key needed.",
+        help="run a task DAG with real claude agents against the scripted model (offline)",
+        description="Plan examples/demo/tasks.yaml in a fresh copy of examples/demo/repo, run the "
+        "tasks as real Claude Code agents in parallel (each in its own git worktree) against the "
+        "bundled scripted model, merge them (resolving a planned conflict), and show the result. "
+        "No API key needed.",
     )
-    demo.add_argument("--workdir", type=Path, help="where to put the demo repos (default: a temp dir)")
+    demo.add_argument("--workdir", type=Path, help="where to put the demo repository (default: a temp dir)")
+    demo.add_argument("--workers", type=int, default=4, help="agents at a time (default 4)")
     demo.set_defaults(handler=_cmd_demo)
 
     model = commands.add_parser(

@@ -1,8 +1,10 @@
-"""``claudecluster demo``: real Claude Code agents in parallel against the scripted model.
+"""``claudecluster demo``: a goal's task DAG run by real Claude Code agents in parallel
+against the scripted model, merged through the merge queue into one branch.
 
-Each task of ``examples/demo/tasks.yaml`` gets its own copy of ``examples/demo/repo`` as a
-fresh git repository and its own real ``claude`` process; the model behind them is the
-scripted model server playing ``examples/demo/scenario.yaml``. Offline, no API key.
+``examples/demo/repo`` is copied into a fresh git repository; ``examples/demo/tasks.yaml``
+is the plan; ``examples/demo/scenario.yaml`` is what the scripted model answers. Two tasks
+edit the same file, so the merge queue meets a real conflict and hands it to a resolve task.
+Offline, no API key.
 """
 
 from __future__ import annotations
@@ -19,20 +21,22 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from .agent import AgentOutcome, AgentRun, AgentSpec, ClaudeBinary, find_claude
+from .agent import ClaudeBinary, find_claude
+from .engine import Cluster, EngineSettings
 from .errors import ConfigError
-from .events import AgentEvent, ToolUse
 from .model_server import ScriptedModelServer, scripted_env
+from .models import PlanStatus, TaskState
 from .scenario import load_scenario
 
 __all__ = ["find_examples", "run_demo"]
 
-_GIT_IDENTITY = [
-    "-c",
-    "user.name=claudecluster demo",
-    "-c",
-    "user.email=demo@claudecluster.invalid",
-]
+_GIT_IDENTITY = ["-c", "user.name=claudecluster demo", "-c", "user.email=demo@claudecluster.invalid"]
+_COLOURS = {
+    TaskState.MERGED: "green",
+    TaskState.SUCCEEDED: "cyan",
+    TaskState.RUNNING: "yellow",
+    TaskState.CONFLICTED: "magenta",
+}
 
 
 def find_examples() -> Path:
@@ -44,12 +48,7 @@ def find_examples() -> Path:
 
 
 def _git(repo: Path, *args: str) -> str:
-    done = subprocess.run(
-        ["git", "-C", str(repo), *_GIT_IDENTITY, *args],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    done = subprocess.run(["git", "-C", str(repo), *_GIT_IDENTITY, *args], capture_output=True, text=True, check=True)
     return done.stdout
 
 
@@ -61,86 +60,92 @@ def _prepare_repo(template: Path, target: Path) -> Path:
     return target
 
 
-def _describe(event: ToolUse) -> str:
-    target = event.input.get("file_path") or event.input.get("command") or ""
-    return f"{event.name} {Path(target).name if 'file_path' in event.input else target}".strip()
+def _table(status: PlanStatus, wall: float) -> Table:
+    table = Table(title=f"plan {status.plan.id}: {len(status.tasks)} tasks in {wall:.1f}s wall")
+    for column in ("task", "state", "attempts", "turns", "cost", "tokens", "files"):
+        numeric = column in ("attempts", "turns", "cost", "tokens")
+        table.add_column(column, justify="right" if numeric else "left", overflow="fold")
+    for task in status.tasks:
+        colour = _COLOURS.get(task.state, "red")
+        label = task.id + (" (resolve)" if task.kind.value == "resolve" else "")
+        table.add_row(
+            label,
+            f"[{colour}]{task.state}[/]",
+            str(task.attempts),
+            str(task.turns),
+            f"${task.cost_usd:.4f}",
+            f"{task.input_tokens + task.output_tokens:,}",
+            ", ".join(task.changed_files) or "-",
+        )
+    return table
 
 
-async def run_demo(console: Console, *, workdir: Path | None = None) -> int:
-    """Run the demo; returns the process exit code (0 when every agent succeeded)."""
+async def run_demo(console: Console, *, workdir: Path | None = None, workers: int = 4) -> int:
+    """Run the demo; returns the process exit code (0 when every task merged)."""
     examples = find_examples()
-    tasks: list[dict[str, Any]] = yaml.safe_load((examples / "tasks.yaml").read_text())["tasks"]
+    plan_file: dict[str, Any] = yaml.safe_load((examples / "tasks.yaml").read_text())
     claude: ClaudeBinary = await anyio.to_thread.run_sync(find_claude)
     scenario = load_scenario(examples / "scenario.yaml")
     base = workdir or Path(tempfile.mkdtemp(prefix="claudecluster-demo-"))
+    repo = _prepare_repo(examples / "repo", base / "repo")
     console.print(
-        f"[bold]claudecluster demo[/]: {len(tasks)} real Claude Code {claude.version} agents in "
-        f"parallel against the scripted model (offline)\nworking in {base}\n"
+        f"[bold]claudecluster demo[/]: {len(plan_file['tasks'])} tasks, real Claude Code {claude.version} "
+        f"agents ({workers} at a time) against the scripted model, offline\nrepository: {repo}\n"
     )
-    outcomes: dict[str, AgentOutcome] = {}
-    repos: dict[str, Path] = {}
     started = time.monotonic()
     async with ScriptedModelServer(scenario) as server:
-
-        async def one(task: dict[str, Any]) -> None:
-            task_id = task["id"]
-            repo = repos[task_id] = _prepare_repo(examples / "repo", base / task_id)
-
-            def show(event: AgentEvent) -> None:
-                if isinstance(event, ToolUse):
-                    console.print(f"  [cyan]{task_id:>6}[/] {_describe(event)}")
-
-            spec = AgentSpec(
-                prompt=task["prompt"],
-                cwd=repo,
-                env=scripted_env(server.url),
-                allowed_tools=["Bash"],
-                config_dir=base / ".claude-config" / task_id,
-                log_path=base / "logs" / f"{task_id}.log",
-                wall_timeout=120,
-                inactivity_timeout=60,
-            )
-            outcomes[task_id] = await AgentRun(spec, claude=claude, on_event=show).run()
-
-        async with anyio.create_task_group() as tg:
-            for task in tasks:
-                tg.start_soon(one, task)
+        settings = EngineSettings(
+            workers=workers,
+            state_dir=base / "state",
+            claude_config_dir=base / "claude-config",
+            agent_env=scripted_env(server.url),
+            allowed_tools=["Bash"],
+            inactivity_timeout=60,
+            wall_timeout=120,
+        )
+        async with Cluster.open(repo, settings=settings, claude=claude) as cluster:
+            status = await cluster.plan(plan_file["goal"], plan_file["tasks"])
+            plan_id = status.plan.id
+            for warning in status.plan.warnings:
+                console.print(f"[dim]plan warning: {warning}[/]")
+            await cluster.dispatch(plan_id)
+            seen: dict[str, TaskState] = {}
+            with anyio.fail_after(240):
+                while True:
+                    status = await cluster.status(plan_id)
+                    for task in status.tasks:
+                        if seen.get(task.id) != task.state:
+                            seen[task.id] = task.state
+                            colour = _COLOURS.get(task.state, "red")
+                            note = f" — {task.reason}" if task.reason and task.state is not TaskState.MERGED else ""
+                            console.print(
+                                f"  {time.monotonic() - started:5.1f}s  {task.id:<14} [{colour}]{task.state}[/]{note}"
+                            )
+                    if status.finished:
+                        break
+                    await cluster.changed(1.0)
+            status = await cluster.wait(plan_id)
+            merged = all(t.state is TaskState.MERGED for t in status.tasks)
+            report = await cluster.merge(plan_id) if merged else None
     wall = time.monotonic() - started
 
-    table = Table(title=f"{len(tasks)} agents in {wall:.1f}s wall")
-    for column in ("task", "outcome", "turns", "cost", "tokens", "duration", "files written"):
-        table.add_column(column, justify="right" if column in ("turns", "cost", "tokens", "duration") else "left")
-    for task in tasks:
-        outcome = outcomes[task["id"]]
-        changed = _git(repos[task["id"]], "status", "--porcelain", "--untracked-files=all").split("\n")
-        files = ", ".join(line[3:] for line in changed if line)
-        colour = "green" if outcome.ok else "red"
-        table.add_row(
-            task["id"],
-            f"[{colour}]{outcome.status}[/]" + (f" ({outcome.reason})" if outcome.reason else ""),
-            str(outcome.num_turns),
-            f"${outcome.cost_usd:.4f}",
-            f"{outcome.usage.total_tokens:,}",
-            f"{outcome.duration_s:.1f}s",
-            files or "-",
-        )
     console.print()
-    console.print(table)
-    for task in tasks:
-        repo = repos[task["id"]]
-        diff = _git(repo, "diff", "--stat")
-        untracked = _git(repo, "ls-files", "--others", "--exclude-standard").split()
-        console.print(f"\n[bold]{task['id']}[/] ({repo})")
-        if diff.strip():
-            console.print(diff.rstrip())
-        for name in untracked:
-            console.rule(name, align="left", style="dim")
-            text = (repo / name).read_text(errors="replace").rstrip()
-            console.print(text or "(empty)", markup=False, highlight=False)
-    ok = all(o.ok for o in outcomes.values())
-    console.print(
-        f"\n[bold {'green' if ok else 'red'}]"
-        f"{sum(o.ok for o in outcomes.values())}/{len(outcomes)} agents succeeded[/]"
-        f" — transcripts in {base / 'logs'}"
+    console.print(_table(status, wall))
+    if report is None:
+        console.print("[bold red]not every task merged; nothing was merged into main[/]")
+        return 1
+    console.print(f"\nmerged into [bold]{report.target}[/] ({report.kind}); undo with: {report.undo}\n")
+    console.print(_git(repo, "log", "--graph", "--oneline", "--decorate=no", "main").rstrip(), markup=False)
+    console.print("\n[bold]files on main:[/] " + " ".join(_git(repo, "ls-files").split()))
+    for name in ("CHANGELOG.md", "calc/__main__.py"):
+        console.rule(name, align="left", style="dim")
+        console.print((repo / name).read_text().rstrip(), markup=False, highlight=False)
+    check = subprocess.run(
+        ["python3", "-m", "calc", "2", "+", "3"], cwd=repo, capture_output=True, text=True, check=False
     )
-    return 0 if ok else 1
+    console.print(f"\n$ python3 -m calc 2 + 3\n{check.stdout.strip() or check.stderr.strip()}")
+    console.print(
+        f"\n[bold green]{len(status.tasks)}/{len(status.tasks)} tasks merged[/] — "
+        f"repository {repo}, agent transcripts in {base / 'state' / 'logs'}"
+    )
+    return 0

@@ -67,9 +67,7 @@ def test_missing_claude_is_one_clear_line_not_a_traceback(command: list[str]) ->
 
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
-    assert done.stderr.startswith(
-        "claudecluster: error: The Claude Code CLI (`claude`) was not found"
-    )
+    assert done.stderr.startswith("claudecluster: error: The Claude Code CLI (`claude`) was not found")
     assert "npm ci" in done.stderr
 
 
@@ -86,9 +84,7 @@ def test_bad_scenario_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_model_server_command_serves_a_scenario(tmp_path: Path) -> None:
     scenario = tmp_path / "s.yaml"
-    scenario.write_text(
-        "rules:\n  - name: hi\n    match: HELLO\n    turns:\n      - text: hi there\n"
-    )
+    scenario.write_text("rules:\n  - name: hi\n    match: HELLO\n    turns:\n      - text: hi there\n")
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -133,11 +129,17 @@ def test_model_server_command_serves_a_scenario(tmp_path: Path) -> None:
 
 
 @pytest.mark.claude
-def test_demo_runs_three_real_agents(tmp_path: Path) -> None:
-    done = claudecluster("demo", "--workdir", str(tmp_path / "demo"), timeout=180)
+def test_demo_runs_a_dag_through_the_merge_queue(tmp_path: Path) -> None:
+    done = claudecluster("demo", "--workdir", str(tmp_path / "demo"), timeout=240)
 
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "3/3 agents succeeded" in done.stdout
-    assert (tmp_path / "demo" / "ops" / "calc" / "ops.py").exists()
-    assert "def parse_number" in (tmp_path / "demo" / "parse" / "calc" / "parse.py").read_text()
-    assert "## Usage" in (tmp_path / "demo" / "docs" / "README.md").read_text()
+    assert "5/5 tasks merged" in done.stdout
+    repo = tmp_path / "demo" / "repo"
+    # The planned conflict was resolved by a resolve task, and main holds everyone's work.
+    assert "resolve" in done.stdout
+    assert "calc.ops" in (repo / "CHANGELOG.md").read_text() and "parse_number" in (repo / "CHANGELOG.md").read_text()
+    assert "## Usage" in (repo / "README.md").read_text()
+    assert (
+        subprocess.run(["python3", "-m", "calc", "4", "*", "5"], cwd=repo, capture_output=True, text=True).stdout
+        == "20\n"
+    )

@@ -3,7 +3,13 @@ and merges, a real SQLite store."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import sqlite3
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -291,3 +297,87 @@ async def test_final_merge_refuses_a_dirty_checked_out_target(
 
     assert (repo / "a.txt").read_text() == "a\n"
     assert done.previous_tip == plan.base_commit and done.undo and plan.base_commit in done.undo
+
+
+async def test_kill_9_mid_plan_then_reopen_finishes_every_task_exactly_once(
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path
+) -> None:
+    slow = "python3 -c 'import time; time.sleep(4)' && echo {name} > {name}.txt"
+    server = model_server(
+        {
+            "rules": [
+                rule("A", write("a.txt", "a\n")),
+                rule("B", bash(slow.format(name="b"))),
+                rule("C", bash(slow.format(name="c"))),
+                rule("D", write("d.txt", "d\n")),
+            ]
+        }
+    )
+    engine = settings(tmp_path, server)
+    tasks = [task("A"), task("B"), task("C"), task("D", ["A"])]
+    plan_file = tmp_path / "plan-id"
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).parent / "crash_worker.py"),
+            engine.model_dump_json(),
+            json.dumps(tasks),
+            str(repo),
+            str(plan_file),
+        ],
+        stdin=subprocess.DEVNULL,
+    )
+    db = repo / ".git" / "claudecluster" / "state.db"
+
+    def snapshot() -> dict[str, tuple[str, str | None, int | None]]:
+        with contextlib.closing(sqlite3.connect(db, timeout=10)) as con:
+            return {r[0]: (r[1], r[2], r[3]) for r in con.execute("SELECT id, state, run_id, pid FROM tasks")}
+
+    try:
+        with anyio.fail_after(60):
+            while True:  # wait until A is merged while B and C are mid-Bash
+                await anyio.sleep(0.2)
+                if not plan_file.exists() or not db.exists():
+                    continue
+                rows = snapshot()
+                if (
+                    rows.get("A", ("",))[0] == "merged"
+                    and all(rows.get(t, ("", None, None))[0] == "running" and rows[t][2] for t in ("B", "C"))
+                    and len([r for r in server.requests if r.turn == 1]) <= 1
+                ):
+                    break
+        await anyio.sleep(1.0)
+        killed_runs = {tid: row[1] for tid, row in snapshot().items() if row[0] == "running"}
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+    assert set(killed_runs) >= {"B", "C"}
+    plan_id = plan_file.read_text()
+
+    async with Cluster.open(repo, settings=engine, claude=claude) as cluster:
+        with anyio.fail_after(90):
+            status = await cluster.wait(plan_id)
+        events = await cluster.store.events(plan_id)
+        integration = status.plan.integration_branch
+
+    assert {t.id: t.state for t in status.tasks} == dict.fromkeys("ABCD", TaskState.MERGED), [
+        (t.id, t.state, t.reason) for t in status.tasks
+    ]
+    # Exactly once: one 'merged' transition and one agent commit on the integration branch per task.
+    merged_events = [e["task_id"] for e in events if e["kind"] == "state" and e["data"]["state"] == "merged"]
+    assert sorted(merged_events) == ["A", "B", "C", "D"]
+    log = git(repo, "log", "--format=%B%x00", integration)
+    for tid in "ABCD":
+        assert log.count(f"claudecluster plan {plan_id}, task {tid}\n") == 1, log
+    # The interrupted tasks were re-run (attempt 2) or resumed, and nothing of the killed runs lives on.
+    assert all(status.task(t).attempts >= 1 for t in killed_runs)
+    survivors = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(RUN_TAG_VAR) in killed_runs.values() and proc.status() != psutil.STATUS_ZOMBIE:
+                survivors.append(proc.pid)
+        except psutil.Error:
+            continue
+    assert survivors == []
+    for tid in ("b", "c"):
+        assert (tmp_path / "state").exists() and git(repo, "show", f"{integration}:{tid}.txt") == f"{tid}\n"
