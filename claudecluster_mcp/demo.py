@@ -140,10 +140,8 @@ async def run_demo(console: Console, *, workdir: Path | None = None, workers: in
     for name in ("CHANGELOG.md", "calc/__main__.py"):
         console.rule(name, align="left", style="dim")
         console.print((repo / name).read_text().rstrip(), markup=False, highlight=False)
-    check = subprocess.run(
-        ["python3", "-m", "calc", "2", "+", "3"], cwd=repo, capture_output=True, text=True, check=False
-    )
-    console.print(f"\n$ python3 -m calc 2 + 3\n{check.stdout.strip() or check.stderr.strip()}")
+    check = await anyio.run_process(["python3", "-m", "calc", "2", "+", "3"], cwd=repo, check=False)
+    console.print(f"\n$ python3 -m calc 2 + 3\n{(check.stdout or check.stderr).decode().strip()}")
     console.print(
         f"\n[bold green]{len(status.tasks)}/{len(status.tasks)} tasks merged[/] — "
         f"repository {repo}, agent transcripts in {base / 'state' / 'logs'}"

@@ -83,9 +83,7 @@ async def test_write_tool_creates_the_file_and_reports_the_run(
 ) -> None:
     server = model_server(WRITE_HELLO)
     events: list[AgentEvent] = []
-    run = AgentRun(
-        spec_for(server, "WRITE-HELLO please", repo), claude=claude, on_event=events.append
-    )
+    run = AgentRun(spec_for(server, "WRITE-HELLO please", repo), claude=claude, on_event=events.append)
 
     outcome = await run.run()
 
@@ -112,11 +110,7 @@ async def test_multi_turn_bash_read_and_edit(
     server = model_server(
         one_rule(
             "BASH-EDIT",
-            {
-                "tools": [
-                    {"name": "Bash", "input": {"command": "printf 'alpha\\nbeta\\n' > notes.txt"}}
-                ]
-            },
+            {"tools": [{"name": "Bash", "input": {"command": "printf 'alpha\\nbeta\\n' > notes.txt"}}]},
             {"tools": [{"name": "Read", "input": {"file_path": "{cwd}/notes.txt"}}]},
             {
                 "tools": [
@@ -155,9 +149,7 @@ async def test_cancel_during_bash_leaves_no_process_alive(
         f"echo $$ > shell.pid; {sleeper}"  # the foreground command the CLI waits for
     )
     server = model_server(
-        one_rule(
-            "LONG-BASH", {"tools": [{"name": "Bash", "input": {"command": command}}]}, {"text": "x"}
-        )
+        one_rule("LONG-BASH", {"tools": [{"name": "Bash", "input": {"command": command}}]}, {"text": "x"})
     )
     run = AgentRun(
         spec_for(server, "LONG-BASH go", repo, allowed_tools=["Bash"], cancel_grace=3),
@@ -201,9 +193,7 @@ async def test_wall_clock_timeout_stops_the_run(
             {"text": "x"},
         )
     )
-    spec = spec_for(
-        server, "WALL clock", repo, allowed_tools=["Bash"], wall_timeout=4, cancel_grace=1
-    )
+    spec = spec_for(server, "WALL clock", repo, allowed_tools=["Bash"], wall_timeout=4, cancel_grace=1)
 
     with anyio.fail_after(30):
         outcome = await run_agent(spec, claude=claude)
@@ -218,9 +208,7 @@ async def test_inactivity_timeout_catches_a_stalled_model(
     claude: ClaudeBinary, repo: Path, model_server: StartServer, spec_for: SpecFor
 ) -> None:
     # The CLI itself would wait 300 s for a stalled stream.
-    server = model_server(
-        one_rule("STALL", {"text": "never", "fault": {"type": "stall", "seconds": 600}})
-    )
+    server = model_server(one_rule("STALL", {"text": "never", "fault": {"type": "stall", "seconds": 600}}))
     spec = spec_for(server, "STALL now", repo, inactivity_timeout=3, cancel_grace=1)
 
     with anyio.fail_after(30):
@@ -252,9 +240,7 @@ async def test_cli_retries_show_as_waiting_then_rate_limited(
     claude: ClaudeBinary, repo: Path, model_server: StartServer, spec_for: SpecFor
 ) -> None:
     server = model_server(
-        one_rule(
-            "RETRY", {"text": "x", "fault": {"type": "rate_limit", "retry_after": 1, "times": None}}
-        )
+        one_rule("RETRY", {"text": "x", "fault": {"type": "rate_limit", "retry_after": 1, "times": None}})
     )
     states: list[RunState] = []
     run: AgentRun
@@ -287,9 +273,7 @@ async def test_api_errors_fail_with_a_reason(
     fault: str,
     expected: str,
 ) -> None:
-    server = model_server(
-        one_rule("BROKEN", {"text": "x", "fault": {"type": fault, "times": None}})
-    )
+    server = model_server(one_rule("BROKEN", {"text": "x", "fault": {"type": fault, "times": None}}))
 
     outcome = await run_agent(spec_for(server, "BROKEN api", repo), claude=claude)
 
@@ -315,9 +299,7 @@ async def test_max_turns_is_a_failure(
 ) -> None:
     server = model_server(WRITE_HELLO)
 
-    outcome = await run_agent(
-        spec_for(server, "WRITE-HELLO once", repo, max_turns=1), claude=claude
-    )
+    outcome = await run_agent(spec_for(server, "WRITE-HELLO once", repo, max_turns=1), claude=claude)
 
     assert outcome.status is OutcomeStatus.FAILED
     assert "maximum number of turns" in outcome.reason
@@ -334,9 +316,7 @@ async def test_permission_denials_are_reported(
         )
     )
 
-    outcome = await run_agent(
-        spec_for(server, "DENIED bash", repo, permission_mode="dontAsk"), claude=claude
-    )
+    outcome = await run_agent(spec_for(server, "DENIED bash", repo, permission_mode="dontAsk"), claude=claude)
 
     assert outcome.status is OutcomeStatus.SUCCEEDED
     assert [d["tool_name"] for d in outcome.permission_denials] == ["Bash"]
@@ -347,9 +327,7 @@ async def test_memory_cap_stops_the_run(
     claude: ClaudeBinary, repo: Path, model_server: StartServer, spec_for: SpecFor
 ) -> None:
     # claude alone needs ~200 MB, so a 50 MB cap trips while the model is stalled.
-    server = model_server(
-        one_rule("MEMORY", {"text": "x", "fault": {"type": "stall", "seconds": 600}})
-    )
+    server = model_server(one_rule("MEMORY", {"text": "x", "fault": {"type": "stall", "seconds": 600}}))
     spec = spec_for(server, "MEMORY hog", repo, memory_limit_mb=50, cancel_grace=1)
 
     with anyio.fail_after(30):
@@ -369,9 +347,7 @@ async def test_repo_mcp_json_is_not_started(
     server = model_server(WRITE_HELLO)
     events: list[AgentEvent] = []
 
-    outcome = await run_agent(
-        spec_for(server, "WRITE-HELLO", repo), claude=claude, on_event=events.append
-    )
+    outcome = await run_agent(spec_for(server, "WRITE-HELLO", repo), claude=claude, on_event=events.append)
 
     assert outcome.status is OutcomeStatus.SUCCEEDED, outcome.reason
     assert not marker.exists()
@@ -390,9 +366,7 @@ async def test_prompt_starting_with_a_dash_is_a_prompt_not_a_flag(
     assert (repo / "hello.txt").exists()
 
 
-async def test_missing_binary_is_a_clear_error(
-    repo: Path, spec_for: SpecFor, model_server: StartServer
-) -> None:
+async def test_missing_binary_is_a_clear_error(repo: Path, spec_for: SpecFor, model_server: StartServer) -> None:
     server = model_server(WRITE_HELLO)
     gone = ClaudeBinary(path=Path("/nonexistent/claude"), version="2.1.332")
 
@@ -418,14 +392,10 @@ async def test_agent_env_has_no_parent_session_variables(
         )
     )
 
-    outcome = await run_agent(
-        spec_for(server, "ENV dump", repo, allowed_tools=["Bash"]), claude=claude
-    )
+    outcome = await run_agent(spec_for(server, "ENV dump", repo, allowed_tools=["Bash"]), claude=claude)
 
     assert outcome.status is OutcomeStatus.SUCCEEDED, outcome.reason
-    seen = dict(
-        line.split("=", 1) for line in (repo / "env.txt").read_text().splitlines() if "=" in line
-    )
+    seen = dict(line.split("=", 1) for line in (repo / "env.txt").read_text().splitlines() if "=" in line)
     assert "SOME_SECRET_TOKEN" not in seen
     assert seen.get("CLAUDE_CODE_ENTRYPOINT") != "cli"
     assert seen.get("ANTHROPIC_BASE_URL") == server.url
@@ -447,9 +417,7 @@ async def test_background_task_run_waits_for_the_last_result(
         )
     )
 
-    outcome = await run_agent(
-        spec_for(server, "BACKGROUND job", repo, allowed_tools=["Bash"]), claude=claude
-    )
+    outcome = await run_agent(spec_for(server, "BACKGROUND job", repo, allowed_tools=["Bash"]), claude=claude)
 
     assert outcome.status is OutcomeStatus.SUCCEEDED, outcome.reason
     assert outcome.final_text == "background finished"

@@ -137,9 +137,7 @@ def test_spec_env_and_config_dir_override_the_users_settings(tmp_path: Path) -> 
 def test_bypass_permissions_as_root_marks_the_sandbox(tmp_path: Path) -> None:
     assert "IS_SANDBOX" not in agent_env(spec(), tmpdir=tmp_path, run_tag="r", parent=PARENT)
 
-    env = agent_env(
-        spec(permission_mode="bypassPermissions"), tmpdir=tmp_path, run_tag="r", parent=PARENT
-    )
+    env = agent_env(spec(permission_mode="bypassPermissions"), tmpdir=tmp_path, run_tag="r", parent=PARENT)
 
     assert env["IS_SANDBOX"] == "1"
 
@@ -165,11 +163,7 @@ def result(**fields: object) -> ResultEvent:
             "500",
         ),
         (
-            {
-                "result": result(
-                    is_error=True, result="Request rejected (429)", api_error_status=429
-                )
-            },
+            {"result": result(is_error=True, result="Request rejected (429)", api_error_status=429)},
             OutcomeStatus.RATE_LIMITED,
             "429",
         ),
@@ -208,11 +202,7 @@ def result(**fields: object) -> ResultEvent:
             "maximum number of turns",
         ),
         (
-            {
-                "result": result(
-                    subtype="error_during_execution", is_error=True, terminal_reason="aborted_tools"
-                )
-            },
+            {"result": result(subtype="error_during_execution", is_error=True, terminal_reason="aborted_tools")},
             OutcomeStatus.FAILED,
             "aborted_tools",
         ),
@@ -235,9 +225,7 @@ def result(**fields: object) -> ResultEvent:
         ),
     ],
 )
-def test_decide_outcome(
-    observed: dict[str, object], status: OutcomeStatus, reason_part: str
-) -> None:
+def test_decide_outcome(observed: dict[str, object], status: OutcomeStatus, reason_part: str) -> None:
     args: dict[str, object] = {
         "exit_code": None,
         "signal_number": None,

@@ -316,7 +316,7 @@ async def test_kill_9_mid_plan_then_reopen_finishes_every_task_exactly_once(
     engine = settings(tmp_path, server)
     tasks = [task("A"), task("B"), task("C"), task("D", ["A"])]
     plan_file = tmp_path / "plan-id"
-    worker = subprocess.Popen(
+    worker = subprocess.Popen(  # noqa: ASYNC220 - a separate engine process, killed with SIGKILL below
         [
             sys.executable,
             str(Path(__file__).parent / "crash_worker.py"),

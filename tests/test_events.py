@@ -27,9 +27,7 @@ from claudecluster_mcp.events import (
 
 DATA = Path(__file__).parent / "data"
 # Written by Claude Code 2.1.197 on SIGINT/SIGTERM, glued to the next JSON line.
-TERMINAL_RESET = (
-    b"\x1b[?1006l\x1b[?1003l\x1b(B\x0f\x1b[>4m\x1b[<u\x1b[?25h\x1b7\x1b[r\x1b8\x1b]0;\x07"
-)
+TERMINAL_RESET = b"\x1b[?1006l\x1b[?1003l\x1b(B\x0f\x1b[>4m\x1b[<u\x1b[?25h\x1b7\x1b[r\x1b8\x1b]0;\x07"
 COLOURED_STDERR = b'\x1b[0m\x1b[31mCould not parse message into JSON: {"type":"mess\x1b[0m\r\n'
 
 
@@ -107,9 +105,7 @@ def test_escape_sequences_glued_to_json_are_stripped() -> None:
 
 def test_result_line_not_starting_with_type_is_still_a_result() -> None:
     # The CLI's result object starts with "duration_api_ms", not "type".
-    lines = [
-        line for line in transcript("write_hello").split(b"\r\n") if b'"type":"result"' in line
-    ]
+    lines = [line for line in transcript("write_hello").split(b"\r\n") if b'"type":"result"' in line]
     assert lines and lines[0].startswith(b'{"duration_api_ms"')
 
     assert isinstance(parse_all(lines[0])[0], ResultEvent)

@@ -44,9 +44,7 @@ BUILD_RULE: dict[str, Any] = {
 
 
 @contextmanager
-def serve(
-    *rules: dict[str, Any], **scenario: Any
-) -> Iterator[tuple[ScriptedModelServer, httpx.Client]]:
+def serve(*rules: dict[str, Any], **scenario: Any) -> Iterator[tuple[ScriptedModelServer, httpx.Client]]:
     """A running server for a scenario built from ``rules``, and a client bound to it."""
     data = {"name": "test-scenario", "rules": list(rules) or [BUILD_RULE], **scenario}
     with (
@@ -64,25 +62,19 @@ def body(
     system: Any = SYSTEM,
 ) -> dict[str, Any]:
     """A Messages API request like Claude Code's, ``assistant_turns`` deep into the dialogue."""
-    messages: list[dict[str, Any]] = [
-        {"role": "user", "content": [{"type": "text", "text": prompt}]}
-    ]
+    messages: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
     for k in range(assistant_turns):
         tool_id = f"toolu_{k}"
         messages.append(
             {
                 "role": "assistant",
-                "content": [
-                    {"type": "tool_use", "id": tool_id, "name": "Bash", "input": {"command": "x"}}
-                ],
+                "content": [{"type": "tool_use", "id": tool_id, "name": "Bash", "input": {"command": "x"}}],
             }
         )
         messages.append(
             {
                 "role": "user",
-                "content": [
-                    {"type": "tool_result", "tool_use_id": tool_id, "content": f"result {k}"}
-                ],
+                "content": [{"type": "tool_result", "tool_use_id": tool_id, "content": f"result {k}"}],
             }
         )
     request: dict[str, Any] = {
@@ -378,9 +370,7 @@ def test_turn_beyond_script() -> None:
 
 def test_bad_json_body() -> None:
     with serve() as (server, client):
-        response = client.post(
-            "/v1/messages", content=b"{not json", headers={"content-type": "application/json"}
-        )
+        response = client.post("/v1/messages", content=b"{not json", headers={"content-type": "application/json"})
         ok = client.post("/v1/messages", json=body(stream=False))
         records = server.requests
     assert response.status_code == 400
@@ -460,19 +450,13 @@ def test_fault_times_one_is_per_conversation() -> None:
 
 def test_fault_times_two() -> None:
     with serve(fault_rule({"type": "server_error", "times": 2})) as (_, client):
-        statuses = [
-            client.post("/v1/messages", json=body(), headers=session("S")).status_code
-            for _ in range(3)
-        ]
+        statuses = [client.post("/v1/messages", json=body(), headers=session("S")).status_code for _ in range(3)]
     assert statuses == [500, 500, 200]
 
 
 def test_fault_times_null_faults_every_attempt() -> None:
     with serve(fault_rule({"type": "rate_limit", "times": None})) as (_, client):
-        statuses = [
-            client.post("/v1/messages", json=body(), headers=session("S")).status_code
-            for _ in range(4)
-        ]
+        statuses = [client.post("/v1/messages", json=body(), headers=session("S")).status_code for _ in range(4)]
         later_turn = client.post("/v1/messages", json=body(assistant_turns=1), headers=session("S"))
     assert statuses == [429] * 4
     assert later_turn.status_code == 200

@@ -72,9 +72,7 @@ def test_load_yaml_file(tmp_path: Path) -> None:
     first, second = scenario.rules[0].turns
     assert first.text == "Writing the file."
     assert first.latency == 0.5
-    assert first.tools == [
-        ToolCall(name="Write", input={"file_path": "{cwd}/hello.py", "content": "print('hi')\n"})
-    ]
+    assert first.tools == [ToolCall(name="Write", input={"file_path": "{cwd}/hello.py", "content": "print('hi')\n"})]
     assert first.fault is None
     assert (second.input_tokens, second.output_tokens) == (1200, 34)
 
