@@ -539,6 +539,9 @@ class AgentRun:
                         self._request_stop(OutcomeStatus.CANCELLED, "cancelled: the caller was cancelled")
                         await self._terminate(proc)
                     killed = await anyio.to_thread.run_sync(self._tree.kill_all)
+                    # ptyprocess.close() sleeps 0.1 s (blocking the event loop) before it checks
+                    # the child; ours is already reaped, so skip that wait.
+                    proc.delayafterclose = 0
                     with contextlib.suppress(OSError):
                         proc.close(force=True)
         finally:

@@ -218,6 +218,8 @@ class Cluster:
         self._paused_until = 0.0
         self._stagger_until = 0.0
         self._rate_limit_pauses: dict[str, int] = {}
+        self._policies: dict[str, MergePolicy] = {}
+        self._lengths: dict[str, dict[str, float]] = {}
         merge_send, merge_recv = anyio.create_memory_object_stream[tuple[str, str]](math.inf)
         self._merge_send: MemoryObjectSendStream[tuple[str, str]] = merge_send
         self._merge_recv: MemoryObjectReceiveStream[tuple[str, str]] = merge_recv
@@ -371,16 +373,15 @@ class Cluster:
 
     async def wait(self, plan_id: str, timeout: float | None = None) -> PlanStatus:
         """Wait until every task of the plan is final (or ``timeout`` s); returns the status."""
+        await self.store.plan(plan_id)  # NotFoundError for an unknown id
         with anyio.move_on_after(timeout):
             while True:
                 changed = self._changed
-                status = await self.status(plan_id)
-                if status.finished and status.plan.state is PlanState.RUNNING:
-                    await self.store.update_plan(plan_id, state=PlanState.DONE)
-                    self._active.discard(plan_id)
-                    status = await self.status(plan_id)
-                if status.finished or status.plan.state in (PlanState.DONE, PlanState.CANCELLED):
-                    return status
+                if await self.store.unfinished(plan_id) == 0:
+                    await self._settle(plan_id)
+                    break
+                if (await self.store.plan(plan_id)).state in (PlanState.DONE, PlanState.CANCELLED):
+                    break
                 with anyio.move_on_after(1.0):
                     await changed.wait()
         return await self.status(plan_id)
@@ -427,58 +428,75 @@ class Cluster:
         """One pass: promote, block, and start what fits. Returns the longest sensible sleep."""
         clock = time.time()
         next_wake = 5.0
-        candidates: list[tuple[tuple[int, float, int], Plan, Task]] = []
+        candidates: list[tuple[tuple[int, float, int], str, str]] = []
         for plan_id in list(self._active):
-            plan = await self.store.plan(plan_id)
-            if plan.state is not PlanState.RUNNING:
-                self._active.discard(plan_id)
-                continue
-            tasks = await self.store.tasks(plan_id)
-            state = {t.id: t.state for t in tasks}
-            lengths = TaskGraph(tasks).critical_path_lengths()
+            rows = await self.store.task_rows(plan_id)
+            state = {t.id: t.state for t in rows}
+            policy = self._policies.get(plan_id)
+            if policy is None:
+                policy = self._policies[plan_id] = (await self.store.plan(plan_id)).merge_policy
+            lengths = self._path_lengths(plan_id, rows)
             only = self._only.get(plan_id)
-            for seq, task in enumerate(tasks):
-                if task.state is TaskState.PENDING:
-                    failed = [d for d in task.deps if _is_dead(state.get(d), plan.merge_policy)]
+            for row in rows:
+                current = row.state
+                if current is TaskState.PENDING:
+                    failed = [d for d in row.deps if _is_dead(state.get(d), policy)]
                     if failed:
                         await self.store.move(
-                            plan_id,
-                            task.id,
-                            TaskState.BLOCKED,
-                            reason=f"dependency {failed[0]} did not merge",
+                            plan_id, row.id, TaskState.BLOCKED, reason=f"dependency {failed[0]} did not merge"
                         )
-                        state[task.id] = TaskState.BLOCKED
+                        state[row.id] = TaskState.BLOCKED
                         self._notify()
                         continue
-                    if all(state.get(d) is TaskState.MERGED for d in task.deps) and (only is None or task.id in only):
-                        if task.not_before and task.not_before > clock:
-                            next_wake = min(next_wake, task.not_before - clock)
+                    if all(state.get(d) is TaskState.MERGED for d in row.deps) and (only is None or row.id in only):
+                        if row.not_before and row.not_before > clock:
+                            next_wake = min(next_wake, row.not_before - clock)
                             continue
-                        await self.store.move(plan_id, task.id, TaskState.READY)
-                        task = task.model_copy(update={"state": TaskState.READY})
-                        state[task.id] = TaskState.READY
-                if task.state is TaskState.READY and task.ref not in self._starting:
-                    key = (-task.priority.rank, -lengths.get(task.id, 1.0), seq)
-                    candidates.append((key, plan, task))
+                        await self.store.move(plan_id, row.id, TaskState.READY)
+                        current = state[row.id] = TaskState.READY
+                if current is TaskState.READY and f"{plan_id}/{row.id}" not in self._starting:
+                    key = (-row.priority.rank, -lengths.get(row.id, 1.0), row.seq)
+                    candidates.append((key, plan_id, row.id))
             if all(s in FINAL_STATES for s in state.values()):
-                await self.store.update_plan(plan_id, state=PlanState.DONE)
-                self._active.discard(plan_id)
-                self._notify()
+                await self._settle(plan_id)
         if clock < self._paused_until:
             return min(next_wake, self._paused_until - clock)
         candidates.sort(key=lambda item: item[0])
         free = self.settings.workers - len(self._starting)
-        for _, plan, task in candidates[: max(free, 0)]:
+        for _, plan_id, task_id in candidates[: max(free, 0)]:
             if clock < self._stagger_until:
                 return min(next_wake, self._stagger_until - clock)
-            self._starting.add(task.ref)
-            self._tg.start_soon(self._run_task, plan, task)
+            self._starting.add(f"{plan_id}/{task_id}")
+            self._tg.start_soon(self._start_task, plan_id, task_id)
             if self._paused_until and self.settings.restart_stagger:
                 # Coming out of a rate-limit pause: start agents one by one.
                 self._stagger_until = clock + self.settings.restart_stagger
         if clock >= self._stagger_until and self._paused_until:
             self._paused_until = 0.0
         return next_wake
+
+    def _path_lengths(self, plan_id: str, rows: Sequence[Any]) -> dict[str, float]:
+        cached = self._lengths.get(plan_id)
+        if cached is None or len(cached) != len(rows):
+            cached = self._lengths[plan_id] = TaskGraph(rows).critical_path_lengths()
+        return cached
+
+    async def _settle(self, plan_id: str) -> None:
+        """Mark a plan whose tasks are all final as done."""
+        plan = await self.store.plan(plan_id)
+        if plan.state is PlanState.RUNNING:
+            await self.store.update_plan(plan_id, state=PlanState.DONE)
+        self._active.discard(plan_id)
+        self._notify()
+
+    async def _start_task(self, plan_id: str, task_id: str) -> None:
+        try:
+            plan = await self.store.plan(plan_id)
+            task = await self.store.task(plan_id, task_id)
+        except BaseException:
+            self._starting.discard(f"{plan_id}/{task_id}")
+            raise
+        await self._run_task(plan, task)
 
     # -- one task ---------------------------------------------------------------------------
 
@@ -757,7 +775,8 @@ class Cluster:
                     reason=f"resolved by {task.id}",
                 )
         if task.worktree is not None:
-            await remove_worktree(self.repo, task.worktree)
+            # Off the merge queue's path: the next merge need not wait for the files to go.
+            self._tg.start_soon(remove_worktree, self.repo, task.worktree)
 
     async def _conflict(self, plan: Plan, task: Task, files: list[str]) -> None:
         listed = ", ".join(files)

@@ -87,8 +87,8 @@ def _globs_overlap(a: str, b: str) -> bool:
         return True
     # A directory glob ("src/**", "src/*") covers anything below its literal prefix.
     for wide, narrow in ((a, b), (b, a)):
-        prefix = wide.split("*", 1)[0]
-        if "*" in wide and prefix.endswith("/") and narrow.startswith(prefix):
+        prefix, star, rest = wide.partition("*")
+        if star and prefix.endswith("/") and (star + rest) in ("*", "**", "**/*") and narrow.startswith(prefix):
             return True
     return False
 
@@ -180,11 +180,14 @@ class TaskGraph:
 
 def file_overlap_warnings(tasks: Sequence[TaskSpec]) -> list[tuple[str, str, str]]:
     """Pairs of tasks whose file globs overlap and that no dependency orders: (a, b, message)."""
+    with_files = [t for t in tasks if t.files]
+    if len(with_files) < 2:
+        return []
     graph = TaskGraph(tasks)
-    ancestors = {t.id: graph.ancestors(t.id) for t in tasks}
+    ancestors = {t.id: graph.ancestors(t.id) for t in with_files}
     found: list[tuple[str, str, str]] = []
-    for i, a in enumerate(tasks):
-        for b in tasks[i + 1 :]:
+    for i, a in enumerate(with_files):
+        for b in with_files[i + 1 :]:
             if a.id in ancestors[b.id] or b.id in ancestors[a.id]:
                 continue
             shared = sorted({f"{x} ~ {y}" for x in a.files for y in b.files if _globs_overlap(x, y)})

@@ -23,7 +23,6 @@ from .workspace import (
     add_worktree,
     git,
     identity_args,
-    is_ancestor,
     remove_worktree,
     rev_parse,
     update_ref,
@@ -134,9 +133,10 @@ async def merge_into(
     ref = branch if branch.startswith("refs/") else f"refs/heads/{branch}"
     while True:
         tip = await rev_parse(repo, ref)
-        if await is_ancestor(repo, commit, tip):
+        base = (await git(repo, "merge-base", tip, commit, ok_codes=(0, 1))).stdout.strip()
+        if base == commit:
             return MergeResult(MergeOutcome.ALREADY_MERGED, old_tip=tip, new_tip=tip)
-        if await is_ancestor(repo, tip, commit):
+        if base == tip:
             new = commit
         else:
             check = await merge_tree(repo, tip, commit)

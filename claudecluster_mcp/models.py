@@ -36,7 +36,7 @@ __all__ = [
     "TaskState",
 ]
 
-TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+TASK_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _TASK_ID = re.compile(TASK_ID_PATTERN)
 
 
@@ -153,7 +153,7 @@ class TaskSpec(BaseModel):
     @field_validator("id")
     @classmethod
     def _id_is_safe(cls, value: str) -> str:
-        if not _TASK_ID.match(value):
+        if not _TASK_ID.fullmatch(value):
             raise ValueError(
                 f"task id {value!r} must start with a letter or digit and use only letters, "
                 "digits, '.', '_' and '-' (max 64 characters)"

@@ -13,6 +13,7 @@ maps plan ids to repositories so that a plan id alone is enough, also after a re
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import sqlite3
@@ -20,15 +21,15 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiosqlite
 import anyio
 
 from .errors import NotFoundError, StateError, StoreError
-from .models import TRANSITIONS, Plan, PlanState, Task, TaskState
+from .models import FINAL_STATES, TRANSITIONS, Plan, PlanState, Priority, Task, TaskState
 
-__all__ = ["MIGRATIONS", "Registry", "Store", "StoredEvent", "now"]
+__all__ = ["MIGRATIONS", "Registry", "Store", "StoredEvent", "TaskRow", "now"]
 
 _TASK_STATES = ", ".join(f"'{s.value}'" for s in TaskState)
 _PLAN_STATES = ", ".join(f"'{s.value}'" for s in PlanState)
@@ -149,6 +150,22 @@ def _quote(column: str) -> str:
     return f'"{column}"'
 
 
+class TaskRow(NamedTuple):
+    """What the scheduler needs of a task."""
+
+    id: str
+    state: TaskState
+    deps: list[str]
+    priority: Priority
+    not_before: float | None
+    seq: int
+
+    @property
+    def files(self) -> list[str]:
+        """Not loaded in this view."""
+        return []
+
+
 class StoredEvent(dict[str, Any]):
     """An event row: seq, plan_id, task_id, at, kind, data."""
 
@@ -228,8 +245,13 @@ class Store:
                 f"INSERT INTO plans ({', '.join(map(_quote, row))}) VALUES ({', '.join('?' * len(row))})",
                 [_encode(k, v) for k, v in row.items()],
             )
-            for seq, task in enumerate(tasks):
-                await self._insert_task(db, task, seq)
+            rows = [{**task.model_dump(), "seq": seq} for seq, task in enumerate(tasks)]
+            if rows:
+                columns = list(rows[0])
+                await db.executemany(
+                    f"INSERT INTO tasks ({', '.join(map(_quote, columns))}) VALUES ({', '.join('?' * len(columns))})",
+                    [[_encode(k, row[k]) for k in columns] for row in rows],
+                )
 
     async def _insert_task(self, db: aiosqlite.Connection, task: Task, seq: int) -> None:
         row = {**task.model_dump(), "seq": seq}
@@ -284,6 +306,26 @@ class Store:
         """The plan's tasks in stored (topological) order."""
         async with self._db.execute("SELECT * FROM tasks WHERE plan_id = ? ORDER BY seq", [plan_id]) as cursor:
             return [Task.model_validate(_decode(row)) for row in await cursor.fetchall()]
+
+    async def task_rows(self, plan_id: str) -> list[TaskRow]:
+        """The scheduling view of a plan's tasks (cheap: no model validation)."""
+        async with self._db.execute(
+            "SELECT id, state, deps, priority, not_before, seq FROM tasks WHERE plan_id = ? ORDER BY seq", [plan_id]
+        ) as cursor:
+            return [
+                TaskRow(row[0], TaskState(row[1]), json.loads(row[2]), Priority(row[3]), row[4], row[5])
+                for row in await cursor.fetchall()
+            ]
+
+    async def unfinished(self, plan_id: str) -> int:
+        """How many tasks of the plan are not in a final state."""
+        finals = [s.value for s in FINAL_STATES]
+        async with self._db.execute(
+            f"SELECT COUNT(*) FROM tasks WHERE plan_id = ? AND state NOT IN ({', '.join('?' * len(finals))})",
+            [plan_id, *finals],
+        ) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
 
     async def task(self, plan_id: str, task_id: str) -> Task:
         """One task (:class:`NotFoundError` naming the plan's tasks if unknown)."""
@@ -416,7 +458,7 @@ class Registry:
     def register(self, plan_id: str, repo: Path) -> None:
         """Remember which repository holds ``plan_id``."""
         try:
-            with self._connect() as db:
+            with contextlib.closing(self._connect()) as db, db:
                 db.execute(
                     "INSERT OR REPLACE INTO plans VALUES (?, ?, ?)",
                     [plan_id, str(repo), now().isoformat()],
@@ -427,7 +469,7 @@ class Registry:
     def lookup(self, plan_id: str) -> Path:
         """The repository of ``plan_id`` (:class:`NotFoundError` listing recent plans if unknown)."""
         try:
-            with self._connect() as db:
+            with contextlib.closing(self._connect()) as db:
                 row = db.execute("SELECT repo FROM plans WHERE id = ?", [plan_id]).fetchone()
                 recent = [r[0] for r in db.execute("SELECT id FROM plans ORDER BY created_at DESC LIMIT 10")]
         except sqlite3.Error as exc:

@@ -113,8 +113,9 @@ async def check_branch_name(repo: Path, name: str) -> str:
     """Validate a branch name (defense in depth: nothing that git could read as an option)."""
     if not name or name.startswith("-"):
         raise RepositoryError(f"invalid branch name {name!r}: it must not be empty or start with '-'")
-    result = await git(repo, "check-ref-format", "--branch", name, check=False)
-    if result.returncode != 0:
+    # Plain check-ref-format on the full ref: `--branch` would expand "@{-1}" and friends.
+    result = await git(repo, "check-ref-format", f"refs/heads/{name}", check=False)
+    if result.returncode != 0 or "@{" in name:
         raise RepositoryError(f"invalid branch name {name!r}")
     return name
 
@@ -154,7 +155,8 @@ async def update_ref(repo: Path, ref: str, new: str, old: str | None, message: s
     exist). False when the ref was not at ``old``."""
     result = await git(repo, "update-ref", "-m", message, ref, new, old or ZERO_OID, check=False)
     if result.returncode != 0:
-        if "but expected" in result.stderr or "already exists" in result.stderr or "unable to lock" in result.stderr:
+        lost_race = ("but expected", "already exists", "unable to lock", "unable to resolve reference")
+        if any(text in result.stderr for text in lost_race):
             return False
         raise GitError(f"git update-ref {ref} failed in {repo}: {result.stderr.strip()}")
     return True
