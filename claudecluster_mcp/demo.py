@@ -88,6 +88,8 @@ async def run_demo(console: Console, *, workdir: Path | None = None, workers: in
     scenario = load_scenario(examples / "scenario.yaml")
     base = workdir or Path(tempfile.mkdtemp(prefix="claudecluster-demo-"))
     repo = _prepare_repo(examples / "repo", base / "repo")
+    home = base / "agent-home"
+    home.mkdir(exist_ok=True)
     console.print(
         f"[bold]claudecluster demo[/]: {len(plan_file['tasks'])} tasks, real Claude Code {claude.version} "
         f"agents ({workers} at a time) against the scripted model, offline\nrepository: {repo}\n"
@@ -98,7 +100,8 @@ async def run_demo(console: Console, *, workdir: Path | None = None, workers: in
             workers=workers,
             state_dir=base / "state",
             claude_config_dir=base / "claude-config",
-            agent_env=scripted_env(server.url),
+            # An empty HOME: the agents' Bash tool must not source this user's shell rc files.
+            agent_env={**scripted_env(server.url), "HOME": str(home)},
             allowed_tools=["Bash"],
             inactivity_timeout=60,
             wall_timeout=120,

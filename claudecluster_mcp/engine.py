@@ -219,6 +219,7 @@ class Cluster:
         self._stagger_until = 0.0
         self._rate_limit_pauses: dict[str, int] = {}
         self._policies: dict[str, MergePolicy] = {}
+        self._tips: dict[str, str] = {}  # integration tips as this process last moved them
         self._lengths: dict[str, dict[str, float]] = {}
         merge_send, merge_recv = anyio.create_memory_object_stream[tuple[str, str]](math.inf)
         self._merge_send: MemoryObjectSendStream[tuple[str, str]] = merge_send
@@ -511,7 +512,7 @@ class Cluster:
         if task.resume and task.session_id and task.base_commit and worktree.is_dir():
             return worktree, task.base_commit, True
         await remove_worktree(self.repo, worktree)
-        tip = await rev_parse(self.repo, f"refs/heads/{plan.integration_branch}")
+        tip = self._tips.get(plan.id) or await rev_parse(self.repo, f"refs/heads/{plan.integration_branch}")
         await git(self.repo, "update-ref", "-m", "claudecluster: task branch", f"refs/heads/{branch}", tip)
         await add_worktree(self.repo, worktree, branch)
         if task.kind is TaskKind.RESOLVE and task.resolves:
@@ -751,7 +752,11 @@ class Cluster:
             gate_timeout=self.settings.gate_timeout,
             journal=lambda ref, old, new: self.store.begin_merge(plan.id, task.id, ref, old, new),
             journal_end=self.store.end_merge,
+            base=task.base_commit,
+            tip_hint=self._tips.get(plan.id),
         )
+        if result.new_tip:
+            self._tips[plan.id] = result.new_tip
         if result.outcome in (MergeOutcome.MERGED, MergeOutcome.ALREADY_MERGED):
             await self._mark_merged(plan, task, result.new_tip)
         elif result.outcome is MergeOutcome.GATE_FAILED:
@@ -941,7 +946,7 @@ def _kill_leftovers(task: Task) -> None:
     by the run's environment tag)."""
     if not task.run_id:
         return
-    tree = ProcessTree(root=task.pid or -1, tag=task.run_id)
+    tree = ProcessTree(root=task.pid or -1, tag=task.run_id, everywhere=True)
     if task.pid and task.pid_started:
         with contextlib.suppress(psutil.Error):
             proc = psutil.Process(task.pid)

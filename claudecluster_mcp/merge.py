@@ -126,14 +126,22 @@ async def merge_into(
     gate_timeout: float = 600,
     journal: Journal | None = None,
     journal_end: JournalEnd | None = None,
+    base: str | None = None,
+    tip_hint: str | None = None,
 ) -> MergeResult:
     """Merge ``commit`` into ``branch`` (a ``refs/heads/…`` name) without touching any
     working tree. Fast-forwards when ``commit`` already contains the tip; otherwise makes a
-    two-parent merge commit. Retries if the branch moves under it."""
+    two-parent merge commit. Retries if the branch moves under it.
+
+    ``base`` (the commit ``commit`` was built on, an ancestor of the branch) and
+    ``tip_hint`` (the branch tip as last seen) let the common cases skip git calls; the
+    compare-and-swap of the final ref update keeps them honest."""
     ref = branch if branch.startswith("refs/") else f"refs/heads/{branch}"
     while True:
-        tip = await rev_parse(repo, ref)
-        base = (await git(repo, "merge-base", tip, commit, ok_codes=(0, 1))).stdout.strip()
+        tip = tip_hint or await rev_parse(repo, ref)
+        tip_hint = None  # trusted once; a failed compare-and-swap re-reads the ref
+        if base is None or tip != base:
+            base = (await git(repo, "merge-base", tip, commit, ok_codes=(0, 1))).stdout.strip()
         if base == commit:
             return MergeResult(MergeOutcome.ALREADY_MERGED, old_tip=tip, new_tip=tip)
         if base == tip:

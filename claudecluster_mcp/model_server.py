@@ -97,6 +97,21 @@ def _blocks_text(content: Any) -> str:
     return "\n".join(parts)
 
 
+# Assistant messages the CLI writes itself (e.g. into a resumed session's history after an
+# interruption); they are not answers of the model, so they do not advance the script.
+_SYNTHETIC_ASSISTANT = frozenset(
+    {"No response requested.", "[Request interrupted by user]", "[Request interrupted by user for tool use]"}
+)
+
+
+def _is_model_turn(message: Any) -> bool:
+    if not isinstance(message, dict) or message.get("role") != "assistant":
+        return False
+    return _blocks_text(message.get("content")).strip() not in _SYNTHETIC_ASSISTANT or any(
+        isinstance(b, dict) and b.get("type") == "tool_use" for b in message.get("content") or []
+    )
+
+
 def _substitute(value: Any, variables: Mapping[str, str]) -> Any:
     """Replace ``{name}`` for known names only, so JSON or code braces pass through."""
     if isinstance(value, str):
@@ -251,7 +266,7 @@ class ScriptedModelServer:
         )
         cwd_match = _CWD.search(all_text)
         cwd = cwd_match.group(1) if cwd_match else None
-        turn_index = sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant")
+        turn_index = sum(1 for m in messages if _is_model_turn(m))
         last = messages[-1] if isinstance(messages[-1], dict) else {}
         last_content = last.get("content")
         tool_results = tuple(

@@ -66,6 +66,9 @@ class ProcessTree:
     root: int
     tag: str
     seen: dict[int, float] = field(default_factory=dict)
+    #: Look for tagged processes system-wide, not only below this process. Needed when we
+    #: are not their subreaper (not on Linux, or cleaning up after another process died).
+    everywhere: bool = False
 
     def _remember(self, proc: psutil.Process) -> None:
         with contextlib.suppress(psutil.Error):
@@ -97,11 +100,13 @@ class ProcessTree:
         return total
 
     def _tagged_anywhere(self) -> list[psutil.Process]:
-        procs = []
-        for proc in psutil.process_iter():
-            if proc.pid != os.getpid() and _has_tag(proc, self.tag):
-                procs.append(proc)
-        return procs
+        if self.everywhere or not _subreaper:
+            candidates = list(psutil.process_iter())
+        else:
+            # As the subreaper, every escaped descendant was re-parented below us.
+            with contextlib.suppress(psutil.Error):
+                candidates = psutil.Process().children(recursive=True)
+        return [p for p in candidates if p.pid != os.getpid() and _has_tag(p, self.tag)]
 
     def survivors(self) -> list[psutil.Process]:
         """Processes of this run still alive (recorded ones that kept their identity, or tagged)."""

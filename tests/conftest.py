@@ -56,12 +56,21 @@ def model_server() -> Iterator[Callable[[dict[str, Any]], ScriptedModelServer]]:
         server.stop()
 
 
+def agent_home(tmp_path: Path) -> Path:
+    """An empty HOME for agents: Claude Code's Bash tool sources the user's shell rc files,
+    whose side effects (e.g. `pyenv rehash` taking a lock that a cancel test kills) must not
+    leak into or out of hermetic runs."""
+    home = tmp_path / "agent-home"
+    home.mkdir(exist_ok=True)
+    return home
+
+
 @pytest.fixture
 def spec_for(tmp_path: Path) -> Callable[..., AgentSpec]:
     """AgentSpec factory: isolated Claude config, scripted-model env, log under tmp_path."""
 
     def make(server: ScriptedModelServer, prompt: str, cwd: Path, **fields: Any) -> AgentSpec:
-        env = {**scripted_env(server.url), **fields.pop("env", {})}
+        env = {**scripted_env(server.url), "HOME": str(agent_home(tmp_path)), **fields.pop("env", {})}
         fields.setdefault("config_dir", tmp_path / "claude-config")
         fields.setdefault("log_path", tmp_path / "logs" / "run.log")
         return AgentSpec(prompt=prompt, cwd=cwd, env=env, **fields)

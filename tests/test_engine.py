@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import psutil
 import pytest
+from conftest import agent_home
 
 from claudecluster_mcp.agent import ClaudeBinary
 from claudecluster_mcp.engine import Cluster, EngineSettings
@@ -52,7 +53,7 @@ def settings(tmp_path: Path, server: ScriptedModelServer, **overrides: Any) -> E
     return EngineSettings(
         state_dir=tmp_path / "state",
         claude_config_dir=tmp_path / "claude-config",
-        agent_env=scripted_env(server.url),
+        agent_env={**scripted_env(server.url), "HOME": str(agent_home(tmp_path))},
         allowed_tools=["Bash"],
         retry_backoff=0.2,
         rate_limit_pause=1.0,
@@ -310,11 +311,13 @@ async def test_kill_9_mid_plan_then_reopen_finishes_every_task_exactly_once(
                 rule("B", bash(slow.format(name="b"))),
                 rule("C", bash(slow.format(name="c"))),
                 rule("D", write("d.txt", "d\n")),
+                # E makes progress (a file) before its long Bash call: it is resumed, not restarted.
+                rule("E", write("e.txt", "e\n"), bash("python3 -c 'import time; time.sleep(4)'")),
             ]
         }
     )
     engine = settings(tmp_path, server)
-    tasks = [task("A"), task("B"), task("C"), task("D", ["A"])]
+    tasks = [task("A"), task("B"), task("C"), task("D", ["A"]), task("E")]
     plan_file = tmp_path / "plan-id"
     worker = subprocess.Popen(  # noqa: ASYNC220 - a separate engine process, killed with SIGKILL below
         [
@@ -335,15 +338,16 @@ async def test_kill_9_mid_plan_then_reopen_finishes_every_task_exactly_once(
 
     try:
         with anyio.fail_after(60):
-            while True:  # wait until A is merged while B and C are mid-Bash
+            while True:  # wait until A is merged while B, C and E are mid-Bash
                 await anyio.sleep(0.2)
                 if not plan_file.exists() or not db.exists():
                     continue
                 rows = snapshot()
+                e_in_bash = any(r.rule == "E" and r.turn == 1 for r in server.requests)
                 if (
                     rows.get("A", ("",))[0] == "merged"
-                    and all(rows.get(t, ("", None, None))[0] == "running" and rows[t][2] for t in ("B", "C"))
-                    and len([r for r in server.requests if r.turn == 1]) <= 1
+                    and all(rows.get(t, ("", None, None))[0] == "running" and rows[t][2] for t in ("B", "C", "E"))
+                    and e_in_bash
                 ):
                     break
         await anyio.sleep(1.0)
@@ -351,7 +355,7 @@ async def test_kill_9_mid_plan_then_reopen_finishes_every_task_exactly_once(
     finally:
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait()
-    assert set(killed_runs) >= {"B", "C"}
+    assert set(killed_runs) >= {"B", "C", "E"}
     plan_id = plan_file.read_text()
 
     async with Cluster.open(repo, settings=engine, claude=claude) as cluster:
@@ -360,14 +364,17 @@ async def test_kill_9_mid_plan_then_reopen_finishes_every_task_exactly_once(
         events = await cluster.store.events(plan_id)
         integration = status.plan.integration_branch
 
-    assert {t.id: t.state for t in status.tasks} == dict.fromkeys("ABCD", TaskState.MERGED), [
+    assert {t.id: t.state for t in status.tasks} == dict.fromkeys("ABCDE", TaskState.MERGED), [
         (t.id, t.state, t.reason) for t in status.tasks
     ]
+    # E had written e.txt: its session was resumed (same attempt, the model saw its history).
+    assert status.task("E").attempts == 1
+    assert [r.turn for r in server.requests if r.rule == "E"] == [0, 1, 2]
     # Exactly once: one 'merged' transition and one agent commit on the integration branch per task.
     merged_events = [e["task_id"] for e in events if e["kind"] == "state" and e["data"]["state"] == "merged"]
-    assert sorted(merged_events) == ["A", "B", "C", "D"]
+    assert sorted(merged_events) == ["A", "B", "C", "D", "E"]
     log = git(repo, "log", "--format=%B%x00", integration)
-    for tid in "ABCD":
+    for tid in "ABCDE":
         assert log.count(f"claudecluster plan {plan_id}, task {tid}\n") == 1, log
     # The interrupted tasks were re-run (attempt 2) or resumed, and nothing of the killed runs lives on.
     assert all(status.task(t).attempts >= 1 for t in killed_runs)

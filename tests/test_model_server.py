@@ -677,3 +677,19 @@ def test_explicit_zero_latency_overrides_the_default() -> None:
             timeout=5,
         )
     assert time.monotonic() - started < 1.5
+
+
+def test_synthetic_assistant_messages_of_a_resumed_session_do_not_advance_the_script() -> None:
+    scenario = load_scenario({"rules": [{"name": "r", "match": "GO", "turns": [{"text": "one"}, {"text": "two"}]}]})
+    history = [
+        {"role": "user", "content": "GO"},
+        {"role": "assistant", "content": [{"type": "text", "text": "one"}]},
+        {"role": "user", "content": "next"},
+        {"role": "assistant", "content": [{"type": "text", "text": "No response requested."}]},
+        {"role": "user", "content": "You were interrupted. Continue."},
+    ]
+    with ScriptedModelServer(scenario) as server:
+        answer = httpx.post(
+            server.url + "/v1/messages", json={"model": "m", "max_tokens": 10, "messages": history}, timeout=5
+        )
+    assert answer.json()["content"] == [{"type": "text", "text": "two"}]
