@@ -39,6 +39,7 @@ test: setup lint typecheck
 
 bench: setup
 	$(PY) bench/bench_runner.py
+	$(PY) bench/bench_engine.py
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

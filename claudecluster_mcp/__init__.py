@@ -1,8 +1,8 @@
 """claudecluster-mcp: turn Claude Code into a coding cluster.
 
-The foundation layer runs real Claude Code agents (:func:`run_agent`, :class:`AgentRun`)
-and ships a scripted Anthropic Messages API (:class:`ScriptedModelServer`) so that they
-can run offline and deterministically.
+:class:`Cluster` plans a goal into a task DAG, runs each task as a real Claude Code agent
+(:class:`AgentRun`) in its own git worktree, and merges the results. The scripted model
+server (:class:`ScriptedModelServer`) lets all of it run offline and deterministically.
 """
 
 from .agent import (
@@ -15,15 +15,24 @@ from .agent import (
     find_claude,
     run_agent,
 )
+from .engine import Cluster, EngineSettings, FinalMerge
 from .errors import (
     AgentError,
     ClaudeNotFoundError,
     ClaudeVersionError,
     ClusterError,
     ConfigError,
+    DirtyWorktreeError,
+    GitError,
+    NotFoundError,
+    PlanValidationError,
+    RepositoryError,
     ScenarioError,
+    StateError,
+    StoreError,
 )
 from .model_server import ScriptedModelServer, scripted_env
+from .models import Category, MergePolicy, Plan, PlanState, PlanStatus, Priority, Task, TaskSpec, TaskState
 from .scenario import Scenario, load_scenario
 
 __version__ = "0.1.0"
@@ -33,16 +42,35 @@ __all__ = [
     "AgentOutcome",
     "AgentRun",
     "AgentSpec",
+    "Category",
     "ClaudeBinary",
     "ClaudeNotFoundError",
     "ClaudeVersionError",
+    "Cluster",
     "ClusterError",
     "ConfigError",
+    "DirtyWorktreeError",
+    "EngineSettings",
+    "FinalMerge",
+    "GitError",
+    "MergePolicy",
+    "NotFoundError",
     "OutcomeStatus",
+    "Plan",
+    "PlanState",
+    "PlanStatus",
+    "PlanValidationError",
+    "Priority",
+    "RepositoryError",
     "RunState",
     "Scenario",
     "ScenarioError",
     "ScriptedModelServer",
+    "StateError",
+    "StoreError",
+    "Task",
+    "TaskSpec",
+    "TaskState",
     "__version__",
     "find_claude",
     "load_scenario",
