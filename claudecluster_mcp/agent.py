@@ -177,6 +177,7 @@ class AgentSpec(BaseModel):
     max_budget_usd: float | None = Field(default=None, gt=0)
     mcp_config: dict[str, Any] | Path | None = None
     append_system_prompt: str | None = None
+    json_schema: dict[str, Any] | None = None
     session_id: str | None = None
     resume: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
@@ -247,6 +248,7 @@ class AgentOutcome(BaseModel):
     usage: Usage = Field(default_factory=Usage)
     duration_s: float = 0.0
     final_text: str | None = None
+    structured_output: Any = None
     permission_denials: list[dict[str, Any]] = Field(default_factory=list)
     api_error_status: int | None = None
     retry_after_s: float | None = None
@@ -328,6 +330,8 @@ def build_argv(spec: AgentSpec, claude: Path, session_id: str) -> list[str]:
         argv.append(f"--mcp-config={spec.mcp_config}")
     if spec.append_system_prompt:
         argv.append(f"--append-system-prompt={spec.append_system_prompt}")
+    if spec.json_schema is not None:
+        argv.append("--json-schema=" + json.dumps(spec.json_schema, separators=(",", ":")))
     argv += ["--", spec.prompt]
     return argv
 
@@ -578,6 +582,7 @@ class AgentRun:
             usage=Usage(**{name: sum(getattr(r.usage, name) for r in self._results) for name in Usage.model_fields}),
             duration_s=round(duration, 3),
             final_text=result.result if result else None,
+            structured_output=result.structured_output if result else None,
             permission_denials=result.permission_denials if result else [],
             api_error_status=result.api_error_status if result else None,
             retry_after_s=retry_after if status is OutcomeStatus.RATE_LIMITED else None,

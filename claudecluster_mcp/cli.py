@@ -47,6 +47,29 @@ def _cmd_model_server(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .engine import EngineSettings
+    from .server import ServerSettings, serve_http, serve_stdio, token_from
+
+    engine = EngineSettings(workers=args.workers) if args.workers else EngineSettings()
+    settings = ServerSettings(
+        roots=args.root or [Path.cwd()],
+        engine=engine,
+        host=args.host,
+        port=args.port,
+        token=token_from(args.token, args.token_file),
+        allowed_hosts=args.allowed_host or [],
+        allowed_origins=args.allowed_origin or [],
+    )
+    if args.transport == "stdio":
+        # stdout carries the protocol only: every log line goes to stderr.
+        anyio.run(serve_stdio, settings)
+    else:
+        with contextlib.suppress(KeyboardInterrupt):
+            serve_http(settings, args.transport)
+    return EXIT_OK
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from .agent import find_claude
 
@@ -86,6 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     model.add_argument("--port", type=int, default=8123, help="port (default 8123)")
     model.set_defaults(handler=_cmd_model_server)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the MCP server (stdio by default; --transport sse|http for remote clients)",
+        description="Run the claudecluster MCP server. stdio for a local host such as Claude Code; "
+        "sse or http serve one app with Streamable HTTP at /mcp, legacy SSE at /sse, /health and /metrics.",
+    )
+    serve.add_argument("--transport", choices=["stdio", "sse", "http"], default="stdio")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address for sse/http (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8765, help="port for sse/http (default 8765)")
+    serve.add_argument("--token", help="bearer token clients must send (or --token-file, or $CLAUDECLUSTER_TOKEN)")
+    serve.add_argument("--token-file", type=Path, help="file holding the bearer token")
+    serve.add_argument(
+        "--root", type=Path, action="append", help="allow repositories below this path (repeatable; default: cwd)"
+    )
+    serve.add_argument("--workers", type=int, help="agent slots (default 4)")
+    serve.add_argument("--allowed-host", action="append", help="extra Host header value to accept, e.g. myhost:8765")
+    serve.add_argument("--allowed-origin", action="append", help="extra Origin to accept, e.g. https://app.example")
+    serve.set_defaults(handler=_cmd_serve)
 
     check = commands.add_parser(
         "check",

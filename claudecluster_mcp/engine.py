@@ -66,6 +66,7 @@ from .models import (
     TaskSpec,
     TaskState,
 )
+from .planner import plan_with_claude
 from .proctree import ProcessTree
 from .store import Registry, Store, now
 from .workspace import (
@@ -288,7 +289,7 @@ class Cluster:
     async def plan(
         self,
         goal: str,
-        tasks: Sequence[TaskSpec | Mapping[str, Any]],
+        tasks: Sequence[TaskSpec | Mapping[str, Any]] | None = None,
         *,
         base_ref: str | None = None,
         target: str | None = None,
@@ -297,10 +298,22 @@ class Cluster:
     ) -> PlanStatus:
         """Validate and store a plan. The base is ``base_ref`` (default: the branch checked
         out now); an integration branch is created there; ``target`` (default: that branch)
-        is where :meth:`merge` puts the result."""
+        is where :meth:`merge` puts the result. Without ``tasks``, a read-only Claude Code
+        planning run splits the goal into tasks."""
         if not goal.strip():
             raise ConfigError("the goal is empty")
-        specs = _parse_tasks(tasks)
+        if tasks is None:
+            specs = await plan_with_claude(
+                self.repo,
+                goal,
+                claude=self.claude,
+                env=self.settings.agent_env,
+                config_dir=self.settings.claude_config_dir,
+                model=self.settings.model,
+                log_dir=self.settings.state_dir / "logs" / "planner" / secrets.token_hex(4),
+            )
+        else:
+            specs = _parse_tasks(tasks)
         validate_tasks(specs)
         overlaps = file_overlap_warnings(specs)
         warnings = [message for _, _, message in overlaps]

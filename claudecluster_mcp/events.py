@@ -129,6 +129,7 @@ class ResultEvent(_Event):
     api_error_type: str | None = None
     errors: list[str] = Field(default_factory=list)
     permission_denials: list[dict[str, Any]] = Field(default_factory=list)
+    structured_output: Any = None
 
     @property
     def succeeded(self) -> bool:
@@ -295,6 +296,7 @@ def parse_event(obj: dict[str, Any]) -> list[AgentEvent]:
                 api_error_type=obj.get("api_error_type"),
                 errors=[str(e) for e in errors],
                 permission_denials=[d for d in denials if isinstance(d, dict)],
+                structured_output=obj.get("structured_output"),
             )
         ]
     return [OtherEvent(type=str(etype), subtype=subtype if isinstance(subtype, str) else None, raw=obj)]

@@ -330,6 +330,15 @@ class ScriptedModelServer:
             await anyio.sleep(latency)
         if fault is not None and fault.type in _FAULT_STATUS | {"hang": 0}:
             return await self._fault_response(fault, request)
+        if rule.captures:
+            earlier = [
+                _blocks_text(b.get("content"))
+                for m in messages
+                if isinstance(m, dict) and isinstance(m.get("content"), list)
+                for b in m["content"]
+                if isinstance(b, dict) and b.get("type") == "tool_result"
+            ]
+            variables = {**variables, **rule.captured(earlier)}
         if cwd is not None:
             variables = {"cwd": cwd, **variables}
         content = self._content(turn, variables)

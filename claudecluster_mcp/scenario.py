@@ -77,17 +77,34 @@ class Rule(_Strict):
     match: str | None = None
     regex: str | None = None
     turns: list[Turn] = Field(min_length=1)
+    captures: dict[str, str] = Field(
+        default_factory=dict,
+        description="variable → regex searched in the conversation's tool results so far (first group)",
+    )
 
     @model_validator(mode="after")
     def _one_matcher(self) -> Rule:
         if (self.match is None) == (self.regex is None):
             raise ValueError(f"rule {self.name!r} needs exactly one of 'match' or 'regex'")
-        if self.regex is not None:
+        for label, pattern in [("regex", self.regex), *((f"captures.{k}", v) for k, v in self.captures.items())]:
+            if pattern is None:
+                continue
             try:
-                re.compile(self.regex)
+                compiled = re.compile(pattern)
             except re.error as exc:
-                raise ValueError(f"rule {self.name!r}: bad regex: {exc}") from exc
+                raise ValueError(f"rule {self.name!r}: bad {label}: {exc}") from exc
+            if label.startswith("captures.") and compiled.groups < 1:
+                raise ValueError(f"rule {self.name!r}: {label} needs a capturing group")
         return self
+
+    def captured(self, tool_results: list[str]) -> dict[str, str]:
+        """Values of ``captures`` found in earlier tool results (the latest match wins)."""
+        found: dict[str, str] = {}
+        for name, pattern in self.captures.items():
+            for text in tool_results:
+                for match in re.finditer(pattern, text):
+                    found[name] = match.group(1)
+        return found
 
     def variables(self, first_user_text: str) -> dict[str, str] | None:
         """Template variables if this rule matches the conversation, else ``None``."""

@@ -198,7 +198,8 @@ class Store:
             await store._migrate()
             yield store
         finally:
-            await db.close()
+            with anyio.CancelScope(shield=True):  # a cancelled close would strand the db thread
+                await db.close()
 
     async def _migrate(self) -> None:
         async with self._db.execute("PRAGMA user_version") as cursor:
