@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -10,13 +9,13 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import agent_home, make_repo
 from mcp import Client
 
 from claudecluster_mcp.agent import ClaudeBinary
 from claudecluster_mcp.engine import EngineSettings
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
 from claudecluster_mcp.server import Hub, ServerSettings, build_server
-from conftest import agent_home, make_repo
 
 pytestmark = [pytest.mark.anyio]
 
@@ -190,9 +189,7 @@ async def test_plan_without_tasks_asks_a_planning_agent_and_retries_once(
     # The CLI ends the run as soon as the StructuredOutput tool is called: one request each.
     assert [r.rule for r in model.requests] == ["planner", "retry"]
     assert "dependency cycle" in model.requests[1].first_user_text
-    assert (
-        subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True).stdout == ""
-    )
+    assert (await anyio.run_process(["git", "-C", str(repo), "status", "--porcelain"])).stdout == b""
 
 
 async def test_bad_input_gives_actionable_errors_and_the_session_goes_on(tmp_path: Path, claude: ClaudeBinary) -> None:
