@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hmac
+import inspect
 import logging
 import os
 import sqlite3
@@ -183,6 +184,8 @@ class StatusView(BaseModel):
     def summary(self) -> str:
         """One line for humans."""
         if self.plan_id is None:
+            if not self.plans:
+                return "no plans yet: create one with the plan tool"
             return f"{len(self.plans)} plan(s): " + "; ".join(f"{p.plan_id} {p.state} {p.counts}" for p in self.plans)
         counts = ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items()))
         return (
@@ -507,6 +510,7 @@ def build_server(
             finally:
                 metrics.latency.labels(fn.__name__).observe(time.perf_counter() - started)
 
+        wrapper.__doc__ = inspect.cleandoc(fn.__doc__ or "")  # the description the host model reads
         return wrapper
 
     readonly = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
