@@ -17,11 +17,10 @@ from pathlib import Path
 import httpx
 import httpx2
 import pytest
+from conftest import make_repo
 from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
-
-from conftest import make_repo
 
 ROOT = Path(__file__).parent.parent
 INSPECTOR = ROOT / "node_modules" / ".bin" / "mcp-inspector"
