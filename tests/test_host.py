@@ -11,11 +11,11 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import agent_home
 
 from claudecluster_mcp.agent import ClaudeBinary, OutcomeStatus, run_agent
 from claudecluster_mcp.events import AgentEvent, InitEvent, ToolResult, ToolUse
 from claudecluster_mcp.model_server import ScriptedModelServer
-from conftest import agent_home
 
 pytestmark = [pytest.mark.anyio, pytest.mark.claude]
 
