@@ -28,6 +28,7 @@ from typing import Any
 import anyio
 import httpx
 import httpx2
+import psutil
 from mcp import Client
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
@@ -151,13 +152,21 @@ async def run(n_tasks: int, calls: int, clients: int) -> dict[str, Any]:
                 async with http, client:
                     samples.extend(await timed_calls(client, "status", {"plan_id": plan_id}, max(5, calls // 20)))
 
+            server_proc = psutil.Process(server.pid)
+            server_cpu0 = sum(server_proc.cpu_times()[:2])
+            client_cpu0 = time.process_time()
             started = time.perf_counter()
             async with anyio.create_task_group() as tg:
                 for _ in range(clients):
                     tg.start_soon(poller)
+            wall = time.perf_counter() - started
+            server_cpu = sum(server_proc.cpu_times()[:2]) - server_cpu0
+            client_cpu = time.process_time() - client_cpu0
             results[f"http_status_{clients}_clients"] = {
                 **summary(samples),
-                "calls_per_s": round(len(samples) / (time.perf_counter() - started), 1),
+                "calls_per_s": round(len(samples) / wall, 1),
+                "server_cpu_ms_per_call": round(1000 * server_cpu / len(samples), 1),
+                "client_cpu_ms_per_call": round(1000 * client_cpu / len(samples), 1),
             }
             return results
         finally:

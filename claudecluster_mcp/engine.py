@@ -87,6 +87,7 @@ from .workspace import (
 )
 
 __all__ = [
+    "STATUS_FOCUS",
     "Cluster",
     "EngineSettings",
     "FinalMerge",
@@ -96,6 +97,8 @@ __all__ = [
 ]
 
 MAX_WORKERS = 64
+#: Plans bigger than this list only the tasks that need attention in dispatch/cancel answers.
+STATUS_FOCUS = 50
 
 
 def default_state_dir() -> Path:
@@ -368,22 +371,34 @@ class Cluster:
                     f"plan {plan_id} has no task {', '.join(sorted(unknown))} (tasks: {', '.join(sorted(known))})"
                 )
             self._only.setdefault(plan_id, set()).update(wanted)
+        elif plan.state is PlanState.RUNNING and plan_id in self._active and plan_id not in self._only:
+            # Already running in full: nothing changes, no scheduler pass needed.
+            return await self.status(plan_id, focus=STATUS_FOCUS)
         else:
             self._only.pop(plan_id, None)
         if plan.state is not PlanState.RUNNING:
             await self.store.update_plan(plan_id, state=PlanState.RUNNING)
         self._active.add(plan_id)
         self._kick()
-        return await self.status(plan_id)
+        return await self.status(plan_id, focus=STATUS_FOCUS)
 
-    async def status(self, plan_id: str) -> PlanStatus:
-        """The plan, its tasks in order, and counts by state."""
+    async def status(self, plan_id: str, *, focus: int | None = None) -> PlanStatus:
+        """The plan, its tasks in order, and counts by state. With ``focus``, a plan of more
+        than ``focus`` tasks lists only the tasks that need attention (running, waiting,
+        succeeded and awaiting merge, or failed in some way; at most ``focus``) and says how many
+        it left out; the others are in the counts."""
         plan = await self.store.plan(plan_id)
-        tasks = await self.store.tasks(plan_id)
-        counts: dict[str, int] = {}
-        for task in tasks:
-            counts[task.state.value] = counts.get(task.state.value, 0) + 1
-        return PlanStatus(plan=plan, tasks=tasks, counts=counts)
+        counts, cost, tokens = await self.store.tally(plan_id)
+        total = sum(counts.values())
+        if focus is not None and total > focus:
+            quiet = (TaskState.PENDING, TaskState.READY, TaskState.MERGED)
+            shown = [s for s in TaskState if s not in quiet]
+            tasks = await self.store.tasks(plan_id, states=shown, limit=focus)
+        else:
+            tasks = await self.store.tasks(plan_id)
+        return PlanStatus(
+            plan=plan, tasks=tasks, counts=counts, total_cost_usd=cost, total_tokens=tokens, omitted=total - len(tasks)
+        )
 
     async def wait(self, plan_id: str, timeout: float | None = None) -> PlanStatus:
         """Wait until every task of the plan is final (or ``timeout`` s); returns the status."""
@@ -427,7 +442,7 @@ class Cluster:
                 while any(ref.startswith(plan_id + "/") for ref in self._starting):  # noqa: ASYNC110
                     await anyio.sleep(0.05)
         self._notify()
-        return await self.status(plan_id)
+        return await self.status(plan_id, focus=STATUS_FOCUS)
 
     # -- the scheduler ------------------------------------------------------------------------
 

@@ -227,11 +227,14 @@ class PlanStatus(BaseModel):
     plan: Plan
     tasks: list[Task]
     counts: dict[str, int]
+    total_cost_usd: float = 0.0
+    total_tokens: int = 0
+    omitted: int = Field(default=0, description="tasks not listed (big plans list only those needing attention)")
 
     @property
     def finished(self) -> bool:
         """True when every task is in a final state."""
-        return all(t.state in FINAL_STATES for t in self.tasks)
+        return sum(self.counts.values()) > 0 and all(TaskState(s) in FINAL_STATES for s in self.counts)
 
     def task(self, task_id: str) -> Task:
         """The task with this id (``KeyError`` if none)."""

@@ -41,7 +41,7 @@ from starlette.routing import Route
 
 from . import __version__
 from .agent import ClaudeBinary
-from .engine import Cluster, EngineSettings, FinalMerge
+from .engine import STATUS_FOCUS, Cluster, EngineSettings, FinalMerge
 from .errors import ClusterError, ConfigError, NotFoundError, RepositoryError
 from .models import ACTIVE_STATES, FINAL_STATES, MergePolicy, PlanStatus, Task, TaskSpec, TaskState
 from .store import Registry
@@ -178,6 +178,7 @@ class StatusView(BaseModel):
     workers: int = 0
     agents_running: int = 0
     tasks: list[TaskView] = Field(default_factory=list)
+    tasks_omitted: int = Field(default=0, description="tasks left out of `tasks` (pending or merged, big plans)")
     final_merge: dict[str, Any] | None = None
     plans: list[PlanSummary] = Field(default_factory=list)
 
@@ -253,11 +254,12 @@ def _status_view(status: PlanStatus, cluster: Cluster) -> StatusView:
         state=status.plan.state.value,
         finished=status.finished,
         counts=status.counts,
-        total_cost_usd=round(sum(t.cost_usd for t in status.tasks), 6),
-        total_tokens=sum(t.input_tokens + t.output_tokens for t in status.tasks),
+        total_cost_usd=round(status.total_cost_usd, 6),
+        total_tokens=status.total_tokens,
         workers=cluster.workers,
         agents_running=cluster.running,
         tasks=[TaskView.of(t) for t in status.tasks],
+        tasks_omitted=status.omitted,
         final_merge=status.plan.final_merge,
     )
 
@@ -593,6 +595,13 @@ def build_server(
             bool,
             Field(description="With wait_seconds: keep waiting until every task is final, not just until a change."),
         ] = False,
+        all_tasks: Annotated[
+            bool,
+            Field(
+                description=f"List every task. By default a plan of more than {STATUS_FOCUS} tasks lists only "
+                "those needing attention (running, waiting, awaiting merge, failed, …); the rest are counted."
+            ),
+        ] = False,
     ) -> StatusView:
         """Live state of a plan: per-task state, attempts, elapsed time, turns, cost, tokens, last
         activity and merge state, plus counts by state and totals."""
@@ -629,11 +638,20 @@ def build_server(
                 running = sum(r.state in ACTIVE_STATES for r in rows)
                 await ctx.report_progress(done, len(rows), f"{done}/{len(rows)} tasks final, {running} running")
                 await cluster.changed(min(2.0, deadline - anyio.current_time()))
-        plan_status = await cluster.status(plan_id)
-        view = _status_view(plan_status, cluster)
         if local is not None:
-            view.tasks = [t for t in view.tasks if t.id == local]
-        return view
+            one = await cluster.store.task(plan_id, local)
+            counts, cost, tokens = await cluster.store.tally(plan_id)
+            plan_status = PlanStatus(
+                plan=await cluster.store.plan(plan_id),
+                tasks=[one],
+                counts=counts,
+                total_cost_usd=cost,
+                total_tokens=tokens,
+                omitted=sum(counts.values()) - 1,
+            )
+        else:
+            plan_status = await cluster.status(plan_id, focus=None if all_tasks else STATUS_FOCUS)
+        return _status_view(plan_status, cluster)
 
     @mcp.tool(
         title="Merge a finished plan into its target branch",

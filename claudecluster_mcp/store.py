@@ -303,10 +303,31 @@ class Store:
 
     # -- tasks ------------------------------------------------------------------------------
 
-    async def tasks(self, plan_id: str) -> list[Task]:
-        """The plan's tasks in stored (topological) order."""
-        async with self._db.execute("SELECT * FROM tasks WHERE plan_id = ? ORDER BY seq", [plan_id]) as cursor:
+    async def tasks(
+        self, plan_id: str, *, states: Iterable[TaskState] | None = None, limit: int | None = None
+    ) -> list[Task]:
+        """The plan's tasks in stored (topological) order (only ``states``, at most ``limit``)."""
+        query, args = "SELECT * FROM tasks WHERE plan_id = ?", [plan_id]
+        if states is not None:
+            wanted = [s.value for s in states]
+            query += f" AND state IN ({', '.join('?' * len(wanted))})"
+            args += wanted
+        query += " ORDER BY seq"
+        if limit is not None:
+            query += f" LIMIT {int(limit)}"
+        async with self._db.execute(query, args) as cursor:
             return [Task.model_validate(_decode(row)) for row in await cursor.fetchall()]
+
+    async def tally(self, plan_id: str) -> tuple[dict[str, int], float, int]:
+        """(tasks by state, total cost in USD, total tokens) of a plan, computed by SQLite."""
+        async with self._db.execute(
+            "SELECT state, COUNT(*), SUM(cost_usd), SUM(input_tokens + output_tokens) FROM tasks "
+            "WHERE plan_id = ? GROUP BY state",
+            [plan_id],
+        ) as cursor:
+            rows = await cursor.fetchall()
+        counts = {row[0]: int(row[1]) for row in rows}
+        return counts, float(sum(row[2] or 0 for row in rows)), int(sum(row[3] or 0 for row in rows))
 
     async def task_rows(self, plan_id: str) -> list[TaskRow]:
         """The scheduling view of a plan's tasks (cheap: no model validation)."""
