@@ -98,7 +98,7 @@ async def run(n_tasks: int, calls: int, clients: int) -> dict[str, Any]:
             "XDG_STATE_HOME": str(Path(tmp) / "state"),
             "CLAUDECLUSTER_CLAUDE_BIN": str(ROOT / "bench" / "standin_claude.py"),
         }
-        server = subprocess.Popen(
+        server = subprocess.Popen(  # noqa: ASYNC220 - a long-lived server process, stopped below
             [
                 sys.executable,
                 "-m",
@@ -120,12 +120,13 @@ async def run(n_tasks: int, calls: int, clients: int) -> dict[str, Any]:
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            for _ in range(300):
-                try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
+            async with httpx.AsyncClient() as probe:
+                for _ in range(300):
+                    try:
+                        if (await probe.get(url + "/health", timeout=1)).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        await anyio.sleep(0.1)
             results: dict[str, Any] = {"tasks": n_tasks}
             http, client = http_client(url)
             async with http, client:
