@@ -65,6 +65,7 @@ __all__ = [
     "decide_outcome",
     "find_claude",
     "run_agent",
+    "run_tmpdir",
 ]
 
 logger = logging.getLogger(__name__)
@@ -406,6 +407,12 @@ def agent_env(
     return env
 
 
+def run_tmpdir(run_id: str) -> Path:
+    """The private TMPDIR of a run. Derived from the run id (kept short: the CLI puts unix
+    sockets in it), so that crash recovery can remove it when the run's supervisor died."""
+    return Path(tempfile.gettempdir()) / f"ccrun-{run_id}"
+
+
 def _default_log_dir() -> Path:
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(state) / "claudecluster" / "runs"
@@ -513,7 +520,8 @@ class AgentRun:
             raise AgentError(f"agent working directory {spec.cwd} does not exist")
         claude = self._claude if self._claude is not None else await anyio.to_thread.run_sync(find_claude)
         become_subreaper()
-        tmpdir = self.tmpdir = Path(tempfile.mkdtemp(prefix="ccrun-"))
+        tmpdir = self.tmpdir = run_tmpdir(self.run_id)
+        tmpdir.mkdir(mode=0o700)
         env = agent_env(spec, tmpdir=tmpdir, run_tag=self.run_id)
         argv = build_argv(spec, claude.path, self.session_id)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

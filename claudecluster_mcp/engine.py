@@ -20,6 +20,7 @@ import math
 import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -41,6 +42,7 @@ from .agent import (
     OutcomeStatus,
     PermissionMode,
     find_claude,
+    run_tmpdir,
 )
 from .errors import ConfigError, NotFoundError, PlanValidationError, StateError
 from .events import (
@@ -985,6 +987,7 @@ def _kill_leftovers(task: Task) -> None:
                         tree.seen[child.pid] = child.create_time()
     tree.root = -1  # we are not its parent: nothing of ours to leave for ptyprocess
     tree.kill_all()
+    shutil.rmtree(run_tmpdir(task.run_id), ignore_errors=True)
 
 
 async def _conflict_markers(worktree: Path) -> list[str]:

@@ -19,7 +19,7 @@ import psutil
 import pytest
 from conftest import agent_home
 
-from claudecluster_mcp.agent import ClaudeBinary
+from claudecluster_mcp.agent import ClaudeBinary, run_tmpdir
 from claudecluster_mcp.engine import Cluster, EngineSettings
 from claudecluster_mcp.errors import (
     DirtyWorktreeError,
@@ -303,7 +303,8 @@ async def test_final_merge_refuses_a_dirty_checked_out_target(
 async def test_kill_9_mid_plan_then_reopen_finishes_every_task_exactly_once(
     claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path
 ) -> None:
-    slow = "python3 -c 'import time; time.sleep(4)' && echo {name} > {name}.txt"
+    # Long enough that B, C and E are surely mid-Bash when the engine is killed, even on a busy machine.
+    slow = "python3 -c 'import time; time.sleep(10)' && echo {name} > {name}.txt"
     server = model_server(
         {
             "rules": [
@@ -312,7 +313,7 @@ async def test_kill_9_mid_plan_then_reopen_finishes_every_task_exactly_once(
                 rule("C", bash(slow.format(name="c"))),
                 rule("D", write("d.txt", "d\n")),
                 # E makes progress (a file) before its long Bash call: it is resumed, not restarted.
-                rule("E", write("e.txt", "e\n"), bash("python3 -c 'import time; time.sleep(4)'")),
+                rule("E", write("e.txt", "e\n"), bash("python3 -c 'import time; time.sleep(10)'")),
             ]
         }
     )
@@ -350,7 +351,7 @@ async def test_kill_9_mid_plan_then_reopen_finishes_every_task_exactly_once(
                     and e_in_bash
                 ):
                     break
-        await anyio.sleep(1.0)
+        await anyio.sleep(0.3)
         killed_runs = {tid: row[1] for tid, row in snapshot().items() if row[0] == "running"}
     finally:
         os.kill(worker.pid, signal.SIGKILL)
@@ -386,5 +387,6 @@ async def test_kill_9_mid_plan_then_reopen_finishes_every_task_exactly_once(
         except psutil.Error:
             continue
     assert survivors == []
+    assert not any(run_tmpdir(run_id).exists() for run_id in killed_runs.values())
     for tid in ("b", "c"):
         assert (tmp_path / "state").exists() and git(repo, "show", f"{integration}:{tid}.txt") == f"{tid}\n"
