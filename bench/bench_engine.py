@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_engine.py [scheduling] [speedup] [plan1000]
 
 scheduling  seeded random 200-task DAG on 20 slots with scripted task durations, run by a
-            stand-in agent executable (bench/standin_claude.py): makespan divided by the
+            stand-in agent executable (bench/standin_claude.sh): makespan divided by the
             lower bound max(critical path, total work / slots). Target <= 1.05.
 speedup     10 independent 2-turn tasks, real `claude` against the scripted model with 5 s
             latency per turn: 10 slots vs 1 slot. Target >= 6x (brief: 3x). Also reports
@@ -73,7 +73,7 @@ async def scheduling(n: int = 200, slots: int = 20, seed: int = 7) -> dict[str, 
     critical = sum(durations[t] for t in TaskGraph(specs).critical_path(durations))
     total = sum(durations.values())
     bound = max(critical, total / slots)
-    standin = ClaudeBinary(path=ROOT / "bench" / "standin_claude.py", version="2.1.332")
+    standin = ClaudeBinary(path=ROOT / "bench" / "standin_claude.sh", version="2.1.332")
     with tempfile.TemporaryDirectory(prefix="cc-bench-") as tmp:
         repo = make_repo(Path(tmp) / "repo")
         settings = EngineSettings(workers=slots, state_dir=Path(tmp) / "state", inactivity_timeout=60)
@@ -197,7 +197,7 @@ async def speedup(latency: float = 5.0) -> dict[str, Any]:
 
 async def plan1000(n: int = 1000) -> dict[str, Any]:
     tasks, _ = random_dag(n, seed=11)
-    standin = ClaudeBinary(path=ROOT / "bench" / "standin_claude.py", version="2.1.332")
+    standin = ClaudeBinary(path=ROOT / "bench" / "standin_claude.sh", version="2.1.332")
     with tempfile.TemporaryDirectory(prefix="cc-bench-") as tmp:
         repo = make_repo(Path(tmp) / "repo")
         settings = EngineSettings(state_dir=Path(tmp) / "state")

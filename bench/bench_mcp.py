@@ -6,7 +6,7 @@ Starts `claudecluster serve --transport http` (one process, as a user would) wit
 1,000-task plan, then measures with the SDK's own clients: p50/p99 latency of `dispatch` and
 `status` over Streamable HTTP and over SSE, and of `status` with 50 clients polling at once.
 Targets: dispatch p99 <= 50 ms (brief: 500 ms), status p99 <= 20 ms (brief: 2 s).
-Agents are the stand-in executable here (bench/standin_claude.py, sleeping), so that the
+Agents are the stand-in executable here (bench/standin_claude.sh, sleeping), so that the
 figures measure the server, not model latency.
 """
 
@@ -96,7 +96,7 @@ async def run(n_tasks: int, calls: int, clients: int) -> dict[str, Any]:
         env = {
             **os.environ,
             "XDG_STATE_HOME": str(Path(tmp) / "state"),
-            "CLAUDECLUSTER_CLAUDE_BIN": str(ROOT / "bench" / "standin_claude.py"),
+            "CLAUDECLUSTER_CLAUDE_BIN": str(ROOT / "bench" / "standin_claude.sh"),
         }
         server = subprocess.Popen(  # noqa: ASYNC220 - a long-lived server process, stopped below
             [

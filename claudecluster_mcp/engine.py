@@ -454,6 +454,9 @@ class Cluster:
             delay = await self._schedule_once()
             with anyio.move_on_after(delay):
                 await self._wake.wait()
+            # State changes come in bursts (a merge moves a task, unblocks others, …): let the
+            # burst land so that one pass serves it, instead of one pass per change.
+            await anyio.sleep(0.005)
 
     async def _schedule_once(self) -> float:
         """One pass: promote, block, and start what fits. Returns the longest sensible sleep."""
