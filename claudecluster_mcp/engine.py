@@ -16,6 +16,7 @@ loses nothing (see :meth:`Cluster._recover`).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import math
 import os
 import re
@@ -254,17 +255,18 @@ class Cluster:
         if claude is None:
             claude = await anyio.to_thread.run_sync(find_claude)
         db_path = await git_common_dir(root) / "claudecluster" / "state.db"
-        async with Store.open(db_path) as store, anyio.create_task_group() as tg:
-            cluster = cls(root, store, settings, claude, tg)
-            await cluster._recover()
-            tg.start_soon(cluster._scheduler)
-            tg.start_soon(cluster._merger)
-            try:
-                yield cluster
-            finally:
-                cluster._closing = True
-                cluster._merge_send.close()
-                tg.cancel_scope.cancel()
+        with _EngineLease(db_path.parent / "engine.lock", root):
+            async with Store.open(db_path) as store, anyio.create_task_group() as tg:
+                cluster = cls(root, store, settings, claude, tg)
+                await cluster._recover()
+                tg.start_soon(cluster._scheduler)
+                tg.start_soon(cluster._merger)
+                try:
+                    yield cluster
+                finally:
+                    cluster._closing = True
+                    cluster._merge_send.close()
+                    tg.cancel_scope.cancel()
 
     def set_workers(self, count: int) -> None:
         """Resize the agent pool (1 to 64); takes effect at once for new starts."""
@@ -461,9 +463,16 @@ class Cluster:
     async def _schedule_once(self) -> float:
         """One pass: promote, block, and start what fits. Returns the longest sensible sleep."""
         clock = time.time()
-        next_wake = 5.0
+        next_wake = 2.0
         candidates: list[tuple[tuple[int, float, int], str, str]] = []
         for plan_id in list(self._active):
+            if (await self.store.plan(plan_id)).state is PlanState.CANCELLED:
+                # Cancelled from elsewhere (another process wrote the store): stop its agents.
+                self._active.discard(plan_id)
+                for ref, run in list(self._runs.items()):
+                    if ref.startswith(plan_id + "/"):
+                        run.cancel("plan cancelled")
+                continue
             rows = await self.store.task_rows(plan_id)
             state = {t.id: t.state for t in rows}
             policy = self._policies.get(plan_id)
@@ -972,6 +981,39 @@ class Cluster:
             head = await rev_parse(task.worktree, "HEAD")
             return bool(dirty.stdout.strip()) or head != task.base_commit
         return False
+
+
+class _EngineLease:
+    """An exclusive ``flock`` on the repository's engine lock file, held while a Cluster is
+    open: two engines on one repository would recover (kill) each other's agents and race
+    on its refs. The kernel releases it when the process dies, so a crash never leaves it."""
+
+    def __init__(self, path: Path, repo: Path) -> None:
+        self.path = path
+        self.repo = repo
+        self._fd: int | None = None
+
+    def __enter__(self) -> _EngineLease:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StateError(
+                f"another claudecluster engine (pid {holder}) is running plans in {self.repo}; "
+                "use that one (its MCP tools, or stop it) — read-only commands such as status work meanwhile"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
 
 
 def _kill_leftovers(task: Task) -> None:

@@ -390,3 +390,14 @@ async def test_kill_9_mid_plan_then_reopen_finishes_every_task_exactly_once(
     assert not any(run_tmpdir(run_id).exists() for run_id in killed_runs.values())
     for tid in ("b", "c"):
         assert (tmp_path / "state").exists() and git(repo, "show", f"{integration}:{tid}.txt") == f"{tid}\n"
+
+
+async def test_one_engine_per_repository(claude: ClaudeBinary, repo: Path, tmp_path: Path) -> None:
+    engine = EngineSettings(state_dir=tmp_path / "state")
+
+    async with Cluster.open(repo, settings=engine, claude=claude):
+        with pytest.raises(StateError, match=rf"another claudecluster engine \(pid {os.getpid()}\)"):
+            async with Cluster.open(repo, settings=engine, claude=claude):
+                pass
+    async with Cluster.open(repo, settings=engine, claude=claude):  # released on close
+        pass
