@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 from rich.console import Console
@@ -68,6 +69,92 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             serve_http(settings, args.transport)
     return EXIT_OK
+
+
+def _console() -> Console:
+    return Console(highlight=False, stderr=False)
+
+
+def _run_async(fn: Any, *args: Any, **kwargs: Any) -> int:
+    code: int = anyio.run(lambda: fn(*args, **kwargs))
+    return code
+
+
+def _engine_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "workers": getattr(args, "workers", None),
+        "model": getattr(args, "model", None),
+        "permission_mode": getattr(args, "permission_mode", None),
+        "allowed_tools": getattr(args, "allowed_tool", None),
+        "gate": args.gate.split() if getattr(args, "gate", None) else None,
+        "merge_policy": getattr(args, "merge_policy", None),
+        "max_budget_usd": getattr(args, "max_budget_usd", None),
+    }
+
+
+_current_plan: dict[str, str] = {}
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .commands import run_command
+
+    return _run_async(
+        run_command,
+        _console(),
+        args.goal,
+        tasks_file=args.tasks,
+        plan_id=args.plan,
+        repo=args.repo,
+        merge=args.merge,
+        as_json=args.json,
+        flags=_engine_flags(args),
+        on_plan=lambda plan_id: _current_plan.update(id=plan_id),
+    )
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .commands import status_command
+
+    return _run_async(status_command, _console(), args.plan, repo=args.repo, as_json=args.json)
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from .commands import logs_command
+
+    return _run_async(logs_command, _console(), args.task, repo=args.repo, tail=args.tail, follow=args.follow)
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from .commands import cancel_command
+
+    return _run_async(cancel_command, _console(), args.id, repo=args.repo)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .commands import merge_command
+
+    return _run_async(merge_command, _console(), args.plan, repo=args.repo, target=args.target, dry_run=args.dry_run)
+
+
+def _cmd_workers(args: argparse.Namespace) -> int:
+    from .commands import workers_command
+
+    return _run_async(workers_command, _console(), args.action, args.count, repo=args.repo)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .commands import export_command
+
+    return _run_async(export_command, _console(), args.format, args.plan, repo=args.repo, output=args.output)
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from .commands import init_command
+
+    interactive = sys.stdin.isatty() and not args.yes
+    return _run_async(
+        init_command, _console(), repo=args.repo, interactive=interactive, force=args.force, flags=_engine_flags(args)
+    )
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -129,6 +216,84 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allowed-origin", action="append", help="extra Origin to accept, e.g. https://app.example")
     serve.set_defaults(handler=_cmd_serve)
 
+    def engine_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--workers", type=int, help="agents at once (1-64)")
+        p.add_argument("--model", help="model or alias for agents")
+        p.add_argument(
+            "--permission-mode", choices=["acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "plan"]
+        )
+        p.add_argument("--allowed-tool", action="append", help='tool rule agents may use, e.g. "Bash(pytest *)"')
+        p.add_argument("--gate", help='command run on each merge candidate, e.g. "pytest -q"')
+        p.add_argument("--merge-policy", choices=["resolve", "report"])
+        p.add_argument("--max-budget-usd", type=float, help="cost limit per agent run")
+
+    def repo_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--repo", type=Path, help="the git repository (default: the current directory's)")
+
+    run = commands.add_parser(
+        "run",
+        help="plan a goal, run it with live progress, optionally merge",
+        description="Plan a goal (from --tasks FILE, or split by a read-only planning agent), run its tasks "
+        "as parallel Claude Code agents with live progress, and optionally merge. Exit 0 when every task "
+        "merged, 1 on task failures, 2 on usage or configuration errors. Ctrl-C stops the agents cleanly; "
+        "`claudecluster run --plan ID` resumes.",
+    )
+    run.add_argument("goal", nargs="?", help="what the work should achieve")
+    run.add_argument("--tasks", type=Path, help="YAML/JSON file holding `tasks:` (the MCP plan tool's shape)")
+    run.add_argument("--plan", help="continue this plan instead of planning a new one")
+    run.add_argument("--merge", action="store_true", help="merge into the target branch when every task merged")
+    run.add_argument("--json", action="store_true", help="no live display; print the final report as JSON")
+    repo_option(run)
+    engine_options(run)
+    run.set_defaults(handler=_cmd_run)
+
+    status = commands.add_parser("status", help="show a plan, or list the repository's plans")
+    status.add_argument("plan", nargs="?", help="plan id (default: list plans)")
+    status.add_argument("--json", action="store_true")
+    repo_option(status)
+    status.set_defaults(handler=_cmd_status)
+
+    logs = commands.add_parser("logs", help="show what a task's agent did")
+    logs.add_argument("task", help="<plan_id>:<task id>")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the task is final")
+    logs.add_argument("--tail", type=int, default=200, help="how many of the last events (default 200)")
+    repo_option(logs)
+    logs.set_defaults(handler=_cmd_logs)
+
+    cancel = commands.add_parser("cancel", help="cancel a plan or a task (<plan_id>:<task id>)")
+    cancel.add_argument("id")
+    repo_option(cancel)
+    cancel.set_defaults(handler=_cmd_cancel)
+
+    workers = commands.add_parser("workers", help="show the agent pool size, or set it in claudecluster.toml")
+    workers.add_argument("action", nargs="?", choices=["list", "set"], default="list")
+    workers.add_argument("count", nargs="?", type=int)
+    repo_option(workers)
+    workers.set_defaults(handler=_cmd_workers)
+
+    merge = commands.add_parser("merge", help="merge a finished plan into its target branch")
+    merge.add_argument("plan")
+    merge.add_argument("--target", help="branch to merge into (default: the plan's target)")
+    merge.add_argument("--dry-run", action="store_true", help="only report what would happen")
+    repo_option(merge)
+    merge.set_defaults(handler=_cmd_merge)
+
+    export = commands.add_parser("export", help="write a plan's report as json, md or html")
+    export.add_argument("format", choices=["json", "md", "html"])
+    export.add_argument("--plan", help="plan id (default: the latest plan)")
+    export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
+    repo_option(export)
+    export.set_defaults(handler=_cmd_export)
+
+    init = commands.add_parser(
+        "init", help="write claudecluster.toml, register the MCP server in .mcp.json, check claude"
+    )
+    init.add_argument("--yes", action="store_true", help="do not ask; use flags and defaults")
+    init.add_argument("--force", action="store_true", help="overwrite an existing claudecluster.toml")
+    repo_option(init)
+    engine_options(init)
+    init.set_defaults(handler=_cmd_init)
+
     check = commands.add_parser(
         "check",
         help="find the claude CLI and print its version",
@@ -153,7 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"claudecluster: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("claudecluster: interrupted", file=sys.stderr)
+        resume = f"; resume with: claudecluster run --plan {_current_plan['id']}" if _current_plan.get("id") else ""
+        print(f"claudecluster: interrupted — agents stopped, nothing left running{resume}", file=sys.stderr)
         return 130
     return code
 

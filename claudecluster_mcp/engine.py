@@ -80,6 +80,7 @@ from .workspace import (
     current_branch,
     git,
     git_common_dir,
+    identity_args,
     is_ancestor,
     remove_worktree,
     repo_root,
@@ -475,6 +476,8 @@ class Cluster:
                 continue
             rows = await self.store.task_rows(plan_id)
             state = {t.id: t.state for t in rows}
+            # A conflicted task lives on through its resolve task; when that one failed, it is dead.
+            resolution = {t.resolves: t.state for t in rows if t.resolves}
             policy = self._policies.get(plan_id)
             if policy is None:
                 policy = self._policies[plan_id] = (await self.store.plan(plan_id)).merge_policy
@@ -483,7 +486,7 @@ class Cluster:
             for row in rows:
                 current = row.state
                 if current is TaskState.PENDING:
-                    failed = [d for d in row.deps if _is_dead(state.get(d), policy)]
+                    failed = [d for d in row.deps if _is_dead(state.get(d), policy, resolution.get(d))]
                     if failed:
                         await self.store.move(
                             plan_id, row.id, TaskState.BLOCKED, reason=f"dependency {failed[0]} did not merge"
@@ -561,7 +564,8 @@ class Cluster:
             original = await self.store.task(plan.id, task.resolves)
             assert original.commit is not None
             # Leave the conflicted merge in the worktree for the agent to finish.
-            await git(worktree, "merge", "--no-commit", "--no-ff", original.commit, ok_codes=(0, 1))
+            identity = await identity_args(self.repo)
+            await git(worktree, *identity, "merge", "--no-commit", "--no-ff", original.commit, ok_codes=(0, 1))
         return worktree, tip, False
 
     def _prompt(self, plan: Plan, task: Task) -> str:
@@ -1053,11 +1057,15 @@ def _commit_message(plan: Plan, task: Task, outcome: AgentOutcome) -> str:
     return f"{title}\n\n{summary}\n\nclaudecluster plan {plan.id}, task {task.id}".replace("\n\n\n", "\n\n")
 
 
-def _is_dead(state: TaskState | None, policy: MergePolicy) -> bool:
+def _is_dead(state: TaskState | None, policy: MergePolicy, resolution: TaskState | None = None) -> bool:
+    """True when a dependency in ``state`` will never be merged (``resolution``: the state of
+    its resolve task, if it has one)."""
     if state is None:
         return False
     if state is TaskState.CONFLICTED:
-        return policy is MergePolicy.REPORT
+        if policy is MergePolicy.REPORT:
+            return True
+        return resolution is not None and resolution in FINAL_STATES and resolution is not TaskState.MERGED
     return state in FINAL_STATES and state is not TaskState.MERGED
 
 

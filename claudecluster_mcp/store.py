@@ -159,6 +159,7 @@ class TaskRow(NamedTuple):
     priority: Priority
     not_before: float | None
     seq: int
+    resolves: str | None = None
 
     @property
     def files(self) -> list[str]:
@@ -332,10 +333,11 @@ class Store:
     async def task_rows(self, plan_id: str) -> list[TaskRow]:
         """The scheduling view of a plan's tasks (cheap: no model validation)."""
         async with self._db.execute(
-            "SELECT id, state, deps, priority, not_before, seq FROM tasks WHERE plan_id = ? ORDER BY seq", [plan_id]
+            "SELECT id, state, deps, priority, not_before, seq, resolves FROM tasks WHERE plan_id = ? ORDER BY seq",
+            [plan_id],
         ) as cursor:
             return [
-                TaskRow(row[0], TaskState(row[1]), json.loads(row[2]), Priority(row[3]), row[4], row[5])
+                TaskRow(row[0], TaskState(row[1]), json.loads(row[2]), Priority(row[3]), row[4], row[5], row[6])
                 for row in await cursor.fetchall()
             ]
 

@@ -206,10 +206,17 @@ async def remove_worktree(repo: Path, path: Path) -> None:
         await git(repo, "worktree", "prune", check=False)
 
 
+_identities: dict[str, list[str]] = {}
+
+
 async def identity_args(repo: Path) -> list[str]:
-    """``-c user.name=… -c user.email=…`` when the repository has no committer identity."""
-    result = await git(repo, "config", "user.email", check=False)
-    return [] if result.stdout.strip() else _FALLBACK_IDENTITY
+    """``-c user.name=… -c user.email=…`` when the repository has no committer identity
+    (looked up once per repository)."""
+    key = str(repo)
+    if key not in _identities:
+        result = await git(repo, "config", "user.email", check=False)
+        _identities[key] = [] if result.stdout.strip() else _FALLBACK_IDENTITY
+    return _identities[key]
 
 
 async def commit_all(worktree: Path, message: str) -> bool:

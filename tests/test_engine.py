@@ -401,3 +401,38 @@ async def test_one_engine_per_repository(claude: ClaudeBinary, repo: Path, tmp_p
                 pass
     async with Cluster.open(repo, settings=engine, claude=claude):  # released on close
         pass
+
+
+async def test_a_failed_resolve_blocks_dependents_and_the_plan_finishes(
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No git identity anywhere (a fresh machine): the engine's own commits and merges still work.
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", "/dev/null")
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.setattr("claudecluster_mcp.workspace._identities", {})
+    server = model_server(
+        {
+            "rules": [
+                # The resolver gives up without touching the conflicted file: markers remain.
+                {"name": "resolve", "match": "[claudecluster:resolve]", "turns": [{"text": "I cannot resolve this."}]},
+                rule("left", write("shared.txt", "left\n")),
+                rule("right", write("shared.txt", "right\n")),
+                rule("after", write("after.txt", "after\n")),
+            ]
+        }
+    )
+
+    async with Cluster.open(repo, workers=2, settings=settings(tmp_path, server), claude=claude) as cluster:
+        plan = (await cluster.plan("clash", [task("left"), task("right"), task("after", ["left", "right"])])).plan
+        await cluster.dispatch(plan.id)
+        with anyio.fail_after(90):
+            status = await cluster.wait(plan.id)
+
+    states = {t.kind.value + ":" + t.state.value for t in status.tasks}
+    assert states == {"task:merged", "task:conflicted", "resolve:failed", "task:blocked"}, [
+        (t.id, t.state, t.reason) for t in status.tasks
+    ]
+    resolver = next(t for t in status.tasks if t.kind.value == "resolve")
+    assert "conflict markers remain in shared.txt" in resolver.reason
+    assert status.task("after").state is TaskState.BLOCKED
+    assert status.plan.state.value == "done"

@@ -1,0 +1,451 @@
+"""What the plan-level CLI commands do (``run``, ``status``, ``logs``, ``cancel``, ``workers``,
+``merge``, ``export``, ``init``); :mod:`claudecluster_mcp.cli` parses arguments into them.
+
+Commands that only read (status, logs, export) open the repository's store directly and work
+while another process (``run``, ``serve``) owns the engine. Commands that act open the engine,
+which takes the repository's lease.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import yaml
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .agent import find_claude
+from .config import CONFIG_FILE, ClusterConfig, load_config, render_config
+from .engine import STATUS_FOCUS, Cluster
+from .errors import ClusterError, ConfigError, NotFoundError, StateError
+from .models import FINAL_STATES, PlanState, PlanStatus, Task, TaskState
+from .report import diffstats, to_html, to_json, to_markdown
+from .store import Registry, Store
+from .workspace import git_common_dir, repo_root
+
+__all__ = [
+    "cancel_command",
+    "export_command",
+    "init_command",
+    "logs_command",
+    "merge_command",
+    "run_command",
+    "status_command",
+    "workers_command",
+]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+_STYLE = {
+    TaskState.MERGED: "green",
+    TaskState.SUCCEEDED: "cyan",
+    TaskState.RUNNING: "yellow",
+    TaskState.WAITING: "dark_orange",
+    TaskState.READY: "white",
+    TaskState.PENDING: "dim",
+    TaskState.CANCELLED: "dim",
+}
+
+
+def _load_tasks(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the tasks file {path}: {exc.strerror}") from exc
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"the tasks file {path} is not valid YAML/JSON: {exc}") from exc
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    if not isinstance(tasks, list):
+        raise ConfigError(f"the tasks file {path} must hold `tasks:`, a list of tasks (id, title, prompt, deps, …)")
+    return tasks
+
+
+async def _repo(path: Path | None) -> Path:
+    return await repo_root(path or Path.cwd())
+
+
+@asynccontextmanager
+async def _store(repo: Path) -> AsyncIterator[Store]:
+    db = await git_common_dir(repo) / "claudecluster" / "state.db"
+    if not db.exists():
+        raise NotFoundError(f"no claudecluster plans in {repo} yet (start one with `claudecluster run`)")
+    async with Store.open(db) as store:
+        yield store
+
+
+async def _plan_repo(plan_id: str | None, repo: Path | None, config: ClusterConfig) -> tuple[Path, str | None]:
+    """The repository holding ``plan_id`` (``--repo``, the current repository, or the registry)."""
+    if plan_id is None or repo is not None:
+        return await _repo(repo), plan_id
+    # The current repository first; any failure there (not a repo, no store, unknown id)
+    # just means: ask the registry.
+    with contextlib.suppress(ClusterError):
+        here = await _repo(None)
+        async with _store(here) as store:
+            await store.plan(plan_id)
+            return here, plan_id
+    registry = Registry(config.engine().state_dir / "registry.db")
+    return await anyio.to_thread.run_sync(registry.lookup, plan_id), plan_id
+
+
+def _split(task_ref: str) -> tuple[str, str]:
+    for separator in (":", "/"):
+        plan_id, found, local = task_ref.partition(separator)
+        if found and plan_id and local:
+            return plan_id, local
+    raise ConfigError(f"task {task_ref!r} must be given as <plan_id>:<task id>")
+
+
+# -- rendering --------------------------------------------------------------------------------
+
+
+def _elapsed(task: Task) -> str:
+    if task.started_at is None:
+        return ""
+    end = task.finished_at if task.state not in (TaskState.RUNNING, TaskState.WAITING) and task.finished_at else None
+    seconds = (end.timestamp() if end else time.time()) - task.started_at.timestamp()
+    return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
+
+
+def status_table(status: PlanStatus) -> Table:
+    """The live table: task, state, elapsed, turns, cost, last activity."""
+    table = Table(expand=False, title=f"plan {status.plan.id}: {status.plan.goal[:60]}", title_justify="left")
+    table.add_column("task", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("elapsed", justify="right")
+    table.add_column("turns", justify="right")
+    table.add_column("cost", justify="right")
+    table.add_column("last activity", overflow="ellipsis", no_wrap=True, max_width=60)
+    for task in status.tasks:
+        style = _STYLE.get(task.state, "red")
+        activity = (
+            task.reason if task.state in FINAL_STATES and task.state is not TaskState.MERGED else task.last_activity
+        )
+        table.add_row(
+            task.id + (" (resolve)" if task.kind.value == "resolve" else ""),
+            f"[{style}]{task.state.value}[/]",
+            _elapsed(task),
+            str(task.turns or ""),
+            f"${task.cost_usd:.4f}" if task.cost_usd else "",
+            activity,
+        )
+    if status.omitted:
+        table.caption = f"{status.omitted} more tasks pending or merged"
+    return table
+
+
+def _exit_code(status: PlanStatus) -> int:
+    return EXIT_OK if status.counts and set(status.counts) == {TaskState.MERGED.value} else EXIT_FAILED
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+async def run_command(
+    console: Console,
+    goal: str | None,
+    *,
+    tasks_file: Path | None,
+    plan_id: str | None,
+    repo: Path | None,
+    merge: bool,
+    as_json: bool,
+    flags: dict[str, Any],
+    on_plan: Any = None,
+) -> int:
+    """Plan (or continue ``plan_id``), dispatch, show live progress, optionally merge."""
+    root = await _repo(repo)
+    config = load_config(root, **flags)
+    claude = await anyio.to_thread.run_sync(find_claude, config.claude_bin)
+    tasks = _load_tasks(tasks_file) if tasks_file else None
+    async with Cluster.open(root, settings=config.engine(), claude=claude) as cluster:
+        if plan_id is None:
+            if not goal:
+                raise ConfigError("give a goal (and optionally --tasks FILE), or --plan ID to continue a plan")
+            if not as_json:
+                console.print("planning…" if tasks is None else f"planning {len(tasks)} tasks…")
+            status = await cluster.plan(goal, tasks)
+            plan_id = status.plan.id
+            for warning in status.plan.warnings:
+                console.print(f"[yellow]warning:[/] {warning}", highlight=False) if not as_json else None
+        if on_plan is not None:
+            on_plan(plan_id)
+        await cluster.dispatch(plan_id)
+        status = await _follow(console, cluster, plan_id, live=not as_json)
+        report = None
+        if merge and _exit_code(status) == EXIT_OK:
+            report = await cluster.merge(plan_id)
+        status = await cluster.status(plan_id)
+    if as_json:
+        sys.stdout.write(to_json(status) + "\n")
+    else:
+        console.print(status_table(status))
+        console.print(
+            f"{sum(status.counts.values())} tasks: "
+            + ", ".join(f"{n} {s}" for s, n in sorted(status.counts.items()))
+            + f"; ${status.total_cost_usd:.4f}, {status.total_tokens:,} tokens"
+        )
+        if report is not None:
+            console.print(f"merged into [bold]{report.target}[/] ({report.kind}); undo: {report.undo}")
+        elif _exit_code(status) == EXIT_OK:
+            console.print(f"all merged on {status.plan.integration_branch}; `claudecluster merge {plan_id}` to land it")
+    return _exit_code(status)
+
+
+async def _follow(console: Console, cluster: Cluster, plan_id: str, *, live: bool) -> PlanStatus:
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(), console=console
+    )
+    bar = progress.add_task("merged", total=1)
+    status = await cluster.status(plan_id, focus=STATUS_FOCUS)
+    with Live(console=console, refresh_per_second=4, transient=False) if live else _NoLive() as screen:
+        while True:
+            status = await cluster.status(plan_id, focus=STATUS_FOCUS)
+            total = sum(status.counts.values())
+            done = sum(n for s, n in status.counts.items() if TaskState(s) in FINAL_STATES)
+            progress.update(bar, total=total, completed=done, description=f"{done}/{total} final")
+            screen.update(Group(status_table(status), progress))
+            if status.finished:
+                return await cluster.wait(plan_id)
+            await cluster.changed(0.5)
+
+
+class _NoLive:
+    def __enter__(self) -> _NoLive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, renderable: object) -> None:
+        return None
+
+
+async def status_command(console: Console, plan_id: str | None, *, repo: Path | None, as_json: bool) -> int:
+    """Show one plan (or list the repository's plans)."""
+    config = load_config(await _repo(repo) if repo else None)
+    root, plan_id = await _plan_repo(plan_id, repo, config)
+    async with _store(root) as store:
+        if plan_id is None:
+            plans = await store.plans()
+            rows: list[dict[str, Any]] = []
+            for plan in plans:
+                counts, cost, tokens = await store.tally(plan.id)
+                rows.append(
+                    {
+                        "plan_id": plan.id,
+                        "goal": plan.goal,
+                        "state": plan.state.value,
+                        "counts": counts,
+                        "cost_usd": round(cost, 6),
+                        "tokens": tokens,
+                        "created_at": plan.created_at.isoformat(),
+                    }
+                )
+            if as_json:
+                sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+                return EXIT_OK
+            table = Table(title=f"plans in {root}", title_justify="left")
+            for column in ("plan", "state", "tasks", "cost", "goal"):
+                table.add_column(column)
+            for row in rows:
+                tally = ", ".join(f"{n} {s}" for s, n in sorted(row["counts"].items()))
+                table.add_row(row["plan_id"], row["state"], tally, f"${row['cost_usd']:.4f}", row["goal"][:50])
+            console.print(table)
+            return EXIT_OK
+        plan = await store.plan(plan_id)
+        counts, cost, tokens = await store.tally(plan_id)
+        status = PlanStatus(
+            plan=plan, tasks=await store.tasks(plan_id), counts=counts, total_cost_usd=cost, total_tokens=tokens
+        )
+    if as_json:
+        sys.stdout.write(to_json(status) + "\n")
+    else:
+        console.print(status_table(status))
+        console.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"; ${cost:.4f}, {tokens:,} tokens")
+    return EXIT_OK
+
+
+async def logs_command(console: Console, task_ref: str, *, repo: Path | None, tail: int, follow: bool) -> int:
+    """Print a task's recorded agent events; with ``follow``, keep printing until it is final."""
+    from .server import _event_line  # the same one-line rendering as the MCP `logs` tool
+
+    plan_id, local = _split(task_ref)
+    root, _ = await _plan_repo(plan_id, repo, load_config(None))
+    async with _store(root) as store:
+        task = await store.task(plan_id, local)
+        events = await store.events(plan_id, local, limit=tail)
+        last = 0
+        for event in events:
+            console.print(_event_line(event), markup=False, highlight=False)
+            last = event["seq"]
+        while follow and task.state not in FINAL_STATES:
+            await anyio.sleep(0.5)
+            for event in await store.events(plan_id, local, after=last):
+                console.print(_event_line(event), markup=False, highlight=False)
+                last = event["seq"]
+            task = await store.task(plan_id, local)
+    return EXIT_OK
+
+
+async def cancel_command(console: Console, target: str, *, repo: Path | None) -> int:
+    """Cancel a plan or a task: through the engine if none runs, else via the store (the
+    running engine notices and stops its agents)."""
+    plan_id, local = _split(target) if (":" in target or "/" in target) else (target, None)
+    config = load_config(None)
+    root, _ = await _plan_repo(plan_id, repo, config)
+    try:
+        claude = await anyio.to_thread.run_sync(find_claude, config.claude_bin)
+        async with Cluster.open(root, settings=load_config(root).engine(), claude=claude) as cluster:
+            status = await cluster.cancel(plan_id, local)
+        console.print(f"cancelled {target}: " + ", ".join(f"{n} {s}" for s, n in sorted(status.counts.items())))
+    except StateError as exc:
+        if "another claudecluster engine" not in str(exc):
+            raise
+        if local is not None:
+            raise StateError(f"{exc} (cancel the whole plan, or the task through that engine)") from None
+        async with _store(root) as store:
+            await store.update_plan(plan_id, state=PlanState.CANCELLED)
+        console.print(f"plan {plan_id} marked cancelled; the engine running it stops its agents within seconds")
+    return EXIT_OK
+
+
+async def merge_command(console: Console, plan_id: str, *, repo: Path | None, target: str | None, dry_run: bool) -> int:
+    """Merge a finished plan into its target branch."""
+    config = load_config(None)
+    root, _ = await _plan_repo(plan_id, repo, config)
+    claude = await anyio.to_thread.run_sync(find_claude, config.claude_bin)
+    async with Cluster.open(root, settings=load_config(root).engine(), claude=claude) as cluster:
+        report = await cluster.merge(plan_id, target, dry_run=dry_run)
+    if report.kind == "conflict":
+        console.print(f"[red]conflict[/] merging into {report.target}: {', '.join(report.conflicts)}; nothing changed")
+        return EXIT_FAILED
+    verb = "would be merged" if dry_run else "merged"
+    console.print(
+        f"plan {plan_id} {verb} into {report.target} ({report.kind})"
+        + (f"; undo: {report.undo}" if report.undo else "")
+    )
+    return EXIT_OK
+
+
+async def workers_command(console: Console, action: str, count: int | None, *, repo: Path | None) -> int:
+    """Show the pool size (config and agents running now), or set it in claudecluster.toml."""
+    root = await _repo(repo)
+    config = load_config(root)
+    if action == "set":
+        if count is None:
+            raise ConfigError("workers set needs a number, e.g. `claudecluster workers set 8`")
+        path = root / CONFIG_FILE
+        updated = load_config(root, workers=count)
+        text = path.read_text() if path.exists() else render_config(updated)
+        lines = [line for line in text.splitlines() if not line.strip().startswith(("workers =", "# workers ="))]
+        path.write_text("\n".join([*lines, f"workers = {updated.workers}"]) + "\n")
+        console.print(
+            f"workers = {updated.workers} in {path} "
+            "(a running engine keeps its size; the MCP `workers` tool resizes it live)"
+        )
+        return EXIT_OK
+    running = 0
+    try:
+        async with _store(root) as store:
+            for plan in await store.plans([PlanState.RUNNING]):
+                counts, _, _ = await store.tally(plan.id)
+                running += counts.get("running", 0) + counts.get("waiting", 0)
+    except NotFoundError:
+        pass
+    console.print(
+        f"workers: {config.workers} (from flags > env > {CONFIG_FILE} > default); agents running now: {running}"
+    )
+    return EXIT_OK
+
+
+async def export_command(
+    console: Console, fmt: str, plan_id: str | None, *, repo: Path | None, output: Path | None
+) -> int:
+    """Write a plan's report as JSON, Markdown or self-contained HTML."""
+    root, plan_id = await _plan_repo(plan_id, repo, load_config(None))
+    async with _store(root) as store:
+        if plan_id is None:
+            plans = await store.plans()
+            if not plans:
+                raise NotFoundError(f"no plans in {root}")
+            plan_id = plans[-1].id
+        plan = await store.plan(plan_id)
+        counts, cost, tokens = await store.tally(plan_id)
+        status = PlanStatus(
+            plan=plan, tasks=await store.tasks(plan_id), counts=counts, total_cost_usd=cost, total_tokens=tokens
+        )
+    stats = await diffstats(root, status.tasks)
+    text = {"json": to_json, "md": to_markdown, "html": to_html}[fmt](status, stats)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
+        console.print(f"wrote {output} ({fmt}, plan {plan_id})")
+    return EXIT_OK
+
+
+async def init_command(
+    console: Console, *, repo: Path | None, interactive: bool, force: bool, flags: dict[str, Any]
+) -> int:
+    """Write claudecluster.toml, register the server in .mcp.json, check `claude`."""
+    from rich.prompt import IntPrompt, Prompt
+
+    root = await _repo(repo)
+    path = root / CONFIG_FILE
+    if path.exists() and not force:
+        raise ConfigError(f"{path} exists; use --force to overwrite it")
+    if interactive:
+        flags["workers"] = flags.get("workers") or IntPrompt.ask("agents at once", default=4, console=console)
+        flags["model"] = (
+            flags.get("model") or Prompt.ask("model (empty: claude's default)", default="", console=console) or None
+        )
+        gate = Prompt.ask("gate command run before each merge (empty: none)", default="", console=console)
+        if gate and not flags.get("gate"):
+            flags["gate"] = gate.split()
+    config = load_config(None, **flags)  # validated before anything is written
+    path.write_text(render_config(config))
+    mcp_path = root / ".mcp.json"
+    try:
+        mcp = json.loads(mcp_path.read_text()) if mcp_path.exists() else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{mcp_path} is not valid JSON ({exc}); fix it or remove it, then run init again") from exc
+    command = str(Path(sys.argv[0]).resolve()) if Path(sys.argv[0]).name == "claudecluster" else "claudecluster"
+    mcp.setdefault("mcpServers", {})["claudecluster"] = {
+        "type": "stdio",
+        "command": command,
+        "args": ["serve"],
+        "env": {},
+    }
+    mcp_path.write_text(json.dumps(mcp, indent=2) + "\n")
+    console.print(
+        f"wrote {path}\nregistered the MCP server in {mcp_path} (Claude Code asks to approve it on first use)"
+    )
+    found = await anyio.to_thread.run_sync(find_claude, config.claude_bin)
+    console.print(f"claude {found.version} at {found.path}")
+    config_dir = Path(os.environ.get("CLAUDE_CONFIG_DIR") or Path.home() / ".claude")
+    if os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN"):
+        console.print("authentication: ANTHROPIC_API_KEY is set")
+    elif (
+        (config_dir / ".credentials.json").exists()
+        or os.environ.get("CLAUDE_CODE_USE_BEDROCK")
+        or os.environ.get("CLAUDE_CODE_USE_VERTEX")
+    ):
+        console.print("authentication: Claude Code login found")
+    else:
+        console.print(
+            "[yellow]authentication: none found.[/] Run `claude` once and log in (`/login`), or set "
+            "ANTHROPIC_API_KEY, before `claudecluster run` uses the real model."
+        )
+    return EXIT_OK

@@ -1,0 +1,131 @@
+"""Configuration: command-line flags > ``CLAUDECLUSTER_*`` environment > ``claudecluster.toml``
+(at the repository root) > defaults.
+
+::
+
+    # claudecluster.toml
+    workers = 4
+    model = "sonnet"
+    permission_mode = "acceptEdits"
+    allowed_tools = ["Bash(pytest *)", "Bash(git diff *)"]
+    gate = ["pytest", "-q"]
+    merge_policy = "resolve"
+    max_budget_usd = 5.0
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from .agent import PermissionMode
+from .engine import MAX_WORKERS, EngineSettings
+from .errors import ConfigError
+from .models import MergePolicy
+
+__all__ = ["CONFIG_FILE", "ClusterConfig", "load_config", "render_config"]
+
+CONFIG_FILE = "claudecluster.toml"
+
+
+class ClusterConfig(BaseSettings):
+    """Every setting a user can put in ``claudecluster.toml`` or ``CLAUDECLUSTER_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="CLAUDECLUSTER_", extra="forbid", validate_default=True)
+
+    workers: int = Field(default=4, ge=1, le=MAX_WORKERS, description="agents running at once")
+    model: str | None = Field(default=None, description="Claude model or alias for agents (default: claude's)")
+    permission_mode: PermissionMode = Field(default="acceptEdits", description="permission mode of agents")
+    allowed_tools: list[str] = Field(default_factory=list, description='extra tool rules, e.g. "Bash(pytest *)"')
+    disallowed_tools: list[str] = Field(default_factory=list, description="tool rules agents may not use")
+    max_turns: int | None = Field(default=None, ge=1, description="turn limit per agent run")
+    max_budget_usd: float | None = Field(default=None, gt=0, description="cost limit per agent run (USD)")
+    wall_timeout: float = Field(default=3600, gt=0, description="seconds an agent may run")
+    inactivity_timeout: float = Field(default=600, gt=0, description="seconds without agent output")
+    max_attempts: int = Field(default=3, ge=1, description="tries per task for transient failures")
+    gate: list[str] | None = Field(default=None, description="command run on each merge candidate (argv)")
+    merge_policy: MergePolicy = Field(default=MergePolicy.RESOLVE, description="resolve | report conflicts")
+    claude_bin: str | None = Field(default=None, description="path of the claude executable")
+
+    def engine(self, **overrides: Any) -> EngineSettings:
+        """The engine settings these stand for."""
+        values = self.model_dump(exclude={"claude_bin"})
+        return EngineSettings(**{**values, **overrides})
+
+
+def _sources(toml: Path | None) -> type[ClusterConfig]:
+    class _Config(ClusterConfig):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if toml is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+            return tuple(sources)
+
+    return _Config
+
+
+def load_config(repo: Path | None, **flags: Any) -> ClusterConfig:
+    """Settings for ``repo``: ``flags`` (None values ignored) > environment > the repo's
+    ``claudecluster.toml`` > defaults. Bad values raise :class:`ConfigError` naming the key
+    and where it came from."""
+    toml = repo / CONFIG_FILE if repo is not None and (repo / CONFIG_FILE).is_file() else None
+    if toml is not None:
+        try:
+            tomllib.loads(toml.read_text())
+        except (tomllib.TOMLDecodeError, OSError) as exc:
+            raise ConfigError(f"{toml} is not valid TOML: {exc}") from exc
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        config = _sources(toml)(**given)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "config"
+            origin = "flag" if key in given else f"CLAUDECLUSTER_{key.upper()} or {toml or CONFIG_FILE}"
+            problems.append(f"{key} ({origin}): {err['msg']}")
+        raise ConfigError("bad configuration: " + "; ".join(problems)) from exc
+    return ClusterConfig.model_validate(config.model_dump())
+
+
+def render_config(config: ClusterConfig) -> str:
+    """``claudecluster.toml`` text for ``config`` (defaults left as comments)."""
+    lines = ["# claudecluster configuration: flags > CLAUDECLUSTER_* environment > this file > defaults", ""]
+    defaults = ClusterConfig.model_construct()
+    for name, field in ClusterConfig.model_fields.items():
+        value = _plain(getattr(config, name))
+        text = _toml_value(value)
+        lines.append(f"# {field.description}")
+        prefix = "# " if value == _plain(getattr(defaults, name, None)) or value is None else ""
+        lines.append(f"{prefix}{name} = {text if value is not None else '...'}")
+    return "\n".join(lines) + "\n"
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, MergePolicy) else value
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
