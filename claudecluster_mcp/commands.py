@@ -209,7 +209,8 @@ async def _follow(console: Console, cluster: Cluster, plan_id: str, *, live: boo
     )
     bar = progress.add_task("merged", total=1)
     status = await cluster.status(plan_id, focus=STATUS_FOCUS)
-    with Live(console=console, refresh_per_second=4, transient=False) if live else _NoLive() as screen:
+    # Transient: the final table is printed once, after the merge, by the caller.
+    with Live(console=console, refresh_per_second=4, transient=True) if live else _NoLive() as screen:
         while True:
             status = await cluster.status(plan_id, focus=STATUS_FOCUS)
             total = sum(status.counts.values())
