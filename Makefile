@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PY_STAMP := $(VENV)/.stamp-install
 NODE_STAMP := node_modules/.stamp-npm-ci
 
-.PHONY: setup demo test lint typecheck bench clean
+.PHONY: setup demo test lint typecheck bench clean chromium
 
 setup: $(PY_STAMP) $(NODE_STAMP)
 
@@ -34,7 +34,15 @@ lint: $(PY_STAMP)
 typecheck: $(PY_STAMP)
 	$(PY) -m mypy
 
-test: setup lint typecheck
+# The HTML report test renders in Debian's headless Chromium; install it where we can.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      echo "installing Debian's chromium for the report test"; \
+	      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null; \
+	    else echo "note: no chromium and cannot apt-get it; the HTML screenshot test will be skipped"; fi; }
+
+test: setup lint typecheck chromium
 	$(PY) -m pytest
 
 bench: setup

@@ -1,0 +1,109 @@
+"""Reports of a real run: JSON and Markdown for content, HTML rendered by headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from claudecluster_mcp.agent import ClaudeBinary
+from claudecluster_mcp.engine import Cluster, EngineSettings
+from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
+from claudecluster_mcp.report import diffstats, to_html, to_json, to_markdown
+from conftest import agent_home
+
+pytestmark = [pytest.mark.anyio, pytest.mark.claude]
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def write(name: str) -> list[dict[str, Any]]:
+    return [
+        {"tools": [{"name": "Write", "input": {"file_path": "{cwd}/" + name, "content": "x\ny\n"}}]},
+        {"text": "ok"},
+    ]
+
+
+@pytest.fixture
+async def finished_plan(
+    claude: ClaudeBinary, repo: Path, tmp_path: Path, model_server: Callable[[dict[str, Any]], ScriptedModelServer]
+) -> Any:
+    model = model_server(
+        {
+            "rules": [
+                {"name": "a", "match": "[a]", "turns": write("a.txt")},
+                {"name": "b", "match": "[b]", "turns": write("b.txt")},
+                # c fails: the API keeps answering 500.
+                {"name": "c", "match": "[c]", "turns": [{"text": "x", "fault": {"type": "server_error", "times": None}}]},
+            ]
+        }
+    )
+    settings = EngineSettings(
+        state_dir=tmp_path / "state",
+        claude_config_dir=tmp_path / "claude-config",
+        agent_env={**scripted_env(model.url), "HOME": str(agent_home(tmp_path))},
+        max_attempts=1,
+    )
+    async with Cluster.open(repo, settings=settings, claude=claude) as cluster:
+        plan = (
+            await cluster.plan(
+                "report me",
+                [
+                    {"id": "a", "title": "Task A", "prompt": "[a] go"},
+                    {"id": "b", "prompt": "[b] go", "deps": ["a"]},
+                    {"id": "c", "prompt": "[c] go"},
+                    {"id": "d", "prompt": "[d] never", "deps": ["c"]},
+                ],
+            )
+        ).plan
+        await cluster.dispatch(plan.id)
+        with anyio.fail_after(90):
+            status = await cluster.wait(plan.id)
+    return status, await diffstats(repo, status.tasks)
+
+
+async def test_json_and_markdown_reports_hold_the_run(finished_plan: Any) -> None:
+    status, stats = finished_plan
+
+    data = json.loads(to_json(status, stats))
+    markdown = to_markdown(status, stats)
+
+    tasks = {t["id"]: t for t in data["tasks"]}
+    assert {k: t["state"] for k, t in tasks.items()} == {"a": "merged", "b": "merged", "c": "failed", "d": "blocked"}
+    assert tasks["a"]["diffstat"] == {"files": 1, "added": 2, "removed": 0}
+    assert tasks["a"]["turns"] == 2 and tasks["a"]["cost_usd"] > 0
+    assert data["counts"] == {"merged": 2, "failed": 1, "blocked": 1}
+    assert f"# Plan {status.plan.id}: report me" in markdown
+    assert "| a | merged | 1 | 2 |" in markdown and "1 files +2 -0" in markdown
+    assert "- **c** (failed): API Error: 500" in markdown
+    assert "- **d** (blocked): dependency c did not merge" in markdown
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (`make test` installs it where apt-get works)")
+async def test_html_report_renders_in_headless_chromium(finished_plan: Any, tmp_path: Path) -> None:
+    status, stats = finished_plan
+    page = tmp_path / "report.html"
+    page.write_text(to_html(status, stats))
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1100,1400",
+    ]  # fmt: skip
+    assert CHROMIUM is not None
+
+    shot = await anyio.run_process([CHROMIUM, *flags, f"--screenshot={tmp_path / 'report.png'}", page.as_uri()])
+    dom = (await anyio.run_process([CHROMIUM, *flags, "--dump-dom", page.as_uri()])).stdout.decode()
+
+    png = (tmp_path / "report.png").read_bytes()
+    assert shot.returncode == 0 and png.startswith(b"\x89PNG") and len(png) > 10_000
+    # The rendered page has the timeline, the graph, the task table, and the failure reasons.
+    assert dom.count('class="bar"') == 3  # a, b, c ran (d never started)
+    assert dom.count('class="node"') == 4 and dom.count('class="edge"') == 2
+    assert dom.count('<tr data-task="') == 4
+    assert "API Error: 500" in dom and "dependency c did not merge" in dom
+    assert "<script" not in dom and "http://" not in dom.split("<body", 1)[1].split("svg", 1)[0]
