@@ -37,6 +37,7 @@ from .workspace import git_common_dir, repo_root
 __all__ = [
     "cancel_command",
     "export_command",
+    "follow",
     "init_command",
     "logs_command",
     "merge_command",
@@ -182,7 +183,7 @@ async def run_command(
         if on_plan is not None:
             on_plan(plan_id)
         await cluster.dispatch(plan_id)
-        status = await _follow(console, cluster, plan_id, live=not as_json)
+        status = await follow(console, cluster, plan_id, live=not as_json)
         report = None
         if merge and _exit_code(status) == EXIT_OK:
             report = await cluster.merge(plan_id)
@@ -203,7 +204,8 @@ async def run_command(
     return _exit_code(status)
 
 
-async def _follow(console: Console, cluster: Cluster, plan_id: str, *, live: bool) -> PlanStatus:
+async def follow(console: Console, cluster: Cluster, plan_id: str, *, live: bool) -> PlanStatus:
+    """Show the live table and overall bar until every task of the plan is final."""
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(), console=console
     )

@@ -22,10 +22,12 @@ from rich.console import Console
 from rich.table import Table
 
 from .agent import ClaudeBinary, find_claude
+from .commands import follow
 from .engine import Cluster, EngineSettings
 from .errors import ConfigError
 from .model_server import ScriptedModelServer, scripted_env
 from .models import PlanStatus, TaskState
+from .report import diffstats, to_html
 from .scenario import load_scenario
 
 __all__ = ["find_examples", "run_demo"]
@@ -112,30 +114,21 @@ async def run_demo(console: Console, *, workdir: Path | None = None, workers: in
             for warning in status.plan.warnings:
                 console.print(f"[dim]plan warning: {warning}[/]")
             await cluster.dispatch(plan_id)
-            seen: dict[str, TaskState] = {}
             with anyio.fail_after(240):
-                while True:
-                    status = await cluster.status(plan_id)
-                    for task in status.tasks:
-                        if seen.get(task.id) != task.state:
-                            seen[task.id] = task.state
-                            colour = _COLOURS.get(task.state, "red")
-                            note = f" — {task.reason}" if task.reason and task.state is not TaskState.MERGED else ""
-                            console.print(
-                                f"  {time.monotonic() - started:5.1f}s  {task.id:<14} [{colour}]{task.state}[/]{note}"
-                            )
-                    if status.finished:
-                        break
-                    await cluster.changed(1.0)
+                await follow(console, cluster, plan_id, live=True)
             status = await cluster.wait(plan_id)
             merged = all(t.state is TaskState.MERGED for t in status.tasks)
             report = await cluster.merge(plan_id) if merged else None
+            status = await cluster.status(plan_id)
     wall = time.monotonic() - started
+    report_path = base / "report.html"
+    report_path.write_text(to_html(status, await diffstats(repo, status.tasks)))
 
     console.print()
     console.print(_table(status, wall))
     if report is None:
         console.print("[bold red]not every task merged; nothing was merged into main[/]")
+        console.print(f"HTML report: {report_path}")
         return 1
     console.print(f"\nmerged into [bold]{report.target}[/] ({report.kind}); undo with: {report.undo}\n")
     console.print(_git(repo, "log", "--graph", "--oneline", "--decorate=no", "main").rstrip(), markup=False)
@@ -149,4 +142,5 @@ async def run_demo(console: Console, *, workdir: Path | None = None, workers: in
         f"\n[bold green]{len(status.tasks)}/{len(status.tasks)} tasks merged[/] — "
         f"repository {repo}, agent transcripts in {base / 'state' / 'logs'}"
     )
+    console.print(f"HTML report: {report_path}")
     return 0

@@ -133,12 +133,16 @@ def test_demo_runs_a_dag_through_the_merge_queue(tmp_path: Path) -> None:
     done = claudecluster("demo", "--workdir", str(tmp_path / "demo"), timeout=240)
 
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "5/5 tasks merged" in done.stdout
+    assert "7/7 tasks merged" in done.stdout  # 6 planned + 1 resolve task
+    report = (tmp_path / "demo" / "report.html").read_text()
+    assert report.count('<tr data-task="') == 7 and 'id="timeline"' in report
     repo = tmp_path / "demo" / "repo"
     # The planned conflict was resolved by a resolve task, and main holds everyone's work.
     assert "resolve" in done.stdout
     assert "calc.ops" in (repo / "CHANGELOG.md").read_text() and "parse_number" in (repo / "CHANGELOG.md").read_text()
     assert "## Usage" in (repo / "README.md").read_text()
+    assert "python3 -m calc 2 + 3" in (repo / "README.md").read_text()
+    assert (repo / "tests" / "test_ops.py").exists()
     assert (
         subprocess.run(["python3", "-m", "calc", "4", "*", "5"], cwd=repo, capture_output=True, text=True).stdout
         == "20\n"
