@@ -10,12 +10,12 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import agent_home
 
 from claudecluster_mcp.agent import ClaudeBinary
 from claudecluster_mcp.engine import Cluster, EngineSettings
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
 from claudecluster_mcp.report import diffstats, to_html, to_json, to_markdown
-from conftest import agent_home
 
 pytestmark = [pytest.mark.anyio, pytest.mark.claude]
 
@@ -39,7 +39,11 @@ async def finished_plan(
                 {"name": "a", "match": "[a]", "turns": write("a.txt")},
                 {"name": "b", "match": "[b]", "turns": write("b.txt")},
                 # c fails: the API keeps answering 500.
-                {"name": "c", "match": "[c]", "turns": [{"text": "x", "fault": {"type": "server_error", "times": None}}]},
+                {
+                    "name": "c",
+                    "match": "[c]",
+                    "turns": [{"text": "x", "fault": {"type": "server_error", "times": None}}],
+                },
             ]
         }
     )

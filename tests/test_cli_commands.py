@@ -1,0 +1,134 @@
+"""The plan-level CLI commands as a user runs them, after a real run: status, logs, export,
+merge, cancel, workers, init — plus configuration precedence and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import agent_home, make_repo
+
+from claudecluster_mcp.agent import find_claude
+from claudecluster_mcp.config import load_config
+from claudecluster_mcp.errors import ConfigError
+from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
+
+
+def cli(*args: str, cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "claudecluster_mcp.cli", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDECLUSTER_")}
+    return {**clean, "HOME": str(agent_home(tmp_path)), "CLAUDECLUSTER_CLAUDE_BIN": str(find_claude().path)}
+
+
+@pytest.mark.claude
+def test_run_json_then_status_logs_export_and_merge(
+    tmp_path: Path, env: dict[str, str], model_server: Callable[[dict[str, Any]], ScriptedModelServer]
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    model = model_server(
+        {"rules": [{"name": "w", "match": "[w]", "turns": [
+            {"tools": [{"name": "Write", "input": {"file_path": "{cwd}/w.txt", "content": "w\n"}}]},
+            {"text": "wrote w.txt"}]}]}
+    )  # fmt: skip
+    env = {**env, **scripted_env(model.url)}
+    (tmp_path / "tasks.yaml").write_text(yaml.safe_dump({"tasks": [{"id": "w", "title": "W", "prompt": "[w] go"}]}))
+
+    ran = cli("run", "write w", "--tasks", str(tmp_path / "tasks.yaml"), "--json", cwd=repo, env=env)
+    assert ran.returncode == 0, ran.stderr
+    report = json.loads(ran.stdout)
+    plan_id = report["plan"]["id"]
+    assert [t["state"] for t in report["tasks"]] == ["merged"]
+
+    listed = cli("status", "--json", cwd=repo, env=env)
+    assert [p["plan_id"] for p in json.loads(listed.stdout)] == [plan_id]
+    one = cli("status", plan_id, cwd=repo, env=env)
+    assert "merged" in one.stdout and "w" in one.stdout
+    logs = cli("logs", f"{plan_id}:w", cwd=repo, env=env)
+    assert "tool_use" in logs.stdout and "Write" in logs.stdout
+    markdown = cli("export", "md", cwd=repo, env=env)
+    assert f"# Plan {plan_id}: write w" in markdown.stdout and "| w | merged |" in markdown.stdout
+    html = cli("export", "html", "--plan", plan_id, "-o", str(tmp_path / "r.html"), cwd=repo, env=env)
+    assert html.returncode == 0 and "<svg" in (tmp_path / "r.html").read_text()
+    dry = cli("merge", plan_id, "--dry-run", cwd=repo, env=env)
+    assert "would be merged into main (fast-forward)" in dry.stdout and not (repo / "w.txt").exists()
+    merged = cli("merge", plan_id, cwd=repo, env=env)
+    assert merged.returncode == 0 and (repo / "w.txt").read_text() == "w\n"
+    # From another directory, the plan id alone is enough (the registry knows the repository).
+    elsewhere = cli("status", plan_id, cwd=tmp_path, env=env)
+    assert elsewhere.returncode == 0 and "merged" in elsewhere.stdout
+
+
+def test_unknown_ids_and_bad_input_are_one_line_errors(tmp_path: Path, env: dict[str, str]) -> None:
+    repo = make_repo(tmp_path / "repo")
+    (tmp_path / "bad.yaml").write_text("tasks: {not: a list}\n")
+
+    for args, message in [
+        (["status", "pnope0000"], "unknown plan id 'pnope0000'"),
+        (["logs", "no-colon"], "must be given as <plan_id>:<task id>"),
+        (["run", "g", "--tasks", str(tmp_path / "bad.yaml")], "must hold `tasks:`"),
+        (["run", "g", "--tasks", str(tmp_path / "missing.yaml")], "cannot read the tasks file"),
+        (["run", "g", "--workers", "0"], "workers (flag): Input should be greater than or equal to 1"),
+        (["status", "--repo", str(tmp_path)], "is not a git repository"),
+    ]:
+        done = cli(*args, cwd=repo, env=env)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert message in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr
+
+
+def test_init_writes_config_and_registers_the_server(tmp_path: Path, env: dict[str, str]) -> None:
+    repo = make_repo(tmp_path / "repo")
+    (repo / ".mcp.json").write_text(json.dumps({"mcpServers": {"other": {"command": "x"}}}))
+
+    done = cli("init", "--yes", "--workers", "3", "--gate", "pytest -q", "--model", "sonnet", cwd=repo, env=env)
+
+    assert done.returncode == 0, done.stderr
+    config = load_config(repo)
+    assert (config.workers, config.gate, config.model) == (3, ["pytest", "-q"], "sonnet")
+    servers = json.loads((repo / ".mcp.json").read_text())["mcpServers"]
+    assert set(servers) == {"other", "claudecluster"} and servers["claudecluster"]["args"] == ["serve"]
+    assert "claude 2.1.332" in done.stdout
+    again = cli("init", "--yes", cwd=repo, env=env)
+    assert again.returncode == 2 and "exists; use --force" in again.stderr
+    workers = cli("workers", "set", "7", cwd=repo, env=env)
+    assert workers.returncode == 0 and load_config(repo).workers == 7
+    shown = cli("workers", cwd=repo, env=env)
+    assert "workers: 7" in shown.stdout
+
+
+def test_config_precedence_flags_env_file_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("CLAUDECLUSTER_"):
+            monkeypatch.delenv(key)
+    assert load_config(tmp_path).workers == 4
+    (tmp_path / "claudecluster.toml").write_text('workers = 6\nmerge_policy = "report"\n')
+    assert load_config(tmp_path).workers == 6
+    monkeypatch.setenv("CLAUDECLUSTER_WORKERS", "8")
+    assert load_config(tmp_path).workers == 8
+    assert load_config(tmp_path, workers=2).workers == 2
+    assert load_config(tmp_path).merge_policy.value == "report"
+
+    (tmp_path / "claudecluster.toml").write_text("wokers = 3\n")
+    with pytest.raises(ConfigError, match="wokers .*Extra inputs are not permitted"):
+        load_config(tmp_path)
+    (tmp_path / "claudecluster.toml").write_text("workers = [\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(tmp_path)
+    monkeypatch.setenv("CLAUDECLUSTER_WORKERS", "lots")
+    (tmp_path / "claudecluster.toml").unlink()
+    with pytest.raises(ConfigError, match="workers .*CLAUDECLUSTER_WORKERS"):
+        load_config(tmp_path)
