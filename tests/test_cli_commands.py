@@ -123,12 +123,12 @@ def test_config_precedence_flags_env_file_defaults(tmp_path: Path, monkeypatch: 
     assert load_config(tmp_path).merge_policy.value == "report"
 
     (tmp_path / "claudecluster.toml").write_text("wokers = 3\n")
-    with pytest.raises(ConfigError, match="wokers .*Extra inputs are not permitted"):
+    with pytest.raises(ConfigError, match=r"wokers .*Extra inputs are not permitted"):
         load_config(tmp_path)
     (tmp_path / "claudecluster.toml").write_text("workers = [\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(tmp_path)
     monkeypatch.setenv("CLAUDECLUSTER_WORKERS", "lots")
     (tmp_path / "claudecluster.toml").unlink()
-    with pytest.raises(ConfigError, match="workers .*CLAUDECLUSTER_WORKERS"):
+    with pytest.raises(ConfigError, match=r"workers .*CLAUDECLUSTER_WORKERS"):
         load_config(tmp_path)
