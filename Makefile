@@ -46,8 +46,7 @@ test: setup lint typecheck chromium
 	$(PY) -m pytest
 
 bench: setup
-	$(PY) bench/bench_runner.py
-	$(PY) bench/bench_engine.py
+	$(VENV)/bin/claudecluster bench
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
