@@ -29,8 +29,8 @@ from .agent import find_claude
 from .config import CONFIG_FILE, ClusterConfig, load_config, render_config
 from .engine import STATUS_FOCUS, Cluster
 from .errors import ClusterError, ConfigError, NotFoundError, StateError
-from .models import FINAL_STATES, PlanState, PlanStatus, Task, TaskState
-from .report import diffstats, to_html, to_json, to_markdown
+from .models import FINAL_STATES, PlanState, PlanStatus, Task, TaskState, split_task_ref
+from .report import diffstats, event_line, to_html, to_json, to_markdown
 from .store import Registry, Store
 from .workspace import git_common_dir, repo_root
 
@@ -98,14 +98,6 @@ async def _plan_repo(plan_id: str | None, repo: Path | None, config: ClusterConf
             return here, plan_id
     registry = Registry(config.engine().state_dir / "registry.db")
     return await anyio.to_thread.run_sync(registry.lookup, plan_id), plan_id
-
-
-def _split(task_ref: str) -> tuple[str, str]:
-    for separator in (":", "/"):
-        plan_id, found, local = task_ref.partition(separator)
-        if found and plan_id and local:
-            return plan_id, local
-    raise ConfigError(f"task {task_ref!r} must be given as <plan_id>:<task id>")
 
 
 # -- rendering --------------------------------------------------------------------------------
@@ -282,21 +274,19 @@ async def status_command(console: Console, plan_id: str | None, *, repo: Path | 
 
 async def logs_command(console: Console, task_ref: str, *, repo: Path | None, tail: int, follow: bool) -> int:
     """Print a task's recorded agent events; with ``follow``, keep printing until it is final."""
-    from .server import _event_line  # the same one-line rendering as the MCP `logs` tool
-
-    plan_id, local = _split(task_ref)
+    plan_id, local = split_task_ref(task_ref)
     root, _ = await _plan_repo(plan_id, repo, load_config(None))
     async with _store(root) as store:
         task = await store.task(plan_id, local)
         events = await store.events(plan_id, local, limit=tail)
         last = 0
         for event in events:
-            console.print(_event_line(event), markup=False, highlight=False)
+            console.print(event_line(event), markup=False, highlight=False)
             last = event["seq"]
         while follow and task.state not in FINAL_STATES:
             await anyio.sleep(0.5)
             for event in await store.events(plan_id, local, after=last):
-                console.print(_event_line(event), markup=False, highlight=False)
+                console.print(event_line(event), markup=False, highlight=False)
                 last = event["seq"]
             task = await store.task(plan_id, local)
     return EXIT_OK
@@ -305,7 +295,7 @@ async def logs_command(console: Console, task_ref: str, *, repo: Path | None, ta
 async def cancel_command(console: Console, target: str, *, repo: Path | None) -> int:
     """Cancel a plan or a task: through the engine if none runs, else via the store (the
     running engine notices and stops its agents)."""
-    plan_id, local = _split(target) if (":" in target or "/" in target) else (target, None)
+    plan_id, local = split_task_ref(target) if (":" in target or "/" in target) else (target, None)
     config = load_config(None)
     root, _ = await _plan_repo(plan_id, repo, config)
     try:

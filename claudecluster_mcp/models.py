@@ -19,6 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .errors import ConfigError
+
 __all__ = [
     "ACTIVE_STATES",
     "FINAL_STATES",
@@ -34,6 +36,7 @@ __all__ = [
     "TaskKind",
     "TaskSpec",
     "TaskState",
+    "split_task_ref",
 ]
 
 TASK_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
@@ -200,6 +203,15 @@ class Task(TaskSpec):
     def ref(self) -> str:
         """The task's global id: ``<plan id>/<task id>``."""
         return f"{self.plan_id}/{self.id}"
+
+
+def split_task_ref(ref: str) -> tuple[str, str]:
+    """``<plan id>:<task id>`` (or ``<plan id>/<task id>``) → (plan id, task id)."""
+    for separator in (":", "/"):
+        plan_id, found, local = ref.partition(separator)
+        if found and plan_id and local:
+            return plan_id, local
+    raise ConfigError(f"task id {ref!r} must be <plan_id>:<task id>, e.g. p1a2b3c4d:api")
 
 
 class Plan(BaseModel):

@@ -15,7 +15,7 @@ from .graph import TaskGraph
 from .models import PlanStatus, Task, TaskState
 from .workspace import git
 
-__all__ = ["Diffstat", "diffstats", "to_html", "to_json", "to_markdown"]
+__all__ = ["Diffstat", "diffstats", "event_line", "to_html", "to_json", "to_markdown"]
 
 _COLOURS = {
     TaskState.MERGED: "#2e9d57",
@@ -58,6 +58,31 @@ async def diffstats(repo: Path, tasks: list[Task]) -> dict[str, Diffstat]:
                 removed += int(parts[1]) if parts[1].isdigit() else 0
         stats[task.id] = Diffstat(files, added, removed)
     return stats
+
+
+def event_line(event: dict[str, Any]) -> str:
+    """One line for an agent event from the store (for logs)."""
+    data = event["data"]
+    at = event["at"][11:19]
+    kind = event["kind"]
+    if kind == "text":
+        detail = data.get("text", "")
+    elif kind == "tool_use":
+        detail = f"{data.get('name')} {_short(data.get('input'))}"
+    elif kind == "tool_result":
+        detail = ("error: " if data.get("is_error") else "") + str(data.get("content", ""))
+    elif kind == "state":
+        detail = data.get("state", "") + (f" ({data['reason']})" if data.get("reason") else "")
+    elif kind == "result":
+        detail = f"{data.get('subtype')} turns={data.get('num_turns')} cost=${data.get('total_cost_usd', 0):.4f}"
+    else:
+        detail = _short(data)
+    return f"{at} {kind:<12} {' '.join(str(detail).split())[:400]}"
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 200 else text[:200] + "…"
 
 
 def _task_dict(task: Task, stat: Diffstat | None) -> dict[str, Any]:

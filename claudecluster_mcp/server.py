@@ -43,7 +43,8 @@ from . import __version__
 from .agent import ClaudeBinary
 from .engine import STATUS_FOCUS, Cluster, EngineSettings, FinalMerge
 from .errors import ClusterError, ConfigError, NotFoundError, RepositoryError
-from .models import ACTIVE_STATES, FINAL_STATES, MergePolicy, PlanStatus, Task, TaskSpec, TaskState
+from .models import ACTIVE_STATES, FINAL_STATES, MergePolicy, PlanStatus, Task, TaskSpec, TaskState, split_task_ref
+from .report import event_line
 from .store import Registry
 from .workspace import repo_root
 
@@ -262,39 +263,6 @@ def _status_view(status: PlanStatus, cluster: Cluster) -> StatusView:
         tasks_omitted=status.omitted,
         final_merge=status.plan.final_merge,
     )
-
-
-def _event_line(event: dict[str, Any]) -> str:
-    data = event["data"]
-    at = event["at"][11:19]
-    kind = event["kind"]
-    if kind == "text":
-        detail = data.get("text", "")
-    elif kind == "tool_use":
-        detail = f"{data.get('name')} {_short(data.get('input'))}"
-    elif kind == "tool_result":
-        detail = ("error: " if data.get("is_error") else "") + str(data.get("content", ""))
-    elif kind == "state":
-        detail = data.get("state", "") + (f" ({data['reason']})" if data.get("reason") else "")
-    elif kind == "result":
-        detail = f"{data.get('subtype')} turns={data.get('num_turns')} cost=${data.get('total_cost_usd', 0):.4f}"
-    else:
-        detail = _short(data)
-    return f"{at} {kind:<12} {' '.join(str(detail).split())[:400]}"
-
-
-def _short(value: Any) -> str:
-    text = str(value)
-    return text if len(text) <= 200 else text[:200] + "…"
-
-
-def split_task_id(task_id: str) -> tuple[str, str]:
-    """``<plan>:<task>`` (or ``<plan>/<task>``) → (plan id, task id)."""
-    for separator in (":", "/"):
-        plan_id, found, local = task_id.partition(separator)
-        if found and plan_id and local:
-            return plan_id, local
-    raise ConfigError(f"task id {task_id!r} must be <plan_id>:<task id>, e.g. p1a2b3c4d:api")
 
 
 # -- the hub ---------------------------------------------------------------------------------
@@ -620,7 +588,7 @@ def build_server(
             return StatusView(plans=summaries)
         local: str | None = None
         if task_id is not None:
-            plan_id, local = split_task_id(task_id)
+            plan_id, local = split_task_ref(task_id)
         assert plan_id is not None
         cluster = await hub().cluster_of_plan(plan_id)
         if local is not None:
@@ -685,7 +653,7 @@ def build_server(
             raise ConfigError("give exactly one of plan_id or task_id")
         local = None
         if task_id is not None:
-            plan_id, local = split_task_id(task_id)
+            plan_id, local = split_task_ref(task_id)
         assert plan_id is not None
         cluster = await hub().cluster_of_plan(plan_id)
         return _status_view(await cluster.cancel(plan_id, local), cluster)
@@ -697,7 +665,7 @@ def build_server(
         tail: Annotated[int, Field(ge=1, le=5000, description="How many of the last events to return.")] = 100,
     ) -> LogsView:
         """A task's agent events (text, tool calls and results, state changes), oldest first."""
-        plan_id, local = split_task_id(task_id)
+        plan_id, local = split_task_ref(task_id)
         cluster = await hub().cluster_of_plan(plan_id)
         task = await cluster.store.task(plan_id, local)
         events = await cluster.store.events(plan_id, local, limit=tail)
@@ -705,7 +673,7 @@ def build_server(
         return LogsView(
             task_id=f"{plan_id}:{local}",
             state=task.state,
-            lines=[_event_line(e) for e in events],
+            lines=[event_line(e) for e in events],
             transcript=str(transcript) if transcript.exists() else None,
         )
 
@@ -738,10 +706,10 @@ def build_server(
     @mcp.resource("claudecluster://tasks/{task_id}/log", mime_type="text/plain", title="A task's agent log")
     async def task_log_resource(task_id: str) -> str:
         try:
-            plan_id, local = split_task_id(task_id)
+            plan_id, local = split_task_ref(task_id)
             cluster = await hub().cluster_of_plan(plan_id)
             await cluster.store.task(plan_id, local)
-            return "\n".join(_event_line(e) for e in await cluster.store.events(plan_id, local)) + "\n"
+            return "\n".join(event_line(e) for e in await cluster.store.events(plan_id, local)) + "\n"
         except ClusterError as exc:
             raise ResourceNotFoundError(str(exc)) from exc
 

@@ -78,7 +78,7 @@ def test_unknown_ids_and_bad_input_are_one_line_errors(tmp_path: Path, env: dict
 
     for args, message in [
         (["status", "pnope0000"], "unknown plan id 'pnope0000'"),
-        (["logs", "no-colon"], "must be given as <plan_id>:<task id>"),
+        (["logs", "no-colon"], "must be <plan_id>:<task id>"),
         (["run", "g", "--tasks", str(tmp_path / "bad.yaml")], "must hold `tasks:`"),
         (["run", "g", "--tasks", str(tmp_path / "missing.yaml")], "cannot read the tasks file"),
         (["run", "g", "--workers", "0"], "workers (flag): Input should be greater than or equal to 1"),
