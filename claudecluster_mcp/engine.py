@@ -452,20 +452,24 @@ class Cluster:
     # -- the scheduler ------------------------------------------------------------------------
 
     async def _scheduler(self) -> None:
+        # A full pass reads every task of every active plan; it is needed only after a state
+        # change (a kick) or when a retry delay or rate-limit pause ends. In between, every
+        # 2 s, only look for plans cancelled from another process.
+        due = 0.0
+        self._wake = anyio.Event()
         while True:
-            self._wake = anyio.Event()
-            delay = await self._schedule_once()
-            with anyio.move_on_after(delay):
+            if self._wake.is_set() or time.time() >= due:
+                self._wake = anyio.Event()
+                due = time.time() + await self._schedule_once()
+            else:
+                await self._stop_cancelled()
+            with anyio.move_on_after(min(2.0, max(0.0, due - time.time()))):
                 await self._wake.wait()
             # State changes come in bursts (a merge moves a task, unblocks others, …): let the
             # burst land so that one pass serves it, instead of one pass per change.
             await anyio.sleep(0.005)
 
-    async def _schedule_once(self) -> float:
-        """One pass: promote, block, and start what fits. Returns the longest sensible sleep."""
-        clock = time.time()
-        next_wake = 2.0
-        candidates: list[tuple[tuple[int, float, int], str, str]] = []
+    async def _stop_cancelled(self) -> None:
         for plan_id in list(self._active):
             if (await self.store.plan(plan_id)).state is PlanState.CANCELLED:
                 # Cancelled from elsewhere (another process wrote the store): stop its agents.
@@ -473,7 +477,14 @@ class Cluster:
                 for ref, run in list(self._runs.items()):
                     if ref.startswith(plan_id + "/"):
                         run.cancel("plan cancelled")
-                continue
+
+    async def _schedule_once(self) -> float:
+        """One pass: promote, block, and start what fits. Returns the longest sensible sleep."""
+        clock = time.time()
+        next_wake = 3600.0  # no deadline: only a kick starts the next full pass
+        candidates: list[tuple[tuple[int, float, int], str, str]] = []
+        await self._stop_cancelled()
+        for plan_id in list(self._active):
             rows = await self.store.task_rows(plan_id)
             state = {t.id: t.state for t in rows}
             # A conflicted task lives on through its resolve task; when that one failed, it is dead.
