@@ -28,7 +28,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, emoji=False)
     return anyio.run(lambda: run_demo(console, workdir=args.workdir, workers=args.workers))
 
 
@@ -72,7 +72,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _console() -> Console:
-    return Console(highlight=False, stderr=False)
+    return Console(highlight=False, emoji=False)
 
 
 def _run_async(fn: Any, *args: Any, **kwargs: Any) -> int:

@@ -22,6 +22,7 @@ import anyio
 import yaml
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -113,7 +114,7 @@ def _elapsed(task: Task) -> str:
 
 def status_table(status: PlanStatus) -> Table:
     """The live table: task, state, elapsed, turns, cost, last activity."""
-    table = Table(expand=False, title=f"plan {status.plan.id}: {status.plan.goal[:60]}", title_justify="left")
+    table = Table(expand=False, title=escape(f"plan {status.plan.id}: {status.plan.goal[:60]}"), title_justify="left")
     table.add_column("task", no_wrap=True)
     table.add_column("state", no_wrap=True)
     table.add_column("elapsed", justify="right")
@@ -126,12 +127,12 @@ def status_table(status: PlanStatus) -> Table:
             task.reason if task.state in FINAL_STATES and task.state is not TaskState.MERGED else task.last_activity
         )
         table.add_row(
-            task.id + (" (resolve)" if task.kind.value == "resolve" else ""),
+            escape(task.id) + (" (resolve)" if task.kind.value == "resolve" else ""),
             f"[{style}]{task.state.value}[/]",
             _elapsed(task),
             str(task.turns or ""),
             f"${task.cost_usd:.4f}" if task.cost_usd else "",
-            activity,
+            escape(activity),
         )
     if status.omitted:
         table.caption = f"{status.omitted} more tasks pending or merged"
@@ -171,7 +172,7 @@ async def run_command(
             status = await cluster.plan(goal, tasks)
             plan_id = status.plan.id
             for warning in status.plan.warnings:
-                console.print(f"[yellow]warning:[/] {warning}", highlight=False) if not as_json else None
+                console.print(f"[yellow]warning:[/] {escape(warning)}") if not as_json else None
         if on_plan is not None:
             on_plan(plan_id)
         await cluster.dispatch(plan_id)
@@ -256,7 +257,7 @@ async def status_command(console: Console, plan_id: str | None, *, repo: Path | 
                 table.add_column(column)
             for row in rows:
                 tally = ", ".join(f"{n} {s}" for s, n in sorted(row["counts"].items()))
-                table.add_row(row["plan_id"], row["state"], tally, f"${row['cost_usd']:.4f}", row["goal"][:50])
+                table.add_row(row["plan_id"], row["state"], tally, f"${row['cost_usd']:.4f}", escape(row["goal"][:50]))
             console.print(table)
             return EXIT_OK
         plan = await store.plan(plan_id)

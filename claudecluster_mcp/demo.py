@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .agent import ClaudeBinary, find_claude
@@ -71,13 +72,13 @@ def _table(status: PlanStatus, wall: float) -> Table:
         colour = _COLOURS.get(task.state, "red")
         label = task.id + (" (resolve)" if task.kind.value == "resolve" else "")
         table.add_row(
-            label,
+            escape(label),
             f"[{colour}]{task.state}[/]",
             str(task.attempts),
             str(task.turns),
             f"${task.cost_usd:.4f}",
             f"{task.input_tokens + task.output_tokens:,}",
-            ", ".join(task.changed_files) or "-",
+            escape(", ".join(task.changed_files)) or "-",
         )
     return table
 
@@ -112,7 +113,7 @@ async def run_demo(console: Console, *, workdir: Path | None = None, workers: in
             status = await cluster.plan(plan_file["goal"], plan_file["tasks"])
             plan_id = status.plan.id
             for warning in status.plan.warnings:
-                console.print(f"[dim]plan warning: {warning}[/]")
+                console.print(f"[dim]plan warning: {escape(warning)}[/]")
             await cluster.dispatch(plan_id)
             with anyio.fail_after(240):
                 await follow(console, cluster, plan_id, live=True)

@@ -11,12 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import yaml
 from conftest import agent_home, make_repo
 
 from claudecluster_mcp.agent import find_claude
 from claudecluster_mcp.config import load_config
+from claudecluster_mcp.engine import Cluster, EngineSettings
 from claudecluster_mcp.errors import ConfigError
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
 
@@ -132,3 +134,22 @@ def test_config_precedence_flags_env_file_defaults(tmp_path: Path, monkeypatch: 
     (tmp_path / "claudecluster.toml").unlink()
     with pytest.raises(ConfigError, match=r"workers .*CLAUDECLUSTER_WORKERS"):
         load_config(tmp_path)
+
+
+def test_cancel_a_plan_from_the_command_line(tmp_path: Path, env: dict[str, str]) -> None:
+    repo = make_repo(tmp_path / "repo")
+
+    async def make_plan() -> str:
+        settings = EngineSettings(state_dir=Path(env["HOME"]) / ".local" / "state" / "claudecluster")
+        async with Cluster.open(repo, settings=settings) as cluster:
+            return (await cluster.plan("later", [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}])).plan.id
+
+    plan_id = anyio.run(make_plan)
+
+    one = cli("cancel", f"{plan_id}:a", cwd=repo, env=env)
+    status = cli("status", plan_id, "--json", cwd=repo, env=env)
+    assert one.returncode == 0 and f"cancelled {plan_id}:a" in one.stdout
+    assert {t["id"]: t["state"] for t in json.loads(status.stdout)["tasks"]} == {"a": "cancelled", "b": "pending"}
+    whole = cli("cancel", plan_id, cwd=repo, env=env)
+    assert whole.returncode == 0
+    assert json.loads(cli("status", plan_id, "--json", cwd=repo, env=env).stdout)["plan"]["state"] == "cancelled"

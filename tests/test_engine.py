@@ -29,8 +29,9 @@ from claudecluster_mcp.errors import (
     StateError,
 )
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
-from claudecluster_mcp.models import MergePolicy, TaskState
+from claudecluster_mcp.models import MergePolicy, PlanState, TaskState
 from claudecluster_mcp.proctree import RUN_TAG_VAR
+from claudecluster_mcp.store import Store
 
 pytestmark = [pytest.mark.anyio, pytest.mark.claude]
 
@@ -436,3 +437,32 @@ async def test_a_failed_resolve_blocks_dependents_and_the_plan_finishes(
     assert "conflict markers remain in shared.txt" in resolver.reason
     assert status.task("after").state is TaskState.BLOCKED
     assert status.plan.state.value == "done"
+
+
+async def test_a_plan_cancelled_through_the_store_by_another_process_stops(
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path
+) -> None:
+    sleeper = "python3 -c 'import time; time.sleep(120)'"
+    server = model_server({"rules": [rule("S", bash(sleeper))]})
+
+    async with Cluster.open(repo, settings=settings(tmp_path, server), claude=claude) as cluster:
+        plan = (await cluster.plan("sleep", [task("S")])).plan
+        await cluster.dispatch(plan.id)
+        with anyio.fail_after(30):
+            while not any(r.turn == 0 for r in server.requests):  # noqa: ASYNC110
+                await anyio.sleep(0.1)
+        await anyio.sleep(1)
+        run_id = (await cluster.status(plan.id)).task("S").run_id
+        # What `claudecluster cancel` does when another process owns the engine.
+        async with Store.open(cluster.store.path) as other:
+            await other.update_plan(plan.id, state=PlanState.CANCELLED)
+        with anyio.fail_after(30):
+            while (await cluster.status(plan.id)).task("S").state is not TaskState.CANCELLED:  # noqa: ASYNC110
+                await anyio.sleep(0.2)
+
+    leftovers = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get(RUN_TAG_VAR) == run_id and proc.status() != psutil.STATUS_ZOMBIE:
+                leftovers.append(proc.pid)
+    assert leftovers == []
