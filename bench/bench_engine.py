@@ -18,7 +18,6 @@ import json
 import os
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,19 +30,14 @@ import anyio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _common import make_repo  # noqa: E402
+
 from claudecluster_mcp.agent import ClaudeBinary, find_claude  # noqa: E402
 from claudecluster_mcp.engine import Cluster, EngineSettings  # noqa: E402
 from claudecluster_mcp.graph import TaskGraph  # noqa: E402
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env  # noqa: E402
 from claudecluster_mcp.models import TaskSpec, TaskState  # noqa: E402
 from claudecluster_mcp.scenario import load_scenario  # noqa: E402
-
-
-def make_repo(path: Path) -> Path:
-    path.mkdir(parents=True)
-    for args in (["init", "-q", "-b", "main"], ["commit", "-q", "--allow-empty", "-m", "init"]):
-        subprocess.run(["git", "-C", str(path), "-c", "user.name=b", "-c", "user.email=b@b", *args], check=True)
-    return path
 
 
 def random_dag(n: int, seed: int) -> tuple[list[dict[str, Any]], dict[str, float]]:

@@ -29,6 +29,7 @@ import anyio
 import httpx
 import httpx2
 import psutil
+from _common import make_repo
 from mcp import Client
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
@@ -50,13 +51,6 @@ def summary(samples: list[float]) -> dict[str, float]:
         "p99_ms": round(percentile(ms, 0.99), 1),
         "max_ms": round(max(ms), 1),
     }
-
-
-def make_repo(path: Path) -> Path:
-    path.mkdir(parents=True)
-    for args in (["init", "-q", "-b", "main"], ["commit", "-q", "--allow-empty", "-m", "init"]):
-        subprocess.run(["git", "-C", str(path), "-c", "user.name=b", "-c", "user.email=b@b", *args], check=True)
-    return path
 
 
 def tasks(n: int) -> list[dict[str, Any]]:

@@ -30,6 +30,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _common import make_repo  # noqa: E402
+
 from claudecluster_mcp.agent import AgentSpec, agent_env, build_argv, find_claude  # noqa: E402
 from claudecluster_mcp.engine import Cluster, EngineSettings  # noqa: E402
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env  # noqa: E402
@@ -64,13 +66,6 @@ class PeakRss:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def make_repo(path: Path) -> Path:
-    path.mkdir(parents=True)
-    for args in (["init", "-q", "-b", "main"], ["commit", "-q", "--allow-empty", "-m", "init"]):
-        subprocess.run(["git", "-C", str(path), "-c", "user.name=b", "-c", "user.email=b@b", *args], check=True)
-    return path
 
 
 def scenario(n: int, latency: float) -> dict[str, Any]:

@@ -1,0 +1,14 @@
+"""Helpers shared by the benchmark scripts (run as `python bench/<script>.py`)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+
+def make_repo(path: Path) -> Path:
+    """A fresh git repository with one empty commit on `main`."""
+    path.mkdir(parents=True)
+    for args in (["init", "-q", "-b", "main"], ["commit", "-q", "--allow-empty", "-m", "init"]):
+        subprocess.run(["git", "-C", str(path), "-c", "user.name=b", "-c", "user.email=b@b", *args], check=True)
+    return path
