@@ -30,7 +30,7 @@ import anyio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import make_repo  # noqa: E402
+from _common import make_repo, write_scenario  # noqa: E402
 
 from claudecluster_mcp.agent import ClaudeBinary, find_claude  # noqa: E402
 from claudecluster_mcp.engine import Cluster, EngineSettings  # noqa: E402
@@ -123,26 +123,7 @@ SPEEDUP_TASKS = 10
 
 
 async def _speedup_run(workers: int, latency: float, claude: ClaudeBinary) -> tuple[float, float]:
-    scenario = load_scenario(
-        {
-            "default_latency": latency,
-            "rules": [
-                {
-                    "name": f"r{i}",
-                    "match": f"[speed{i}]",
-                    "turns": [
-                        {
-                            "tools": [
-                                {"name": "Write", "input": {"file_path": "{cwd}/f" + str(i) + ".txt", "content": "x\n"}}
-                            ]
-                        },
-                        {"text": "done"},
-                    ],
-                }
-                for i in range(SPEEDUP_TASKS)
-            ],
-        }
-    )
+    scenario = load_scenario(write_scenario(SPEEDUP_TASKS, latency, "speed"))
     tasks = [{"id": f"s{i}", "prompt": f"[speed{i}] write f{i}.txt"} for i in range(SPEEDUP_TASKS)]
     with tempfile.TemporaryDirectory(prefix="cc-bench-") as tmp:
         repo = make_repo(Path(tmp) / "repo")

@@ -22,7 +22,6 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import anyio
 import psutil
@@ -30,7 +29,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import make_repo  # noqa: E402
+from _common import make_repo, write_scenario  # noqa: E402
 
 from claudecluster_mcp.agent import AgentSpec, agent_env, build_argv, find_claude  # noqa: E402
 from claudecluster_mcp.engine import Cluster, EngineSettings  # noqa: E402
@@ -66,27 +65,6 @@ class PeakRss:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def scenario(n: int, latency: float) -> dict[str, Any]:
-    return {
-        "default_latency": latency,
-        "rules": [
-            {
-                "name": f"r{i}",
-                "match": f"[race{i}]",
-                "turns": [
-                    {
-                        "tools": [
-                            {"name": "Write", "input": {"file_path": "{cwd}/f" + str(i) + ".txt", "content": "x\n"}}
-                        ]
-                    },
-                    {"text": "done"},
-                ],
-            }
-            for i in range(n)
-        ],
-    }
 
 
 def bare(n: int, url: str, tmp: Path) -> tuple[float, int]:
@@ -157,7 +135,7 @@ async def main() -> None:
     args = parser.parse_args()
     walls: dict[str, list[float]] = {"bare": [], "cluster": []}
     mems: dict[str, list[int]] = {"bare": [], "cluster": []}
-    async with ScriptedModelServer(load_scenario(scenario(args.tasks, args.latency))) as server:
+    async with ScriptedModelServer(load_scenario(write_scenario(args.tasks, args.latency, "race"))) as server:
         for _ in range(args.rounds):
             with tempfile.TemporaryDirectory(prefix="cc-race-") as tmp:
                 wall, mem = await anyio.to_thread.run_sync(bare, args.tasks, server.url, Path(tmp))
