@@ -23,7 +23,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +45,7 @@ from .agent import (
     find_claude,
     run_tmpdir,
 )
-from .errors import ConfigError, NotFoundError, PlanValidationError, StateError
+from .errors import ConfigError, EngineBusyError, NotFoundError, PlanValidationError, StateError
 from .events import (
     AgentEvent,
     ApiRetry,
@@ -71,7 +71,7 @@ from .models import (
 )
 from .planner import plan_with_claude
 from .proctree import ProcessTree
-from .store import Registry, Store, now
+from .store import Registry, Store, StoredEvent, now
 from .workspace import (
     add_worktree,
     changed_files,
@@ -387,23 +387,65 @@ class Cluster:
         self._kick()
         return await self.status(plan_id, focus=STATUS_FOCUS)
 
-    async def status(self, plan_id: str, *, focus: int | None = None) -> PlanStatus:
-        """The plan, its tasks in order, and counts by state. With ``focus``, a plan of more
-        than ``focus`` tasks lists only the tasks that need attention (running, waiting,
-        succeeded and awaiting merge, or failed in some way; at most ``focus``) and says how many
-        it left out; the others are in the counts."""
-        plan = await self.store.plan(plan_id)
-        counts, cost, tokens = await self.store.tally(plan_id)
-        total = sum(counts.values())
-        if focus is not None and total > focus:
-            quiet = (TaskState.PENDING, TaskState.READY, TaskState.MERGED)
-            shown = [s for s in TaskState if s not in quiet]
-            tasks = await self.store.tasks(plan_id, states=shown, limit=focus)
-        else:
-            tasks = await self.store.tasks(plan_id)
-        return PlanStatus(
-            plan=plan, tasks=tasks, counts=counts, total_cost_usd=cost, total_tokens=tokens, omitted=total - len(tasks)
-        )
+    async def status(
+        self,
+        plan_id: str,
+        *,
+        task_id: str | None = None,
+        focus: int | None = None,
+        wait: float = 0,
+        until_finished: bool = False,
+        on_progress: Callable[[int, int, str], Awaitable[None]] | None = None,
+    ) -> PlanStatus:
+        """The plan, its tasks in order, and counts by state (see :meth:`Store.status` for
+        ``task_id`` and ``focus``). With ``wait``, long-poll: answer as soon as a task changes
+        state (or, with ``until_finished``, once every task is final), at the latest after
+        ``wait`` seconds, calling ``on_progress(done, total, message)`` meanwhile."""
+        if task_id is not None:
+            await self.store.task(plan_id, task_id)  # NotFoundError naming the plan's tasks
+        if wait:
+            await self._long_poll(plan_id, wait, until_finished, on_progress)
+        return await self.store.status(plan_id, focus=focus, task_id=task_id)
+
+    async def _long_poll(
+        self,
+        plan_id: str,
+        wait: float,
+        until_finished: bool,
+        on_progress: Callable[[int, int, str], Awaitable[None]] | None,
+    ) -> None:
+        before = [(r.id, r.state) for r in await self.store.task_rows(plan_id)]
+        deadline = anyio.current_time() + wait
+        while anyio.current_time() < deadline:
+            rows = await self.store.task_rows(plan_id)
+            if all(r.state in FINAL_STATES for r in rows):
+                return
+            if not until_finished and [(r.id, r.state) for r in rows] != before:
+                return
+            if on_progress is not None:
+                done = sum(r.state in FINAL_STATES for r in rows)
+                running = sum(r.state in ACTIVE_STATES for r in rows)
+                await on_progress(done, len(rows), f"{done}/{len(rows)} tasks final, {running} running")
+            await self.changed(min(2.0, deadline - anyio.current_time()))
+
+    async def overview(self) -> list[PlanStatus]:
+        """Every plan of the repository with counts and totals (no tasks listed)."""
+        return await self.store.overview()
+
+    async def task(self, plan_id: str, task_id: str) -> Task:
+        """One task (:class:`NotFoundError` naming the plan's tasks if unknown)."""
+        return await self.store.task(plan_id, task_id)
+
+    async def events(self, plan_id: str, task_id: str | None = None, *, limit: int | None = None) -> list[StoredEvent]:
+        """Recorded events of a plan or one task, oldest first (the last ``limit``)."""
+        if task_id is not None:
+            await self.store.task(plan_id, task_id)
+        return await self.store.events(plan_id, task_id, limit=limit)
+
+    def transcript(self, task: Task) -> Path | None:
+        """The raw agent transcript of the task's last attempt, if it exists."""
+        path = self.settings.state_dir / "logs" / task.plan_id / f"{task.id}.{task.attempts}.log"
+        return path if path.exists() else None
 
     async def wait(self, plan_id: str, timeout: float | None = None) -> PlanStatus:
         """Wait until every task of the plan is final (or ``timeout`` s); returns the status."""
@@ -1016,7 +1058,7 @@ class _EngineLease:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise StateError(
+            raise EngineBusyError(
                 f"another claudecluster engine (pid {holder}) is running plans in {self.repo}; "
                 "use that one (its MCP tools, or stop it) — read-only commands such as status work meanwhile"
             ) from None

@@ -14,12 +14,14 @@ traceback.
     │   └── PlanValidationError     a task list is not a valid DAG (cycle, unknown dep, …)
     ├── NotFoundError               unknown plan or task id (the message lists known ones)
     ├── StateError                  the operation does not fit the current state
+    │   └── EngineBusyError         another process runs the engine of this repository
     ├── RepositoryError             not a git repository, path outside it, bad ref name
     │   ├── DirtyWorktreeError      refusing to touch a working tree with local changes
     │   └── GitError                a git command failed (its stderr is in the message)
-    ├── StoreError                  the state database cannot be opened or written
+    ├── StoreError                  the state database cannot be opened, read or written
     ├── ClaudeNotFoundError         no `claude` executable where we looked
     │   └── ClaudeVersionError      `claude` is there but too old or unusable
+    ├── ModelUnavailableError       the model API is unreachable or refuses our credentials
     └── AgentError                  an agent run could not be started or supervised
 """
 
@@ -32,7 +34,9 @@ __all__ = [
     "ClusterError",
     "ConfigError",
     "DirtyWorktreeError",
+    "EngineBusyError",
     "GitError",
+    "ModelUnavailableError",
     "NotFoundError",
     "PlanValidationError",
     "RepositoryError",
@@ -66,6 +70,10 @@ class StateError(ClusterError):
     """The operation does not fit the current state (e.g. merging a plan still running)."""
 
 
+class EngineBusyError(StateError):
+    """Another process holds this repository's engine lease (``run`` or ``serve``)."""
+
+
 class RepositoryError(ClusterError):
     """The repository, a path in it, or a ref name is unusable."""
 
@@ -88,6 +96,10 @@ class ClaudeNotFoundError(ClusterError):
 
 class ClaudeVersionError(ClaudeNotFoundError):
     """The Claude Code CLI was found but is too old or does not run."""
+
+
+class ModelUnavailableError(ClusterError):
+    """The model API cannot be reached, or it refuses the credentials (not logged in)."""
 
 
 class AgentError(ClusterError):

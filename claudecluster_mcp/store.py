@@ -27,7 +27,7 @@ import aiosqlite
 import anyio
 
 from .errors import NotFoundError, StateError, StoreError
-from .models import FINAL_STATES, TRANSITIONS, Plan, PlanState, Priority, Task, TaskState
+from .models import FINAL_STATES, TRANSITIONS, Plan, PlanState, PlanStatus, Priority, Task, TaskState
 
 __all__ = ["MIGRATIONS", "Registry", "Store", "StoredEvent", "TaskRow", "now"]
 
@@ -329,6 +329,43 @@ class Store:
             rows = await cursor.fetchall()
         counts = {row[0]: int(row[1]) for row in rows}
         return counts, float(sum(row[2] or 0 for row in rows)), int(sum(row[3] or 0 for row in rows))
+
+    async def status(self, plan_id: str, *, focus: int | None = None, task_id: str | None = None) -> PlanStatus:
+        """The plan, its tasks in order, counts by state and totals: the one place a
+        :class:`PlanStatus` is built. With ``task_id``, only that task is listed. With
+        ``focus``, a plan of more than ``focus`` tasks lists only the tasks that need attention
+        (running, waiting, awaiting merge, failed in some way; at most ``focus``); the others
+        are in the counts and ``omitted``."""
+        plan = await self.plan(plan_id)
+        counts, cost, tokens = await self.tally(plan_id)
+        total = sum(counts.values())
+        if task_id is not None:
+            tasks = [await self.task(plan_id, task_id)]
+        elif focus is not None and total > focus:
+            quiet = (TaskState.PENDING, TaskState.READY, TaskState.MERGED)
+            tasks = await self.tasks(plan_id, states=[s for s in TaskState if s not in quiet], limit=focus)
+        else:
+            tasks = await self.tasks(plan_id)
+        return PlanStatus(
+            plan=plan, tasks=tasks, counts=counts, total_cost_usd=cost, total_tokens=tokens, omitted=total - len(tasks)
+        )
+
+    async def overview(self) -> list[PlanStatus]:
+        """Every plan, oldest first, with counts and totals but no tasks listed."""
+        overview = []
+        for plan in await self.plans():
+            counts, cost, tokens = await self.tally(plan.id)
+            overview.append(
+                PlanStatus(
+                    plan=plan,
+                    tasks=[],
+                    counts=counts,
+                    total_cost_usd=cost,
+                    total_tokens=tokens,
+                    omitted=sum(counts.values()),
+                )
+            )
+        return overview
 
     async def task_rows(self, plan_id: str) -> list[TaskRow]:
         """The scheduling view of a plan's tasks (cheap: no model validation)."""
