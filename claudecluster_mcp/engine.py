@@ -71,7 +71,7 @@ from .models import (
 )
 from .planner import plan_with_claude
 from .proctree import ProcessTree
-from .store import Registry, Store, StoredEvent, now
+from .store import Registry, Store, StoredEvent, now, state_db_path
 from .workspace import (
     add_worktree,
     changed_files,
@@ -79,7 +79,6 @@ from .workspace import (
     commit_all,
     current_branch,
     git,
-    git_common_dir,
     identity_args,
     is_ancestor,
     remove_worktree,
@@ -255,7 +254,7 @@ class Cluster:
         root = await repo_root(Path(repo))
         if claude is None:
             claude = await anyio.to_thread.run_sync(find_claude)
-        db_path = await git_common_dir(root) / "claudecluster" / "state.db"
+        db_path = await state_db_path(root)
         with _EngineLease(db_path.parent / "engine.lock", root):
             async with Store.open(db_path) as store, anyio.create_task_group() as tg:
                 cluster = cls(root, store, settings, claude, tg)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +198,16 @@ class Task(TaskSpec):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     updated_at: datetime
+
+    @property
+    def elapsed_s(self) -> float | None:
+        """Seconds the task has run: until it finished, or until now while it is active."""
+        if self.started_at is None:
+            return None
+        active = self.state in ACTIVE_STATES or self.finished_at is None
+        end = datetime.now(UTC) if active else self.finished_at
+        assert end is not None
+        return (end - self.started_at).total_seconds()
 
     @property
     def ref(self) -> str:

@@ -28,8 +28,9 @@ import anyio
 
 from .errors import NotFoundError, StateError, StoreError
 from .models import FINAL_STATES, TRANSITIONS, Plan, PlanState, PlanStatus, Priority, Task, TaskState
+from .workspace import git_common_dir
 
-__all__ = ["MIGRATIONS", "Registry", "Store", "StoredEvent", "TaskRow", "now"]
+__all__ = ["MIGRATIONS", "Registry", "Store", "StoredEvent", "TaskRow", "now", "state_db_path"]
 
 _TASK_STATES = ", ".join(f"'{s.value}'" for s in TaskState)
 _PLAN_STATES = ", ".join(f"'{s.value}'" for s in PlanState)
@@ -115,6 +116,13 @@ MIGRATIONS: list[str] = [
 ]
 
 _JSON_COLUMNS = {"deps", "files", "changed_files", "warnings", "gate", "final_merge"}
+
+
+async def state_db_path(repo: Path) -> Path:
+    """Where the state database of ``repo`` lives: ``claudecluster/state.db`` in the
+    repository's common git directory (right also when ``.git`` is a file, as in a linked
+    worktree or a submodule)."""
+    return await git_common_dir(repo) / "claudecluster" / "state.db"
 
 
 def now() -> datetime:
