@@ -19,7 +19,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,39 +27,24 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from .agent import PermissionMode
-from .engine import MAX_WORKERS, EngineSettings
 from .errors import ConfigError
 from .models import MergePolicy
+from .settings import EngineSettings
 
 __all__ = ["CONFIG_FILE", "ClusterConfig", "load_config", "render_config"]
 
 CONFIG_FILE = "claudecluster.toml"
 
 
-class ClusterConfig(BaseSettings):
-    """Every setting a user can put in ``claudecluster.toml`` or ``CLAUDECLUSTER_<NAME>``."""
+class ClusterConfig(BaseSettings, EngineSettings):
+    """Every :class:`EngineSettings` field, loadable from ``claudecluster.toml`` and
+    ``CLAUDECLUSTER_<NAME>``."""
 
     model_config = SettingsConfigDict(env_prefix="CLAUDECLUSTER_", extra="forbid", validate_default=True)
 
-    workers: int = Field(default=4, ge=1, le=MAX_WORKERS, description="agents running at once")
-    model: str | None = Field(default=None, description="Claude model or alias for agents (default: claude's)")
-    permission_mode: PermissionMode = Field(default="acceptEdits", description="permission mode of agents")
-    allowed_tools: list[str] = Field(default_factory=list, description='extra tool rules, e.g. "Bash(pytest *)"')
-    disallowed_tools: list[str] = Field(default_factory=list, description="tool rules agents may not use")
-    max_turns: int | None = Field(default=None, ge=1, description="turn limit per agent run")
-    max_budget_usd: float | None = Field(default=None, gt=0, description="cost limit per agent run (USD)")
-    wall_timeout: float = Field(default=3600, gt=0, description="seconds an agent may run")
-    inactivity_timeout: float = Field(default=600, gt=0, description="seconds without agent output")
-    max_attempts: int = Field(default=3, ge=1, description="tries per task for transient failures")
-    gate: list[str] | None = Field(default=None, description="command run on each merge candidate (argv)")
-    merge_policy: MergePolicy = Field(default=MergePolicy.RESOLVE, description="resolve | report conflicts")
-    claude_bin: str | None = Field(default=None, description="path of the claude executable")
-
     def engine(self, **overrides: Any) -> EngineSettings:
         """The engine settings these stand for."""
-        values = self.model_dump(exclude={"claude_bin"})
-        return EngineSettings(**{**values, **overrides})
+        return EngineSettings.model_validate({**self.model_dump(), **overrides})
 
 
 def _sources(toml: Path | None) -> type[ClusterConfig]:
@@ -118,7 +103,9 @@ def render_config(config: ClusterConfig) -> str:
 
 
 def _plain(value: Any) -> Any:
-    return value.value if isinstance(value, MergePolicy) else value
+    if isinstance(value, MergePolicy):
+        return value.value
+    return str(value) if isinstance(value, Path) else value
 
 
 def _toml_value(value: Any) -> str:
@@ -128,4 +115,6 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -7,12 +7,16 @@ import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
+from pydantic import ValidationError
+
 from .errors import PlanValidationError
 from .models import Priority, TaskSpec
 
 __all__ = [
     "TaskGraph",
     "file_overlap_warnings",
+    "parse_tasks",
+    "serialize_overlaps",
     "validate_tasks",
 ]
 
@@ -201,3 +205,31 @@ def file_overlap_warnings(tasks: Sequence[TaskSpec]) -> list[tuple[str, str, str
                     )
                 )
     return found
+
+
+def parse_tasks(tasks: Sequence[object]) -> list[TaskSpec]:
+    """Task specs from what a caller or the planner gave (specs or mappings), with every
+    invalid field of every task named in one :class:`PlanValidationError`."""
+    specs: list[TaskSpec] = []
+    problems: list[str] = []
+    for index, item in enumerate(tasks):
+        try:
+            specs.append(item if isinstance(item, TaskSpec) else TaskSpec.model_validate(item))
+        except ValidationError as exc:
+            label = item.get("id", f"#{index + 1}") if isinstance(item, Mapping) else f"#{index + 1}"
+            for err in exc.errors():
+                where = ".".join(str(p) for p in err["loc"]) or "task"
+                problems.append(f"task {label}: {where}: {err['msg']}")
+    if problems:
+        raise PlanValidationError("invalid plan: " + "; ".join(problems))
+    return specs
+
+
+def serialize_overlaps(specs: list[TaskSpec], overlaps: Sequence[tuple[str, str, str]]) -> list[TaskSpec]:
+    """Order each overlapping pair (the later in topological order depends on the earlier)."""
+    order = {tid: i for i, tid in enumerate(TaskGraph(specs).topological_order())}
+    extra: dict[str, set[str]] = {}
+    for a, b, _ in overlaps:
+        first, second = sorted((a, b), key=order.__getitem__)
+        extra.setdefault(second, set()).add(first)
+    return [s.model_copy(update={"deps": [*s.deps, *sorted(extra.get(s.id, set()) - set(s.deps))]}) for s in specs]

@@ -9,8 +9,11 @@ crash half-way can be completed or undone, never applied twice.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
@@ -70,6 +73,7 @@ class MergeResult:
     new_tip: str | None = None
     conflicts: list[str] = field(default_factory=list)
     gate: GateResult | None = None
+    fast_forward: bool = False
 
 
 async def merge_tree(repo: Path, ours: str, theirs: str) -> MergeCheck:
@@ -90,30 +94,48 @@ async def merge_tree(repo: Path, ours: str, theirs: str) -> MergeCheck:
 
 
 async def run_gate(repo: Path, commit: str, argv: Sequence[str], *, timeout: float = 600) -> GateResult:
-    """Run ``argv`` (no shell) in a detached worktree of ``commit``; keep its output's tail."""
+    """Run ``argv`` (no shell) in a detached worktree of ``commit``; keep its output's tail.
+    On timeout or cancellation the gate's whole process group is killed."""
     workdir = Path(tempfile.mkdtemp(prefix="claudecluster-gate-"))
     tree = workdir / "tree"
     try:
         await add_worktree(repo, tree, commit=commit)
         try:
             with anyio.fail_after(timeout):
-                done = await anyio.run_process(
-                    list(argv),
-                    cwd=tree,
-                    check=False,
-                    stdin=subprocess.DEVNULL,
-                    stderr=subprocess.STDOUT,
-                )
+                returncode, output = await _run_group(argv, tree)
         except TimeoutError:
             return GateResult(ok=False, returncode=None, output=f"gate command timed out after {timeout:g}s")
         except OSError as exc:
             return GateResult(ok=False, returncode=None, output=f"gate command could not run: {exc}")
-        output = done.stdout.decode(errors="replace")[-4000:]
-        return GateResult(ok=done.returncode == 0, returncode=done.returncode, output=output)
+        return GateResult(ok=returncode == 0, returncode=returncode, output=output[-4000:])
     finally:
         with anyio.CancelScope(shield=True):
             await remove_worktree(repo, tree)
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _run_group(argv: Sequence[str], cwd: Path) -> tuple[int, str]:
+    """Run ``argv`` in its own session; on cancellation kill the whole group (a test
+    runner's children too), then re-raise."""
+    chunks: list[bytes] = []
+    process = await anyio.open_process(
+        list(argv), cwd=cwd, stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        assert process.stdout is not None
+        async for chunk in process.stdout:
+            chunks.append(chunk)
+        returncode = await process.wait()
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await process.aclose()
+    return returncode, b"".join(chunks).decode(errors="replace")
 
 
 async def merge_into(
@@ -128,10 +150,18 @@ async def merge_into(
     journal_end: JournalEnd | None = None,
     base: str | None = None,
     tip_hint: str | None = None,
+    checkout: Path | None = None,
+    dry_run: bool = False,
 ) -> MergeResult:
-    """Merge ``commit`` into ``branch`` (a ``refs/heads/…`` name) without touching any
-    working tree. Fast-forwards when ``commit`` already contains the tip; otherwise makes a
-    two-parent merge commit. Retries if the branch moves under it.
+    """Merge ``commit`` into ``branch`` (a ``refs/heads/…`` name). Fast-forwards when
+    ``commit`` already contains the tip; otherwise makes a two-parent merge commit (with a
+    fallback identity where git has none). Retries if the branch moves under it.
+
+    The merge commit and the gate touch no ref, so they can be cancelled at any point; the
+    ref update, with its journal entries, is shielded from cancellation and happens
+    entirely or not at all. Without ``checkout`` no working tree is touched; with it (the
+    worktree that has ``branch`` checked out) the ref moves by ``git merge --ff-only`` to
+    the prepared commit there, which updates its files. ``dry_run`` stops before the gate.
 
     ``base`` (the commit ``commit`` was built on, an ancestor of the branch) and
     ``tip_hint`` (the branch tip as last seen) let the common cases skip git calls; the
@@ -144,33 +174,43 @@ async def merge_into(
             base = (await git(repo, "merge-base", tip, commit, ok_codes=(0, 1))).stdout.strip()
         if base == commit:
             return MergeResult(MergeOutcome.ALREADY_MERGED, old_tip=tip, new_tip=tip)
-        if base == tip:
-            new = commit
-        else:
+        new, fast_forward = commit, True
+        if base != tip:
             check = await merge_tree(repo, tip, commit)
             if not check.clean:
                 return MergeResult(MergeOutcome.CONFLICT, old_tip=tip, conflicts=check.conflicts)
-            made = await git(
-                repo,
-                *(await identity_args(repo)),
-                "commit-tree",
-                check.tree,
-                "-p",
-                tip,
-                "-p",
-                commit,
-                "-m",
-                message,
-            )
-            new = made.stdout.strip()
+            new, fast_forward = await _merge_commit(repo, check.tree, tip, commit, message), False
+        if dry_run:
+            return MergeResult(MergeOutcome.MERGED, old_tip=tip, new_tip=new, fast_forward=fast_forward)
         if gate:
             verdict = await run_gate(repo, new, gate, timeout=gate_timeout)
             if not verdict.ok:
                 return MergeResult(MergeOutcome.GATE_FAILED, old_tip=tip, gate=verdict)
-        entry = await journal(ref, tip, new) if journal else 0
-        if await update_ref(repo, ref, new, tip, message):
+        with anyio.CancelScope(shield=True):
+            entry = await journal(ref, tip, new) if journal else 0
+            try:
+                moved = await _advance(repo, ref, new, tip, message, checkout)
+            except BaseException:
+                if journal_end:
+                    await journal_end(entry, "undone")
+                raise
             if journal_end:
-                await journal_end(entry, "done")
-            return MergeResult(MergeOutcome.MERGED, old_tip=tip, new_tip=new)
-        if journal_end:
-            await journal_end(entry, "undone")
+                await journal_end(entry, "done" if moved else "undone")
+        if moved:
+            return MergeResult(MergeOutcome.MERGED, old_tip=tip, new_tip=new, fast_forward=fast_forward)
+
+
+async def _merge_commit(repo: Path, tree: str, tip: str, commit: str, message: str) -> str:
+    identity = await identity_args(repo)
+    made = await git(repo, *identity, "commit-tree", tree, "-p", tip, "-p", commit, "-m", message)
+    return made.stdout.strip()
+
+
+async def _advance(repo: Path, ref: str, new: str, old: str, message: str, checkout: Path | None) -> bool:
+    """Move ``ref`` from ``old`` to ``new``; False if it was not at ``old``."""
+    if checkout is None:
+        return await update_ref(repo, ref, new, old, message)
+    if await rev_parse(checkout, "HEAD") != old:
+        return False
+    await git(checkout, "merge", "--ff-only", "--quiet", new)
+    return True

@@ -5,7 +5,7 @@ allowed transitions (:data:`TRANSITIONS`); the store refuses any other move::
 
     pending → ready → running ⇄ waiting
     running → succeeded | failed | timed_out | cancelled | pending (retry)
-    succeeded → merged | conflicted | gate_failed
+    succeeded → merged | conflicted | gate_failed | pending (gate retry) | failed (merge error)
     pending/ready → blocked (a dependency failed) | cancelled
 """
 
@@ -117,9 +117,10 @@ TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     _S.READY: frozenset({_S.RUNNING, _S.PENDING, _S.BLOCKED, _S.CANCELLED}),
     _S.RUNNING: frozenset({_S.WAITING, _S.SUCCEEDED, _S.FAILED, _S.TIMED_OUT, _S.CANCELLED, _S.PENDING}),
     _S.WAITING: frozenset({_S.RUNNING, _S.SUCCEEDED, _S.FAILED, _S.TIMED_OUT, _S.CANCELLED, _S.PENDING}),
-    # A succeeded task's branch waits in the merge queue; a gate failure may be retried.
-    _S.SUCCEEDED: frozenset({_S.MERGED, _S.CONFLICTED, _S.GATE_FAILED, _S.CANCELLED}),
-    _S.GATE_FAILED: frozenset({_S.PENDING}),
+    # A succeeded task's branch waits in the merge queue. A failed gate sends it back to its
+    # agent (pending) while retries last; an unexpected merge error fails it.
+    _S.SUCCEEDED: frozenset({_S.MERGED, _S.CONFLICTED, _S.GATE_FAILED, _S.CANCELLED, _S.PENDING, _S.FAILED}),
+    _S.GATE_FAILED: frozenset(),
     # A conflict is merged once its resolve task is.
     _S.CONFLICTED: frozenset({_S.MERGED}),
     _S.FAILED: frozenset(),
@@ -138,6 +139,7 @@ class PlanState(enum.StrEnum):
     DONE = "done"  #: every task reached a final state
     CANCELLED = "cancelled"  #: cancelled by request
     MERGED = "merged"  #: the integration branch was merged into the target branch
+    FAILED = "failed"  #: an engine error ended it; ``reason`` says which
 
 
 class TaskSpec(BaseModel):
@@ -239,6 +241,7 @@ class Plan(BaseModel):
     gate: list[str] | None = None
     warnings: list[str] = Field(default_factory=list)
     final_merge: dict[str, Any] | None = None
+    reason: str = ""
     created_at: datetime
     updated_at: datetime
 

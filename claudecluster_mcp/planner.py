@@ -13,11 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from .agent import AgentRun, AgentSpec, ClaudeBinary
 from .errors import PlanValidationError
-from .graph import validate_tasks
+from .graph import parse_tasks, validate_tasks
 from .models import TaskSpec
 
 __all__ = ["PLANNER_MARKER", "PLAN_SCHEMA", "plan_with_claude"]
@@ -81,16 +79,7 @@ def _extract(outcome_text: str | None, structured: Any) -> Any:
 def _validate(data: Any) -> list[TaskSpec]:
     if not isinstance(data, dict) or not isinstance(data.get("tasks"), list):
         raise PlanValidationError('the planner must answer {"tasks": [...]}')
-    problems: list[str] = []
-    specs: list[TaskSpec] = []
-    for index, item in enumerate(data["tasks"]):
-        try:
-            specs.append(TaskSpec.model_validate(item))
-        except ValidationError as exc:
-            label = item.get("id", f"#{index + 1}") if isinstance(item, dict) else f"#{index + 1}"
-            problems += [f"task {label}: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
-    if problems:
-        raise PlanValidationError("invalid plan: " + "; ".join(problems))
+    specs = parse_tasks(data["tasks"])
     validate_tasks(specs)
     return specs
 

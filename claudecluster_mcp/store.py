@@ -32,8 +32,17 @@ from .workspace import git_common_dir
 
 __all__ = ["MIGRATIONS", "Registry", "Store", "StoredEvent", "TaskRow", "now", "state_db_path"]
 
-_TASK_STATES = ", ".join(f"'{s.value}'" for s in TaskState)
-_PLAN_STATES = ", ".join(f"'{s.value}'" for s in PlanState)
+# Frozen per migration: a migration's text never changes once released.
+_TASK_STATES = (
+    "'pending', 'ready', 'running', 'waiting', 'succeeded', 'failed', 'timed_out', "
+    "'cancelled', 'blocked', 'merged', 'conflicted', 'gate_failed'"
+)
+_PLAN_STATES_1 = "'planned', 'running', 'done', 'cancelled', 'merged'"
+_PLAN_STATES_2 = _PLAN_STATES_1 + ", 'failed'"
+_PLAN_COLUMNS = (
+    "id, repo, goal, state, base_ref, base_commit, target_branch, integration_branch, "
+    "merge_policy, gate, warnings, final_merge, created_at, updated_at"
+)
 
 #: Ordered schema migrations; each runs in one transaction with its version bump.
 MIGRATIONS: list[str] = [
@@ -42,7 +51,7 @@ MIGRATIONS: list[str] = [
         id TEXT PRIMARY KEY,
         repo TEXT NOT NULL,
         goal TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ({_PLAN_STATES})),
+        state TEXT NOT NULL CHECK (state IN ({_PLAN_STATES_1})),
         base_ref TEXT NOT NULL,
         base_commit TEXT NOT NULL,
         target_branch TEXT NOT NULL,
@@ -112,6 +121,29 @@ MIGRATIONS: list[str] = [
         state TEXT NOT NULL CHECK (state IN ('started', 'done', 'undone')),
         at TEXT NOT NULL
     );
+    """,
+    # 2: plans can fail (an engine error ended them) and say why.
+    f"""
+    CREATE TABLE plans_v2 (
+        id TEXT PRIMARY KEY,
+        repo TEXT NOT NULL,
+        goal TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ({_PLAN_STATES_2})),
+        base_ref TEXT NOT NULL,
+        base_commit TEXT NOT NULL,
+        target_branch TEXT NOT NULL,
+        integration_branch TEXT NOT NULL,
+        merge_policy TEXT NOT NULL,
+        gate TEXT,
+        warnings TEXT NOT NULL DEFAULT '[]',
+        final_merge TEXT,
+        reason TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    INSERT INTO plans_v2 ({_PLAN_COLUMNS}) SELECT {_PLAN_COLUMNS} FROM plans;
+    DROP TABLE plans;
+    ALTER TABLE plans_v2 RENAME TO plans;
     """,
 ]
 
@@ -219,6 +251,9 @@ class Store:
                 f"the state database {self.path} is from a newer claudecluster "
                 f"(schema {version}, this version knows {len(MIGRATIONS)})"
             )
+        # A migration may rebuild a table that others reference; SQLite allows that only
+        # with foreign keys off, which cannot change inside a transaction.
+        await self._db.execute("PRAGMA foreign_keys=OFF")
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             statements = [s for s in script.split(";") if s.strip()]
             await self._db.execute("BEGIN IMMEDIATE")
@@ -230,6 +265,7 @@ class Store:
             except sqlite3.Error as exc:
                 await self._db.execute("ROLLBACK")
                 raise StoreError(f"migrating {self.path} to schema {number} failed: {exc}") from exc
+        await self._db.execute("PRAGMA foreign_keys=ON")
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:

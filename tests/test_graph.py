@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from claudecluster_mcp.engine import _serialize
+from claudecluster_mcp.graph import serialize_overlaps
 from claudecluster_mcp.errors import ConfigError, PlanValidationError
 from claudecluster_mcp.graph import TaskGraph, file_overlap_warnings, validate_tasks
 from claudecluster_mcp.models import Priority, TaskSpec
@@ -322,7 +322,7 @@ def test_same_directory_globs_with_different_extensions_do_not_warn(files_a: lis
     assert file_overlap_warnings([spec("a", files=files_a), spec("b", files=files_b)]) == []
 
 
-# -- engine._serialize ----------------------------------------------------------------------
+# -- graph.serialize_overlaps ----------------------------------------------------------------------
 
 
 def test_serialize_orders_overlapping_tasks_and_stays_acyclic() -> None:
@@ -335,7 +335,7 @@ def test_serialize_orders_overlapping_tasks_and_stays_acyclic() -> None:
     ]
     overlaps = file_overlap_warnings(tasks)
     assert {(a, b) for a, b, _ in overlaps} == {("api", "cli"), ("api", "tests")}
-    serialized = _serialize(tasks, overlaps)
+    serialized = serialize_overlaps(tasks, overlaps)
 
     validate_tasks(serialized)
     by_id = {t.id: t for t in serialized}
@@ -354,4 +354,4 @@ def test_serialize_orders_overlapping_tasks_and_stays_acyclic() -> None:
 
 def test_serialize_does_not_duplicate_an_existing_dependency() -> None:
     tasks = [spec("a", files=["f"]), spec("b", "a", files=["f"])]
-    assert _serialize(tasks, [("a", "b", "overlap")])[1].deps == ["a"]
+    assert serialize_overlaps(tasks, [("a", "b", "overlap")])[1].deps == ["a"]

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from claudecluster_mcp.agent import AgentOutcome, OutcomeStatus
-from claudecluster_mcp.engine import EngineSettings, RetryDecision, decide_retry
+from claudecluster_mcp.retry import RetryDecision, decide_retry
+from claudecluster_mcp.settings import EngineSettings
 from claudecluster_mcp.store import now
 
 SETTINGS = EngineSettings(max_attempts=4, retry_backoff=5.0)

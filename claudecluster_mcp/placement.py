@@ -1,0 +1,107 @@
+"""Where an agent runs: the one seam between the engine and agent processes.
+
+The task runner and crash recovery talk only to an :class:`AgentPlacement`: "make an agent
+for this spec (events go to ``on_event``), run it to its outcome, cancel it", and "clean up
+after a run whose supervisor died". :class:`LocalPlacement`, the first implementation, runs
+``claude`` in a pty on this machine (:class:`~claudecluster_mcp.agent.AgentRun`); a
+sandboxed or remote placement plugs in here without the scheduler or the merge queue
+changing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import anyio
+import psutil
+
+from .agent import AgentOutcome, AgentRun, AgentSpec, ClaudeBinary, run_tmpdir
+from .events import AgentEvent
+from .proctree import ProcessTree
+
+__all__ = ["AgentHandle", "AgentPlacement", "LocalPlacement", "RunRecord"]
+
+OnEvent = Callable[[AgentEvent], None]
+OnStart = Callable[[int, float], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What the store remembers of a run, enough to find its processes after a crash."""
+
+    run_id: str
+    pid: int | None = None
+    pid_started: float | None = None
+
+
+class AgentHandle(Protocol):
+    """One agent run: ``await run()`` once for its outcome; ``cancel()`` any time."""
+
+    @property
+    def run_id(self) -> str:
+        """Unique id of the run (tags its processes and its TMPDIR)."""
+
+    @property
+    def session_id(self) -> str:
+        """The Claude Code session the run writes (for ``--resume``)."""
+
+    @property
+    def turns(self) -> int:
+        """Model turns so far."""
+
+    def cancel(self, reason: str = "cancelled by request") -> None:
+        """Stop the agent; no process of it survives."""
+
+    async def run(self) -> AgentOutcome:
+        """Run the agent to the end and say what happened."""
+
+
+class AgentPlacement(Protocol):
+    """Where agents run."""
+
+    name: str
+
+    def agent(self, spec: AgentSpec, *, on_event: OnEvent, on_start: OnStart) -> AgentHandle:
+        """An agent for ``spec``, not started yet; ``on_event`` gets every parsed event,
+        ``on_start(pid, start time)`` is awaited once its process exists."""
+
+    async def reap(self, record: RunRecord) -> list[int]:
+        """Kill what is left of a run whose supervisor died and remove its files; returns
+        the pids killed."""
+
+
+class LocalPlacement:
+    """Agents as ``claude`` processes in a pty on this machine."""
+
+    name = "local"
+
+    def __init__(self, claude: ClaudeBinary) -> None:
+        self.claude = claude
+
+    def agent(self, spec: AgentSpec, *, on_event: OnEvent, on_start: OnStart) -> AgentHandle:
+        """A supervised local run (:class:`~claudecluster_mcp.agent.AgentRun`)."""
+        return AgentRun(spec, claude=self.claude, on_event=on_event, on_start=on_start)
+
+    async def reap(self, record: RunRecord) -> list[int]:
+        """Kill the run's processes (by pid + start time, and by its environment tag)."""
+        return await anyio.to_thread.run_sync(_kill_leftovers, record)
+
+
+def _kill_leftovers(record: RunRecord) -> list[int]:
+    tree = ProcessTree(root=record.pid or -1, tag=record.run_id, everywhere=True)
+    if record.pid and record.pid_started:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(record.pid)
+            if abs(proc.create_time() - record.pid_started) < 1.0:
+                tree.seen[record.pid] = proc.create_time()
+                for child in proc.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        tree.seen[child.pid] = child.create_time()
+    tree.root = -1  # we are not its parent: nothing of ours to leave for ptyprocess
+    killed = tree.kill_all()
+    shutil.rmtree(run_tmpdir(record.run_id), ignore_errors=True)
+    return killed

@@ -1,0 +1,60 @@
+"""What agents are told: the prompt of a task, of a resolve task, of a resumed run, and the
+messages of the commits and merges made for them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .agent import AgentOutcome
+from .models import Plan, Task, TaskKind
+
+__all__ = ["GATE_FAILED_PREFIX", "RESUME_PROMPT", "commit_message", "merge_message", "resolve_prompt", "task_prompt"]
+
+RESUME_PROMPT = "You were interrupted. Continue the task where you left off."
+GATE_FAILED_PREFIX = "gate failed"
+
+
+def task_prompt(plan: Plan, task: Task) -> str:
+    """The prompt of a task's agent: its own prompt, what a failed gate said last time, and
+    its place among the plan's parallel agents."""
+    if task.kind is TaskKind.RESOLVE:
+        return task.prompt
+    text = task.prompt
+    if task.reason.startswith(GATE_FAILED_PREFIX):
+        text += f"\n\nA previous attempt failed the project's checks:\n{task.reason}\nFix that too."
+    return (
+        f"{text}\n\n(You are one of several agents working in parallel towards: {plan.goal}. "
+        "Do only this task. Your changes are committed for you when you finish: do not run "
+        "git commit, git checkout or git merge.)"
+    )
+
+
+def resolve_prompt(task: Task, files: Sequence[str], merged: Sequence[Task]) -> str:
+    """The prompt of the agent resolving ``task``'s conflicts in ``files`` with the work of
+    the ``merged`` tasks already on the integration branch."""
+    others = "\n".join(f"- {t.id} ({t.title or t.id}): {t.prompt}" for t in merged[-5:])
+    return (
+        f"[claudecluster:resolve] {task.id}\n"
+        f"This worktree holds an unfinished git merge of task {task.id!r} into the plan's "
+        f"integration branch. These files have conflicts: {', '.join(files)}.\n\n"
+        f"Task {task.id!r} ({task.title or task.id}) was asked to:\n{task.prompt}\n\n"
+        f"The integration branch already holds the work of:\n{others or '- (nothing else)'}\n\n"
+        "Edit the conflicted files so that both intents are kept and every conflict marker "
+        "(<<<<<<<, =======, >>>>>>>) is gone. Do not run git commit: claudecluster concludes "
+        "the merge when you finish."
+    )
+
+
+def commit_message(plan: Plan, task: Task, outcome: AgentOutcome) -> str:
+    """The message of the commit holding a task's work: its title and the agent's summary."""
+    title = task.title or task.id
+    summary = (outcome.final_text or "").strip()[:1000]
+    return f"{title}\n\n{summary}\n\nclaudecluster plan {plan.id}, task {task.id}".replace("\n\n\n", "\n\n")
+
+
+def merge_message(plan: Plan, task: Task | None = None) -> str:
+    """The message of a merge commit: a task into the integration branch, or (without
+    ``task``) the plan into its target branch."""
+    if task is None:
+        return f"Merge claudecluster plan {plan.id}: {plan.goal[:60]}"
+    return f"Merge task {task.id}: {task.title or task.id}\n\nclaudecluster plan {plan.id}"

@@ -1,0 +1,80 @@
+"""The one source of settings: how agents run, how many at once, how their work is merged.
+
+:class:`EngineSettings` is what the engine runs with; ``claudecluster.toml`` and
+``CLAUDECLUSTER_*`` (see :mod:`claudecluster_mcp.config`) load into the same fields, and each
+agent's :class:`~claudecluster_mcp.agent.AgentSpec` takes its agent fields from it
+(:meth:`EngineSettings.agent_options`) instead of copying them one by one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .agent import PermissionMode
+from .models import MergePolicy
+
+__all__ = ["MAX_WORKERS", "EngineSettings", "default_state_dir"]
+
+MAX_WORKERS = 64
+
+# EngineSettings field → AgentSpec field, for every setting an agent run takes as is.
+_AGENT_FIELDS = {
+    "model": "model",
+    "permission_mode": "permission_mode",
+    "allowed_tools": "allowed_tools",
+    "disallowed_tools": "disallowed_tools",
+    "max_turns": "max_turns",
+    "max_budget_usd": "max_budget_usd",
+    "agent_env": "env",
+    "claude_config_dir": "config_dir",
+    "wall_timeout": "wall_timeout",
+    "inactivity_timeout": "inactivity_timeout",
+    "memory_limit_mb": "memory_limit_mb",
+    "cancel_grace": "cancel_grace",
+}
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/claudecluster`` (worktrees, agent logs, the plan registry)."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "claudecluster"
+
+
+class EngineSettings(BaseModel):
+    """How agents run and how their work is merged. Everything has a sensible default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workers: int = Field(default=4, ge=1, le=MAX_WORKERS, description="agents running at once")
+    model: str | None = Field(default=None, description="Claude model or alias for agents (default: claude's)")
+    permission_mode: PermissionMode = Field(default="acceptEdits", description="permission mode of agents")
+    allowed_tools: list[str] = Field(default_factory=list, description='extra tool rules, e.g. "Bash(pytest *)"')
+    disallowed_tools: list[str] = Field(default_factory=list, description="tool rules agents may not use")
+    max_turns: int | None = Field(default=None, ge=1, description="turn limit per agent run")
+    max_budget_usd: float | None = Field(default=None, gt=0, description="cost limit per agent run (USD)")
+    wall_timeout: float = Field(default=3600.0, gt=0, description="seconds an agent may run")
+    inactivity_timeout: float = Field(default=600.0, gt=0, description="seconds without agent output")
+    memory_limit_mb: int | None = Field(default=None, gt=0, description="memory cap of an agent's processes (MB)")
+    cancel_grace: float = Field(default=5.0, ge=0, description="seconds a cancelled agent gets to stop")
+    max_attempts: int = Field(default=3, ge=1, description="tries per task for transient failures")
+    retry_backoff: float = Field(default=5.0, ge=0, description="first retry delay (s); doubles")
+    rate_limit_pause: float = Field(default=30.0, ge=0, description="pool pause when retry-after is unknown")
+    max_rate_limit_pauses: int = Field(default=20, ge=0, description="rate-limit pauses per task before it fails")
+    restart_stagger: float = Field(default=1.0, ge=0, description="gap between agent starts after a pause")
+    merge_policy: MergePolicy = Field(default=MergePolicy.RESOLVE, description="resolve | report conflicts")
+    gate: list[str] | None = Field(default=None, description="command run on each merge candidate (argv)")
+    gate_timeout: float = Field(default=600.0, gt=0, description="seconds a gate run may take")
+    gate_retries: int = Field(default=0, ge=0, description="re-runs of a task whose merge failed the gate")
+    agent_env: dict[str, str] = Field(default_factory=dict, description="extra environment for agents")
+    claude_config_dir: Path | None = Field(default=None, description="isolated Claude config dir for agents")
+    claude_bin: str | None = Field(default=None, description="path of the claude executable")
+    state_dir: Path = Field(default_factory=default_state_dir, description="worktrees, agent logs, plan registry")
+    serialize_overlaps: bool = Field(default=False, description="make tasks touching the same files sequential")
+
+    def agent_options(self) -> dict[str, Any]:
+        """The :class:`~claudecluster_mcp.agent.AgentSpec` fields these settings decide."""
+        return {spec_field: getattr(self, field) for field, spec_field in _AGENT_FIELDS.items()}
