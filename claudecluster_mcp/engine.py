@@ -311,7 +311,7 @@ class Cluster:
                 with contextlib.suppress(StateError):
                     await self.store.move(plan_id, task.id, TaskState.CANCELLED, reason="cancelled by request")
         with anyio.move_on_after(self.settings.cancel_grace + 10):
-            while self.scheduler.running(plan_id) if task_id is None else self.merges.merging(plan_id, task_id):
+            while self.merges.merging(plan_id, task_id) or (task_id is None and self.scheduler.running(plan_id)):
                 await self.pulse.changed(0.05)
         self.pulse.notify()
         return await self.status(plan_id, focus=STATUS_FOCUS)

@@ -20,7 +20,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import ScenarioError
 
-__all__ = ["Fault", "Rule", "Scenario", "Storm", "ToolCall", "Turn", "load_scenario"]
+__all__ = [
+    "Fault",
+    "Rule",
+    "Scenario",
+    "Storm",
+    "ToolCall",
+    "Turn",
+    "bash_turn",
+    "load_scenario",
+    "marker_rule",
+    "write_turn",
+]
 
 FaultType = Literal["rate_limit", "overloaded", "server_error", "unauthorized", "stall", "hang", "cut"]
 
@@ -174,3 +185,22 @@ def load_scenario(source: Path | str | dict[str, Any]) -> Scenario:
             f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
         )
         raise ScenarioError(f"scenario {origin} is invalid: {problems}") from exc
+
+
+# -- builders: the common turns and rules, as the plain dicts a scenario file holds ----------
+
+
+def write_turn(name: str, content: str, **turn: Any) -> dict[str, Any]:
+    """A turn calling Write for ``name`` (relative to the agent's working directory)."""
+    return {"tools": [{"name": "Write", "input": {"file_path": "{cwd}/" + name, "content": content}}], **turn}
+
+
+def bash_turn(command: str, **turn: Any) -> dict[str, Any]:
+    """A turn calling Bash with ``command``."""
+    return {"tools": [{"name": "Bash", "input": {"command": command}}], **turn}
+
+
+def marker_rule(marker: str, *turns: dict[str, Any]) -> dict[str, Any]:
+    """A rule for conversations whose prompt holds ``[marker]``: ``turns``, then a final
+    text turn "<marker> done"."""
+    return {"name": marker, "match": f"[{marker}]", "turns": [*turns, {"text": f"{marker} done"}]}

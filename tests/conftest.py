@@ -12,6 +12,7 @@ import pytest
 from claudecluster_mcp.agent import AgentSpec, ClaudeBinary, find_claude
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
 from claudecluster_mcp.scenario import load_scenario
+from claudecluster_mcp.settings import EngineSettings
 
 
 @pytest.fixture
@@ -74,5 +75,34 @@ def spec_for(tmp_path: Path) -> Callable[..., AgentSpec]:
         fields.setdefault("config_dir", tmp_path / "claude-config")
         fields.setdefault("log_path", tmp_path / "logs" / "run.log")
         return AgentSpec(prompt=prompt, cwd=cwd, env=env, **fields)
+
+    return make
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """The hermetic HOME agents get (see :func:`agent_home`)."""
+    return agent_home(tmp_path)
+
+
+@pytest.fixture
+def engine_settings(tmp_path: Path) -> Callable[..., EngineSettings]:
+    """EngineSettings factory for agents against a scripted model server: isolated state,
+    Claude config and HOME under tmp_path, Bash allowed, short retry delays and timeouts."""
+
+    def make(server: ScriptedModelServer, **overrides: Any) -> EngineSettings:
+        values: dict[str, Any] = {
+            "state_dir": tmp_path / "state",
+            "claude_config_dir": tmp_path / "claude-config",
+            "agent_env": {**scripted_env(server.url), "HOME": str(agent_home(tmp_path))},
+            "allowed_tools": ["Bash"],
+            "retry_backoff": 0.2,
+            "rate_limit_pause": 1.0,
+            "restart_stagger": 0.2,
+            "inactivity_timeout": 60,
+            "wall_timeout": 120,
+            "cancel_grace": 2,
+        }
+        return EngineSettings(**{**values, **overrides})
 
     return make

@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from claudecluster_mcp.graph import serialize_overlaps
 from claudecluster_mcp.errors import ConfigError, PlanValidationError
-from claudecluster_mcp.graph import TaskGraph, file_overlap_warnings, validate_tasks
+from claudecluster_mcp.graph import TaskGraph, file_overlap_warnings, serialize_overlaps, validate_tasks
 from claudecluster_mcp.models import Priority, TaskSpec
 
 

@@ -14,6 +14,7 @@ import pytest
 from claudecluster_mcp import store as store_module
 from claudecluster_mcp.errors import NotFoundError, StateError, StoreError
 from claudecluster_mcp.models import (
+    FINAL_STATES,
     TRANSITIONS,
     Category,
     MergePolicy,
@@ -430,3 +431,10 @@ def test_registry_on_an_unwritable_path_is_a_store_error(tmp_path: Path) -> None
     (tmp_path / "registry.db").mkdir()
     with pytest.raises(StoreError, match="plan registry"):
         Registry(tmp_path / "registry.db").register("p", tmp_path)
+
+
+async def test_a_gate_retry_is_one_move_and_gate_failed_is_final(store: Store) -> None:
+    await store.create_plan(make_plan(), [make_task("a", state=TaskState.SUCCEEDED)])
+    retried = await store.move("p1", "a", TaskState.PENDING, reason="gate failed (exit 1)")
+    assert retried.state is TaskState.PENDING
+    assert TaskState.GATE_FAILED in FINAL_STATES and not TRANSITIONS[TaskState.GATE_FAILED]
