@@ -5,6 +5,9 @@
 server (:class:`ScriptedModelServer`) lets all of it run offline and deterministically.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .agent import (
     AgentOutcome,
     AgentRun,
@@ -33,11 +36,24 @@ from .errors import (
     StateError,
     StoreError,
 )
-from .model_server import ScriptedModelServer, scripted_env
 from .models import Category, MergePolicy, Plan, PlanState, PlanStatus, Priority, Task, TaskSpec, TaskState
 from .scenario import Scenario, load_scenario
 
+if TYPE_CHECKING:
+    from .model_server import ScriptedModelServer, scripted_env
+
 __version__ = "0.1.0"
+
+# The scripted model server pulls in an HTTP stack (uvicorn, starlette): imported on first use.
+_LAZY = {"ScriptedModelServer": "model_server", "scripted_env": "model_server"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AgentError",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import subprocess
+import sys
 
 import claudecluster_mcp
 
@@ -20,3 +22,11 @@ def test_every_module_declares_an_accurate_all() -> None:
         assert exported is not None, f"{module.__name__} has no __all__"
         for name in exported:
             assert hasattr(module, name), f"{module.__name__}.__all__ names missing {name}"
+
+
+def test_importing_the_package_does_not_start_an_http_stack() -> None:
+    # A library user (or the CLI's `status`) should not pay for uvicorn and starlette;
+    # checked in a fresh interpreter, since this one has imported everything by now.
+    code = "import sys, claudecluster_mcp; print(sorted(m for m in ('uvicorn', 'starlette') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
