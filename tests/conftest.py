@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +41,36 @@ def make_repo(path: Path) -> Path:
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     return make_repo(tmp_path / "repo")
+
+
+@pytest.fixture(name="make_repo")
+def make_repo_fixture() -> Callable[[Path], Path]:
+    """Make more repositories: ``make_repo(path)``."""
+    return make_repo
+
+
+@pytest.fixture(name="git")
+def git_fixture() -> Callable[..., str]:
+    """``git(repo, *args)``: run git in ``repo``, return its stdout (fails the test on error)."""
+
+    def run(repo: Path, *args: str) -> str:
+        done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, f"git {' '.join(args)}: {done.stderr}"
+        return done.stdout
+
+    return run
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """``free_port()``: a TCP port on 127.0.0.1 that nothing listens on right now."""
+
+    def pick() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+    return pick
 
 
 @pytest.fixture

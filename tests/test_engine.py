@@ -17,7 +17,6 @@ from typing import Any
 import anyio
 import psutil
 import pytest
-from conftest import agent_home
 
 from claudecluster_mcp.agent import ClaudeBinary, run_tmpdir
 from claudecluster_mcp.engine import Cluster, EngineSettings
@@ -28,46 +27,17 @@ from claudecluster_mcp.errors import (
     RepositoryError,
     StateError,
 )
-from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
+from claudecluster_mcp.model_server import ScriptedModelServer
 from claudecluster_mcp.models import MergePolicy, PlanState, TaskState
 from claudecluster_mcp.proctree import RUN_TAG_VAR
+from claudecluster_mcp.scenario import bash_turn, marker_rule, write_turn
 from claudecluster_mcp.store import Store
 
 pytestmark = [pytest.mark.anyio, pytest.mark.claude]
 
 StartServer = Callable[[dict[str, Any]], ScriptedModelServer]
-
-
-def write(name: str, content: str) -> dict[str, Any]:
-    return {"tools": [{"name": "Write", "input": {"file_path": "{cwd}/" + name, "content": content}}]}
-
-
-def bash(command: str) -> dict[str, Any]:
-    return {"tools": [{"name": "Bash", "input": {"command": command}}]}
-
-
-def rule(marker: str, *turns: dict[str, Any]) -> dict[str, Any]:
-    return {"name": marker, "match": f"[{marker}]", "turns": [*turns, {"text": f"{marker} done"}]}
-
-
-def settings(tmp_path: Path, server: ScriptedModelServer, **overrides: Any) -> EngineSettings:
-    return EngineSettings(
-        state_dir=tmp_path / "state",
-        claude_config_dir=tmp_path / "claude-config",
-        agent_env={**scripted_env(server.url), "HOME": str(agent_home(tmp_path))},
-        allowed_tools=["Bash"],
-        retry_backoff=0.2,
-        rate_limit_pause=1.0,
-        restart_stagger=0.2,
-        inactivity_timeout=60,
-        wall_timeout=120,
-        cancel_grace=2,
-        **overrides,
-    )
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
+Settings = Callable[..., EngineSettings]
+Git = Callable[..., str]
 
 
 def task(task_id: str, deps: list[str] | None = None, **fields: Any) -> dict[str, Any]:
@@ -81,21 +51,21 @@ def task(task_id: str, deps: list[str] | None = None, **fields: Any) -> dict[str
 
 
 async def test_diamond_dag_dependents_see_their_dependencies_work(
-    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path, engine_settings: Settings, git: Git
 ) -> None:
     server = model_server(
         {
             "rules": [
-                rule("A", write("a.txt", "from A\n")),
-                rule("B", bash("cat a.txt > b.txt && echo from B >> b.txt")),
-                rule("C", bash("cat a.txt > c.txt && echo from C >> c.txt")),
-                rule("D", bash("cat b.txt c.txt > d.txt")),
+                marker_rule("A", write_turn("a.txt", "from A\n")),
+                marker_rule("B", bash_turn("cat a.txt > b.txt && echo from B >> b.txt")),
+                marker_rule("C", bash_turn("cat a.txt > c.txt && echo from C >> c.txt")),
+                marker_rule("D", bash_turn("cat b.txt c.txt > d.txt")),
             ]
         }
     )
     tasks = [task("A"), task("B", ["A"]), task("C", ["A"]), task("D", ["B", "C"])]
 
-    async with Cluster.open(repo, workers=4, settings=settings(tmp_path, server), claude=claude) as cluster:
+    async with Cluster.open(repo, workers=4, settings=engine_settings(server), claude=claude) as cluster:
         plan = (await cluster.plan("build the diamond", tasks)).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(90):
@@ -118,7 +88,7 @@ async def test_diamond_dag_dependents_see_their_dependencies_work(
 
 
 async def test_conflicting_tasks_get_a_resolve_task_and_merge(
-    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings
 ) -> None:
     server = model_server(
         {
@@ -127,16 +97,16 @@ async def test_conflicting_tasks_get_a_resolve_task_and_merge(
                 {
                     "name": "resolve",
                     "match": "[claudecluster:resolve]",
-                    "turns": [write("shared.txt", "line from left\nline from right\n"), {"text": "resolved"}],
+                    "turns": [write_turn("shared.txt", "line from left\nline from right\n"), {"text": "resolved"}],
                 },
-                rule("left", write("shared.txt", "line from left\n")),
-                rule("right", write("shared.txt", "line from right\n")),
+                marker_rule("left", write_turn("shared.txt", "line from left\n")),
+                marker_rule("right", write_turn("shared.txt", "line from right\n")),
             ]
         }
     )
     tasks = [task("left", files=["shared.txt"]), task("right", files=["shared.txt"])]
 
-    async with Cluster.open(repo, workers=2, settings=settings(tmp_path, server), claude=claude) as cluster:
+    async with Cluster.open(repo, workers=2, settings=engine_settings(server), claude=claude) as cluster:
         created = await cluster.plan("two edits of one file", tasks)
         assert any("expect a merge conflict" in w for w in created.plan.warnings)
         await cluster.dispatch(created.plan.id)
@@ -156,12 +126,17 @@ async def test_conflicting_tasks_get_a_resolve_task_and_merge(
 
 
 async def test_conflict_with_report_policy_says_how_to_resolve(
-    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings
 ) -> None:
     server = model_server(
-        {"rules": [rule("left", write("shared.txt", "left\n")), rule("right", write("shared.txt", "right\n"))]}
+        {
+            "rules": [
+                marker_rule("left", write_turn("shared.txt", "left\n")),
+                marker_rule("right", write_turn("shared.txt", "right\n")),
+            ]
+        }
     )
-    engine = settings(tmp_path, server, merge_policy=MergePolicy.REPORT)
+    engine = engine_settings(server, merge_policy=MergePolicy.REPORT)
 
     async with Cluster.open(repo, workers=2, settings=engine, claude=claude) as cluster:
         plan = (await cluster.plan("clash", [task("left"), task("right")])).plan
@@ -176,16 +151,16 @@ async def test_conflict_with_report_policy_says_how_to_resolve(
 
 
 async def test_gate_failure_keeps_the_work_off_the_integration_branch(
-    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings, git: Git
 ) -> None:
-    server = model_server({"rules": [rule("bad", write("value.txt", "wrong\n"))]})
+    server = model_server({"rules": [marker_rule("bad", write_turn("value.txt", "wrong\n"))]})
     gate = [
         "python3",
         "-c",
         "import sys; v = open('value.txt').read(); print('value is', v); sys.exit(v != 'right\\n')",
     ]
 
-    async with Cluster.open(repo, settings=settings(tmp_path, server, gate=gate), claude=claude) as cluster:
+    async with Cluster.open(repo, settings=engine_settings(server, gate=gate), claude=claude) as cluster:
         plan = (await cluster.plan("gated", [task("bad"), task("after", ["bad"])])).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(90):
@@ -200,16 +175,16 @@ async def test_gate_failure_keeps_the_work_off_the_integration_branch(
 
 
 async def test_a_429_storm_pauses_the_pool_then_everything_succeeds(
-    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings
 ) -> None:
     server = model_server(
         {
             "storm": {"requests": 3, "fault": {"type": "rate_limit", "retry_after": 1}},
-            "rules": [rule(f"T{i}", write(f"t{i}.txt", f"{i}\n")) for i in range(3)],
+            "rules": [marker_rule(f"T{i}", write_turn(f"t{i}.txt", f"{i}\n")) for i in range(3)],
         }
     )
 
-    async with Cluster.open(repo, workers=3, settings=settings(tmp_path, server), claude=claude) as cluster:
+    async with Cluster.open(repo, workers=3, settings=engine_settings(server), claude=claude) as cluster:
         plan = (await cluster.plan("storm", [task(f"T{i}") for i in range(3)])).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(120):
@@ -224,12 +199,12 @@ async def test_a_429_storm_pauses_the_pool_then_everything_succeeds(
 
 
 async def test_cancel_a_running_plan_leaves_no_process(
-    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings
 ) -> None:
     sleeper = "python3 -c 'import time; time.sleep(120)'"
-    server = model_server({"rules": [rule(f"S{i}", bash(f"({sleeper} &) ; {sleeper}")) for i in range(2)]})
+    server = model_server({"rules": [marker_rule(f"S{i}", bash_turn(f"({sleeper} &) ; {sleeper}")) for i in range(2)]})
 
-    async with Cluster.open(repo, workers=2, settings=settings(tmp_path, server), claude=claude) as cluster:
+    async with Cluster.open(repo, workers=2, settings=engine_settings(server), claude=claude) as cluster:
         plan = (await cluster.plan("sleepers", [task("S0"), task("S1"), task("S2", ["S0"])])).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(30):
@@ -253,11 +228,11 @@ async def test_cancel_a_running_plan_leaves_no_process(
 
 
 async def test_bad_input_is_refused_with_clear_errors(
-    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings
 ) -> None:
-    server = model_server({"rules": [rule("A", write("a.txt", "a"))]})
+    server = model_server({"rules": [marker_rule("A", write_turn("a.txt", "a"))]})
 
-    async with Cluster.open(repo, settings=settings(tmp_path, server), claude=claude) as cluster:
+    async with Cluster.open(repo, settings=engine_settings(server), claude=claude) as cluster:
         with pytest.raises(PlanValidationError, match="dependency cycle: A → B → A"):
             await cluster.plan("cycle", [task("A", ["B"]), task("B", ["A"])])
         with pytest.raises(PlanValidationError, match="unknown task 'Z'"):
@@ -280,11 +255,11 @@ async def test_bad_input_is_refused_with_clear_errors(
 
 
 async def test_final_merge_refuses_a_dirty_checked_out_target(
-    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings, git: Git
 ) -> None:
-    server = model_server({"rules": [rule("A", write("a.txt", "a\n"))]})
+    server = model_server({"rules": [marker_rule("A", write_turn("a.txt", "a\n"))]})
 
-    async with Cluster.open(repo, settings=settings(tmp_path, server), claude=claude) as cluster:
+    async with Cluster.open(repo, settings=engine_settings(server), claude=claude) as cluster:
         plan = (await cluster.plan("one", [task("A")])).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(60):
@@ -302,23 +277,23 @@ async def test_final_merge_refuses_a_dirty_checked_out_target(
 
 
 async def test_kill_9_mid_plan_then_reopen_finishes_every_task_exactly_once(
-    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path, engine_settings: Settings, git: Git
 ) -> None:
     # Long enough that B, C and E are surely mid-Bash when the engine is killed, even on a busy machine.
     slow = "python3 -c 'import time; time.sleep(10)' && echo {name} > {name}.txt"
     server = model_server(
         {
             "rules": [
-                rule("A", write("a.txt", "a\n")),
-                rule("B", bash(slow.format(name="b"))),
-                rule("C", bash(slow.format(name="c"))),
-                rule("D", write("d.txt", "d\n")),
+                marker_rule("A", write_turn("a.txt", "a\n")),
+                marker_rule("B", bash_turn(slow.format(name="b"))),
+                marker_rule("C", bash_turn(slow.format(name="c"))),
+                marker_rule("D", write_turn("d.txt", "d\n")),
                 # E makes progress (a file) before its long Bash call: it is resumed, not restarted.
-                rule("E", write("e.txt", "e\n"), bash("python3 -c 'import time; time.sleep(10)'")),
+                marker_rule("E", write_turn("e.txt", "e\n"), bash_turn("python3 -c 'import time; time.sleep(10)'")),
             ]
         }
     )
-    engine = settings(tmp_path, server)
+    engine = engine_settings(server)
     tasks = [task("A"), task("B"), task("C"), task("D", ["A"]), task("E")]
     plan_file = tmp_path / "plan-id"
     worker = subprocess.Popen(  # noqa: ASYNC220 - a separate engine process, killed with SIGKILL below
@@ -405,7 +380,11 @@ async def test_one_engine_per_repository(claude: ClaudeBinary, repo: Path, tmp_p
 
 
 async def test_a_failed_resolve_blocks_dependents_and_the_plan_finishes(
-    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    claude: ClaudeBinary,
+    repo: Path,
+    model_server: StartServer,
+    monkeypatch: pytest.MonkeyPatch,
+    engine_settings: Settings,
 ) -> None:
     # No git identity anywhere (a fresh machine): the engine's own commits and merges still work.
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", "/dev/null")
@@ -416,14 +395,14 @@ async def test_a_failed_resolve_blocks_dependents_and_the_plan_finishes(
             "rules": [
                 # The resolver gives up without touching the conflicted file: markers remain.
                 {"name": "resolve", "match": "[claudecluster:resolve]", "turns": [{"text": "I cannot resolve this."}]},
-                rule("left", write("shared.txt", "left\n")),
-                rule("right", write("shared.txt", "right\n")),
-                rule("after", write("after.txt", "after\n")),
+                marker_rule("left", write_turn("shared.txt", "left\n")),
+                marker_rule("right", write_turn("shared.txt", "right\n")),
+                marker_rule("after", write_turn("after.txt", "after\n")),
             ]
         }
     )
 
-    async with Cluster.open(repo, workers=2, settings=settings(tmp_path, server), claude=claude) as cluster:
+    async with Cluster.open(repo, workers=2, settings=engine_settings(server), claude=claude) as cluster:
         plan = (await cluster.plan("clash", [task("left"), task("right"), task("after", ["left", "right"])])).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(90):
@@ -440,12 +419,12 @@ async def test_a_failed_resolve_blocks_dependents_and_the_plan_finishes(
 
 
 async def test_a_plan_cancelled_through_the_store_by_another_process_stops(
-    claude: ClaudeBinary, repo: Path, model_server: StartServer, tmp_path: Path
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings
 ) -> None:
     sleeper = "python3 -c 'import time; time.sleep(120)'"
-    server = model_server({"rules": [rule("S", bash(sleeper))]})
+    server = model_server({"rules": [marker_rule("S", bash_turn(sleeper))]})
 
-    async with Cluster.open(repo, settings=settings(tmp_path, server), claude=claude) as cluster:
+    async with Cluster.open(repo, settings=engine_settings(server), claude=claude) as cluster:
         plan = (await cluster.plan("sleep", [task("S")])).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(30):
