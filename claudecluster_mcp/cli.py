@@ -245,9 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="plan a goal, run it with live progress, optionally merge",
         description="Plan a goal (from --tasks FILE, or split by a read-only planning agent), run its tasks "
-        "as parallel Claude Code agents with live progress, and optionally merge. Exit 0 when every task "
-        "merged, 1 on task failures, 2 on usage or configuration errors. Ctrl-C stops the agents cleanly; "
-        "`claudecluster run --plan ID` resumes.",
+        "as parallel Claude Code agents with live progress, and optionally merge. Before any agent starts, "
+        "checks once that agents can use the model (logged in, API reachable; CLAUDECLUSTER_SKIP_MODEL_CHECK=1 "
+        "skips this). Exit 0 when every task merged, 1 on task failures, 2 on usage, configuration or "
+        "model-access errors. Ctrl-C stops the agents cleanly; `claudecluster run --plan ID` resumes.",
     )
     run.add_argument("goal", nargs="?", help="what the work should achieve")
     run.add_argument("--tasks", type=Path, help="YAML/JSON file holding `tasks:` (the MCP plan tool's shape)")
