@@ -1,7 +1,9 @@
 """The ``claudecluster`` command line.
 
-Errors a user can act on (:class:`~claudecluster_mcp.errors.ClusterError`) are printed as
-one line on stderr with exit code 2; anything else is a bug and keeps its traceback.
+:func:`main` is the one error boundary. Errors a user can act on
+(:class:`~claudecluster_mcp.errors.ClusterError`, also when a task group wrapped them in an
+exception group) are printed as one line on stderr with exit code 2; Ctrl-C exits 130;
+anything else is a bug: logged with its traceback, exit code 70.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import anyio
 from rich.console import Console
 
 from . import __version__
-from .errors import ClusterError, ConfigError
+from .benchmarks import BENCHES
+from .errors import ClusterError
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+logger = logging.getLogger("claudecluster_mcp.cli")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -157,80 +162,10 @@ def _cmd_init(args: argparse.Namespace) -> int:
     )
 
 
-_BENCHES = {
-    "runner": ("bench_runner.py", []),
-    "engine": ("bench_engine.py", ["plan1000", "scheduling", "speedup"]),
-    "mcp": ("bench_mcp.py", []),
-    "race": ("bench_race.py", []),
-}
-
-
 def _cmd_bench(args: argparse.Namespace) -> int:
-    import json
-    import subprocess
-    import tempfile
+    from .benchmarks import run_benchmarks
 
-    from rich.table import Table
-
-    bench_dir = Path(__file__).resolve().parent.parent / "bench"
-    if not bench_dir.is_dir():
-        raise ConfigError(f"benchmarks not found at {bench_dir}; run `claudecluster bench` from a source checkout")
-    console = _console()
-    results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="cc-bench-") as tmp:
-        for name in args.only or list(_BENCHES):
-            script, extra = _BENCHES[name]
-            out = Path(tmp) / f"{name}.json"
-            console.print(f"[bold]running {script}[/] …")
-            done = subprocess.run(
-                [sys.executable, str(bench_dir / script), *extra, "--json", str(out)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL if not args.verbose else None,
-                check=False,
-            )
-            if done.returncode != 0 or not out.exists():
-                console.print(f"[red]{script} failed (exit {done.returncode})[/]")
-                continue
-            results[name] = json.loads(out.read_text())
-    rows: list[tuple[str, str, str, bool]] = []
-
-    def row(label: str, value: float, target: str, met: bool, unit: str = "") -> None:
-        rows.append((label, f"{value:g}{unit}", target, met))
-
-    if "runner" in results:
-        overhead = results["runner"]["summary"]["overhead"]
-        row("runner / direct claude -p (one run)", round(overhead["ratio"], 3), "<= 1.10", overhead["ratio"] <= 1.10)
-    if "engine" in results:
-        engine = results["engine"]
-        if "scheduling" in engine:
-            ratio = engine["scheduling"]["efficiency_ratio"]
-            row("makespan / lower bound (200-task DAG)", ratio, "<= 1.05", ratio <= 1.05)
-        if "speedup" in engine:
-            speed = engine["speedup"]["speedup"]
-            row("10 slots vs 1 slot (real claude)", speed, ">= 6 (brief 3)", speed >= 6, "x")
-        if "plan1000" in engine:
-            seconds = engine["plan1000"]["plan_validate_store_s_best"]
-            row("1,000-task plan validated + stored", seconds, "<= 1 s", seconds <= 1, " s")
-    if "mcp" in results:
-        mcp = results["mcp"]
-        for key, label, limit in [
-            ("http_dispatch", "MCP dispatch p99, HTTP", 50),
-            ("sse_dispatch", "MCP dispatch p99, SSE", 50),
-            ("http_status", "MCP status p99, HTTP", 20),
-            ("sse_status", "MCP status p99, SSE", 20),
-        ]:
-            row(label, mcp[key]["p99_ms"], f"<= {limit} ms", mcp[key]["p99_ms"] <= limit, " ms")
-    if "race" in results:
-        race = results["race"]
-        row("race wall: claudecluster / bare claude -p", race["wall_ratio"], "<= 1.1", race["wall_ratio"] <= 1.1)
-        row("race memory: claudecluster / bare", race["memory_ratio"], "<= 1.1", race["memory_ratio"] <= 1.1)
-    table = Table(title="claudecluster benchmarks (details: BENCHMARKS.md)", title_justify="left")
-    for column in ("measurement", "measured", "target", ""):
-        table.add_column(column)
-    for label, value, target, met in rows:
-        table.add_row(label, value, target, "[green]met[/]" if met else "[red]not met[/]")
-    console.print(table)
-    return EXIT_OK if len(results) == len(args.only or _BENCHES) else EXIT_FAILED
+    return run_benchmarks(_console(), args.only or list(BENCHES), verbose=args.verbose)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -310,9 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="plan a goal, run it with live progress, optionally merge",
         description="Plan a goal (from --tasks FILE, or split by a read-only planning agent), run its tasks "
-        "as parallel Claude Code agents with live progress, and optionally merge. Exit 0 when every task "
-        "merged, 1 on task failures, 2 on usage or configuration errors. Ctrl-C stops the agents cleanly; "
-        "`claudecluster run --plan ID` resumes.",
+        "as parallel Claude Code agents with live progress, and optionally merge. Before any agent starts, "
+        "checks once that agents can use the model (logged in, API reachable; CLAUDECLUSTER_SKIP_MODEL_CHECK=1 "
+        "skips this). Exit 0 when every task merged, 1 on task failures, 2 on usage, configuration or "
+        "model-access errors. Ctrl-C stops the agents cleanly; `claudecluster run --plan ID` resumes.",
     )
     run.add_argument("goal", nargs="?", help="what the work should achieve")
     run.add_argument("--tasks", type=Path, help="YAML/JSON file holding `tasks:` (the MCP plan tool's shape)")
@@ -376,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run bench/*.py (runner overhead, scheduling efficiency, real speed-up, 1,000-task "
         "plan, MCP latency, and the race against bare `claude -p`). Takes about 8 minutes on 2 cores.",
     )
-    bench.add_argument("--only", action="append", choices=list(_BENCHES), help="run only these (repeatable)")
+    bench.add_argument("--only", action="append", choices=list(BENCHES), help="run only these (repeatable)")
     bench.set_defaults(handler=_cmd_bench)
 
     check = commands.add_parser(
@@ -399,14 +335,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         code: int = args.handler(args)
-    except ClusterError as exc:
-        print(f"claudecluster: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
+    except BaseException as exc:  # the one boundary: every way a command can end badly
+        return _exit_for(exc)
+    return code
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, or ``[exc]``."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _one_line(error: ClusterError) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
+
+
+def _exit_for(exc: BaseException) -> int:
+    """Say what ended the command and choose the exit code. anyio task groups (the engine's)
+    wrap what their body raises in an exception group: a user's error is still one line."""
+    leaves = _leaves(exc)
+    if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
         resume = f"; resume with: claudecluster run --plan {_current_plan['id']}" if _current_plan.get("id") else ""
         print(f"claudecluster: interrupted — agents stopped, nothing left running{resume}", file=sys.stderr)
-        return 130
-    return code
+        return EXIT_INTERRUPTED
+    if all(isinstance(leaf, ClusterError) for leaf in leaves):
+        messages = list(dict.fromkeys(_one_line(leaf) for leaf in leaves if isinstance(leaf, ClusterError)))
+        more = f" (and {len(messages) - 1} more errors)" if len(messages) > 1 else ""
+        print(f"claudecluster: error: {messages[0]}{more}", file=sys.stderr)
+        return EXIT_USAGE
+    if isinstance(exc, SystemExit):
+        raise exc
+    logger.error("unexpected error: this is a bug in claudecluster; please report it with this traceback", exc_info=exc)
+    return EXIT_BUG
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,11 +28,12 @@ from rich.table import Table
 from .agent import find_claude
 from .config import CONFIG_FILE, ClusterConfig, load_config, render_config
 from .engine import STATUS_FOCUS, Cluster
-from .errors import ClusterError, ConfigError, NotFoundError, StateError
-from .models import FINAL_STATES, PlanState, PlanStatus, Task, TaskState, split_task_ref
-from .report import diffstats, event_line, to_html, to_json, to_markdown
-from .store import Registry, Store
-from .workspace import git_common_dir, repo_root
+from .errors import ClusterError, ConfigError, EngineBusyError, NotFoundError, StateError
+from .models import FINAL_STATES, PlanState, PlanStatus, TaskState, split_task_ref
+from .preflight import check_model, find_credentials, other_provider
+from .report import diffstats, event_line, status_table, to_html, to_json, to_markdown
+from .store import Registry, Store, state_db_path
+from .workspace import repo_root
 
 __all__ = [
     "cancel_command",
@@ -48,15 +48,6 @@ __all__ = [
 ]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-_STYLE = {
-    TaskState.MERGED: "green",
-    TaskState.SUCCEEDED: "cyan",
-    TaskState.RUNNING: "yellow",
-    TaskState.WAITING: "dark_orange",
-    TaskState.READY: "white",
-    TaskState.PENDING: "dim",
-    TaskState.CANCELLED: "dim",
-}
 
 
 def _load_tasks(path: Path) -> list[dict[str, Any]]:
@@ -79,7 +70,7 @@ async def _repo(path: Path | None) -> Path:
 
 @asynccontextmanager
 async def _store(repo: Path) -> AsyncIterator[Store]:
-    db = await git_common_dir(repo) / "claudecluster" / "state.db"
+    db = await state_db_path(repo)
     if not db.exists():
         raise NotFoundError(f"no claudecluster plans in {repo} yet (start one with `claudecluster run`)")
     async with Store.open(db) as store:
@@ -99,44 +90,6 @@ async def _plan_repo(plan_id: str | None, repo: Path | None, config: ClusterConf
             return here, plan_id
     registry = Registry(config.engine().state_dir / "registry.db")
     return await anyio.to_thread.run_sync(registry.lookup, plan_id), plan_id
-
-
-# -- rendering --------------------------------------------------------------------------------
-
-
-def _elapsed(task: Task) -> str:
-    if task.started_at is None:
-        return ""
-    end = task.finished_at if task.state not in (TaskState.RUNNING, TaskState.WAITING) and task.finished_at else None
-    seconds = (end.timestamp() if end else time.time()) - task.started_at.timestamp()
-    return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
-
-
-def status_table(status: PlanStatus) -> Table:
-    """The live table: task, state, elapsed, turns, cost, last activity."""
-    table = Table(expand=False, title=escape(f"plan {status.plan.id}: {status.plan.goal[:60]}"), title_justify="left")
-    table.add_column("task", no_wrap=True)
-    table.add_column("state", no_wrap=True)
-    table.add_column("elapsed", justify="right")
-    table.add_column("turns", justify="right")
-    table.add_column("cost", justify="right")
-    table.add_column("last activity", overflow="ellipsis", no_wrap=True, max_width=60)
-    for task in status.tasks:
-        style = _STYLE.get(task.state, "red")
-        activity = (
-            task.reason if task.state in FINAL_STATES and task.state is not TaskState.MERGED else task.last_activity
-        )
-        table.add_row(
-            escape(task.id) + (" (resolve)" if task.kind.value == "resolve" else ""),
-            f"[{style}]{task.state.value}[/]",
-            _elapsed(task),
-            str(task.turns or ""),
-            f"${task.cost_usd:.4f}" if task.cost_usd else "",
-            escape(activity),
-        )
-    if status.omitted:
-        table.caption = f"{status.omitted} more tasks pending or merged"
-    return table
 
 
 def _exit_code(status: PlanStatus) -> int:
@@ -163,16 +116,20 @@ async def run_command(
     config = load_config(root, **flags)
     claude = await anyio.to_thread.run_sync(find_claude, config.claude_bin)
     tasks = _load_tasks(tasks_file) if tasks_file else None
-    async with Cluster.open(root, settings=config.engine(), claude=claude) as cluster:
+    if plan_id is None and not goal:
+        raise ConfigError("give a goal (and optionally --tasks FILE), or --plan ID to continue a plan")
+    settings = config.engine()
+    # Once, before any agent (the planner included) starts: not every task failing alike.
+    await check_model(settings, repo=root)
+    async with Cluster.open(root, settings=settings, claude=claude) as cluster:
         if plan_id is None:
-            if not goal:
-                raise ConfigError("give a goal (and optionally --tasks FILE), or --plan ID to continue a plan")
+            assert goal is not None
             if not as_json:
                 console.print("planning…" if tasks is None else f"planning {len(tasks)} tasks…")
             status = await cluster.plan(goal, tasks)
             plan_id = status.plan.id
-            for warning in status.plan.warnings:
-                console.print(f"[yellow]warning:[/] {escape(warning)}") if not as_json else None
+            for warning in [] if as_json else status.plan.warnings:
+                console.print(f"[yellow]warning:[/] {escape(warning)}")
         if on_plan is not None:
             on_plan(plan_id)
         await cluster.dispatch(plan_id)
@@ -181,15 +138,8 @@ async def run_command(
         if merge and _exit_code(status) == EXIT_OK:
             report = await cluster.merge(plan_id)
         status = await cluster.status(plan_id)
-    if as_json:
-        sys.stdout.write(to_json(status) + "\n")
-    else:
-        console.print(status_table(status))
-        console.print(
-            f"{sum(status.counts.values())} tasks: "
-            + ", ".join(f"{n} {s}" for s, n in sorted(status.counts.items()))
-            + f"; ${status.total_cost_usd:.4f}, {status.total_tokens:,} tokens"
-        )
+    _print_status(console, status, as_json=as_json)
+    if not as_json:
         if report is not None:
             console.print(f"merged into [bold]{report.target}[/] ({report.kind}); undo: {report.undo}")
         elif _exit_code(status) == EXIT_OK:
@@ -234,43 +184,50 @@ async def status_command(console: Console, plan_id: str | None, *, repo: Path | 
     root, plan_id = await _plan_repo(plan_id, repo, config)
     async with _store(root) as store:
         if plan_id is None:
-            plans = await store.plans()
-            rows: list[dict[str, Any]] = []
-            for plan in plans:
-                counts, cost, tokens = await store.tally(plan.id)
-                rows.append(
-                    {
-                        "plan_id": plan.id,
-                        "goal": plan.goal,
-                        "state": plan.state.value,
-                        "counts": counts,
-                        "cost_usd": round(cost, 6),
-                        "tokens": tokens,
-                        "created_at": plan.created_at.isoformat(),
-                    }
-                )
-            if as_json:
-                sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-                return EXIT_OK
-            table = Table(title=f"plans in {root}", title_justify="left")
-            for column in ("plan", "state", "tasks", "cost", "goal"):
-                table.add_column(column)
-            for row in rows:
-                tally = ", ".join(f"{n} {s}" for s, n in sorted(row["counts"].items()))
-                table.add_row(row["plan_id"], row["state"], tally, f"${row['cost_usd']:.4f}", escape(row["goal"][:50]))
-            console.print(table)
+            _print_overview(console, root, await store.overview(), as_json=as_json)
             return EXIT_OK
-        plan = await store.plan(plan_id)
-        counts, cost, tokens = await store.tally(plan_id)
-        status = PlanStatus(
-            plan=plan, tasks=await store.tasks(plan_id), counts=counts, total_cost_usd=cost, total_tokens=tokens
-        )
+        status = await store.status(plan_id)
+    _print_status(console, status, as_json=as_json)
+    return EXIT_OK
+
+
+def _tally(status: PlanStatus) -> str:
+    return ", ".join(f"{n} {s}" for s, n in sorted(status.counts.items()))
+
+
+def _print_status(console: Console, status: PlanStatus, *, as_json: bool) -> None:
+    """A plan as JSON on stdout, or as the task table and a summary line."""
     if as_json:
         sys.stdout.write(to_json(status) + "\n")
-    else:
-        console.print(status_table(status))
-        console.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"; ${cost:.4f}, {tokens:,} tokens")
-    return EXIT_OK
+        return
+    console.print(status_table(status))
+    totals = f"${status.total_cost_usd:.4f}, {status.total_tokens:,} tokens"
+    console.print(f"{sum(status.counts.values())} tasks: {_tally(status)}; {totals}")
+
+
+def _print_overview(console: Console, root: Path, overview: list[PlanStatus], *, as_json: bool) -> None:
+    """The repository's plans, one row each (``status`` without a plan id)."""
+    if as_json:
+        rows = [
+            {
+                "plan_id": s.plan.id,
+                "goal": s.plan.goal,
+                "state": s.plan.state.value,
+                "counts": s.counts,
+                "cost_usd": round(s.total_cost_usd, 6),
+                "tokens": s.total_tokens,
+                "created_at": s.plan.created_at.isoformat(),
+            }
+            for s in overview
+        ]
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table(title=f"plans in {root}", title_justify="left")
+    for column in ("plan", "state", "tasks", "cost", "goal"):
+        table.add_column(column)
+    for s in overview:
+        table.add_row(s.plan.id, s.plan.state.value, _tally(s), f"${s.total_cost_usd:.4f}", escape(s.plan.goal[:50]))
+    console.print(table)
 
 
 async def logs_command(console: Console, task_ref: str, *, repo: Path | None, tail: int, follow: bool) -> int:
@@ -303,10 +260,8 @@ async def cancel_command(console: Console, target: str, *, repo: Path | None) ->
         claude = await anyio.to_thread.run_sync(find_claude, config.claude_bin)
         async with Cluster.open(root, settings=load_config(root).engine(), claude=claude) as cluster:
             status = await cluster.cancel(plan_id, local)
-        console.print(f"cancelled {target}: " + ", ".join(f"{n} {s}" for s, n in sorted(status.counts.items())))
-    except StateError as exc:
-        if "another claudecluster engine" not in str(exc):
-            raise
+        console.print(f"cancelled {target}: {_tally(status)}")
+    except EngineBusyError as exc:
         if local is not None:
             raise StateError(f"{exc} (cancel the whole plan, or the task through that engine)") from None
         async with _store(root) as store:
@@ -351,13 +306,11 @@ async def workers_command(console: Console, action: str, count: int | None, *, r
         )
         return EXIT_OK
     running = 0
-    try:
+    with contextlib.suppress(NotFoundError):  # no store yet: nothing runs
         async with _store(root) as store:
-            for plan in await store.plans([PlanState.RUNNING]):
-                counts, _, _ = await store.tally(plan.id)
-                running += counts.get("running", 0) + counts.get("waiting", 0)
-    except NotFoundError:
-        pass
+            for status in await store.overview():
+                if status.plan.state is PlanState.RUNNING:
+                    running += status.counts.get("running", 0) + status.counts.get("waiting", 0)
     console.print(
         f"workers: {config.workers} (from flags > env > {CONFIG_FILE} > default); agents running now: {running}"
     )
@@ -375,11 +328,7 @@ async def export_command(
             if not plans:
                 raise NotFoundError(f"no plans in {root}")
             plan_id = plans[-1].id
-        plan = await store.plan(plan_id)
-        counts, cost, tokens = await store.tally(plan_id)
-        status = PlanStatus(
-            plan=plan, tasks=await store.tasks(plan_id), counts=counts, total_cost_usd=cost, total_tokens=tokens
-        )
+        status = await store.status(plan_id)
     stats = await diffstats(root, status.tasks)
     text = {"json": to_json, "md": to_markdown, "html": to_html}[fmt](status, stats)
     if output is None:
@@ -428,15 +377,10 @@ async def init_command(
     )
     found = await anyio.to_thread.run_sync(find_claude, config.claude_bin)
     console.print(f"claude {found.version} at {found.path}")
-    config_dir = Path(os.environ.get("CLAUDE_CONFIG_DIR") or Path.home() / ".claude")
-    if os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN"):
-        console.print("authentication: ANTHROPIC_API_KEY is set")
-    elif (
-        (config_dir / ".credentials.json").exists()
-        or os.environ.get("CLAUDE_CODE_USE_BEDROCK")
-        or os.environ.get("CLAUDE_CODE_USE_VERTEX")
-    ):
-        console.print("authentication: Claude Code login found")
+    credentials = find_credentials(os.environ, repo=root)
+    source = other_provider(os.environ) or (credentials.source if credentials else None)
+    if source is not None:
+        console.print(f"authentication: {escape(source)}")
     else:
         console.print(
             "[yellow]authentication: none found.[/] Run `claude` once and log in (`/login`), or set "

@@ -1,6 +1,7 @@
-"""Reports of a plan: JSON, Markdown, and one self-contained HTML page (a timeline of tasks
-on worker slots, the dependency graph, per-task outcome, turns, cost, tokens, diffstat, the
-merge result, and failures with their reasons)."""
+"""Reports of a plan: the terminal's status table, JSON, Markdown, and one self-contained
+HTML page (a timeline of tasks on worker slots, the dependency graph, per-task outcome, turns,
+cost, tokens, diffstat, the merge result, and failures with their reasons). One colour per
+task state and one elapsed-time format serve them all."""
 
 from __future__ import annotations
 
@@ -11,13 +12,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+from rich.table import Table
+
 from .graph import TaskGraph
-from .models import PlanStatus, Task, TaskState
+from .models import FINAL_STATES, PlanStatus, Task, TaskState
 from .workspace import git
 
-__all__ = ["Diffstat", "diffstats", "event_line", "to_html", "to_json", "to_markdown"]
+__all__ = [
+    "STATE_COLOURS",
+    "Diffstat",
+    "diffstats",
+    "elapsed_text",
+    "event_line",
+    "state_colour",
+    "status_table",
+    "to_html",
+    "to_json",
+    "to_markdown",
+]
 
-_COLOURS = {
+STATE_COLOURS = {
     TaskState.MERGED: "#2e9d57",
     TaskState.SUCCEEDED: "#3b82c4",
     TaskState.RUNNING: "#e0a526",
@@ -31,6 +46,20 @@ _COLOURS = {
     TaskState.CANCELLED: "#7b8794",
     TaskState.BLOCKED: "#a0a0a0",
 }
+
+
+def state_colour(state: TaskState) -> str:
+    """The colour of a task state (``#rrggbb``), in the HTML report and the terminal alike."""
+    return STATE_COLOURS.get(state, "#888888")
+
+
+def elapsed_text(task: Task) -> str:
+    """How long a task has run (until now while it runs), e.g. ``4.2s`` or ``73s``; ``-`` if
+    it has not started."""
+    seconds = task.elapsed_s
+    if seconds is None:
+        return "-"
+    return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
 
 
 @dataclass(frozen=True)
@@ -85,6 +114,32 @@ def _short(value: Any) -> str:
     return text if len(text) <= 200 else text[:200] + "…"
 
 
+def status_table(status: PlanStatus) -> Table:
+    """The live table: task, state, elapsed, turns, cost, last activity."""
+    table = Table(expand=False, title=escape(f"plan {status.plan.id}: {status.plan.goal[:60]}"), title_justify="left")
+    table.add_column("task", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("elapsed", justify="right")
+    table.add_column("turns", justify="right")
+    table.add_column("cost", justify="right")
+    table.add_column("last activity", overflow="ellipsis", no_wrap=True, max_width=60)
+    for task in status.tasks:
+        activity = (
+            task.reason if task.state in FINAL_STATES and task.state is not TaskState.MERGED else task.last_activity
+        )
+        table.add_row(
+            escape(task.id) + (" (resolve)" if task.kind.value == "resolve" else ""),
+            f"[{state_colour(task.state)}]{task.state.value}[/]",
+            elapsed_text(task),
+            str(task.turns or ""),
+            f"${task.cost_usd:.4f}" if task.cost_usd else "",
+            escape(activity),
+        )
+    if status.omitted:
+        table.caption = f"{status.omitted} more tasks pending or merged"
+    return table
+
+
 def _task_dict(task: Task, stat: Diffstat | None) -> dict[str, Any]:
     data = task.model_dump(
         mode="json",
@@ -114,13 +169,6 @@ def to_json(status: PlanStatus, stats: dict[str, Diffstat] | None = None) -> str
     )
 
 
-def _elapsed(task: Task) -> str:
-    if task.started_at is None:
-        return "-"
-    end = task.finished_at or datetime.now(UTC)
-    return f"{(end - task.started_at).total_seconds():.1f}s"
-
-
 def to_markdown(status: PlanStatus, stats: dict[str, Diffstat] | None = None) -> str:
     """A Markdown report: summary, a task table, failures, and the merge result."""
     stats = stats or {}
@@ -141,7 +189,7 @@ def to_markdown(status: PlanStatus, stats: dict[str, Diffstat] | None = None) ->
         diff = f"{stat.files} files +{stat.added} -{stat.removed}" if stat else "-"
         lines.append(
             f"| {task.id}{' (resolve)' if task.kind.value == 'resolve' else ''} | {task.state.value} | "
-            f"{task.attempts} | {task.turns} | {_elapsed(task)} | ${task.cost_usd:.4f} | "
+            f"{task.attempts} | {task.turns} | {elapsed_text(task)} | ${task.cost_usd:.4f} | "
             f"{task.input_tokens + task.output_tokens:,} | {diff} | {', '.join(task.deps) or '-'} |"
         )
     failures = [t for t in status.tasks if t.state not in (TaskState.MERGED, TaskState.PENDING) and t.reason]
@@ -196,7 +244,7 @@ def _gantt(tasks: list[Task]) -> str:
         parts.append(f'<text x="4" y="{slot * row + 17}" class="axis">slot {slot + 1}</text>')
     for task, slot, start, end in placed:
         x, w = left + start * scale, max(2.0, (end - start) * scale)
-        colour = _COLOURS.get(task.state, "#888")
+        colour = state_colour(task.state)
         title = html.escape(f"{task.id}: {task.state.value}, {start:.1f}s → {end:.1f}s")
         parts.append(
             f'<g class="bar" data-task="{html.escape(task.id)}"><title>{title}</title>'
@@ -246,7 +294,7 @@ def _dag(tasks: list[Task]) -> str:
         state = getattr(task, "state", TaskState.PENDING)
         parts.append(
             f'<g class="node" data-task="{html.escape(tid)}"><rect x="{x}" y="{y}" width="{box_w}" height="{box_h}" '
-            f'rx="6" fill="{_COLOURS.get(state, "#888")}"/><text x="{x + 8}" y="{y + 21}" class="label">'
+            f'rx="6" fill="{state_colour(state)}"/><text x="{x + 8}" y="{y + 21}" class="label">'
             f"{html.escape(tid)}</text></g>"
         )
     parts.append("</svg>")
@@ -276,14 +324,14 @@ def to_html(status: PlanStatus, stats: dict[str, Diffstat] | None = None) -> str
     rows = []
     for task in status.tasks:
         stat = stats.get(task.id)
-        colour = _COLOURS.get(task.state, "#888")
+        colour = state_colour(task.state)
         resolve = " <small>(resolve)</small>" if task.kind.value == "resolve" else ""
         rows.append(
             f'<tr data-task="{e(task.id)}"><td>{e(task.id)}{resolve}'
             f"<br><small>{e(task.title)}</small></td>"
             f'<td><span class="state" style="background:{colour}">{e(task.state.value)}</span></td>'
             f'<td class="num">{task.attempts}</td><td class="num">{task.turns}</td>'
-            f'<td class="num">{_elapsed(task)}</td><td class="num">${task.cost_usd:.4f}</td>'
+            f'<td class="num">{elapsed_text(task)}</td><td class="num">${task.cost_usd:.4f}</td>'
             f'<td class="num">{task.input_tokens + task.output_tokens:,}</td>'
             f"<td>{f'{stat.files} files +{stat.added} -{stat.removed}' if stat else '-'}</td>"
             f"<td>{e(', '.join(task.deps) or '-')}</td></tr>"

@@ -1,10 +1,13 @@
-"""Reports of a real run: JSON and Markdown for content, HTML rendered by headless Chromium."""
+"""Reports of a real run: JSON and Markdown for content, HTML rendered by headless Chromium;
+the state colours and elapsed times every report (and the terminal table) shares."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +18,10 @@ from conftest import agent_home
 from claudecluster_mcp.agent import ClaudeBinary
 from claudecluster_mcp.engine import Cluster, EngineSettings
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
-from claudecluster_mcp.report import diffstats, to_html, to_json, to_markdown
+from claudecluster_mcp.models import Task, TaskState
+from claudecluster_mcp.report import diffstats, elapsed_text, state_colour, to_html, to_json, to_markdown
 
-pytestmark = [pytest.mark.anyio, pytest.mark.claude]
+pytestmark = pytest.mark.anyio
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -71,6 +75,7 @@ async def finished_plan(
     return status, await diffstats(repo, status.tasks)
 
 
+@pytest.mark.claude
 async def test_json_and_markdown_reports_hold_the_run(finished_plan: Any) -> None:
     status, stats = finished_plan
 
@@ -88,6 +93,7 @@ async def test_json_and_markdown_reports_hold_the_run(finished_plan: Any) -> Non
     assert "- **d** (blocked): dependency c did not merge" in markdown
 
 
+@pytest.mark.claude
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (`make test` installs it where apt-get works)")
 async def test_html_report_renders_in_headless_chromium(finished_plan: Any, tmp_path: Path) -> None:
     status, stats = finished_plan
@@ -111,3 +117,25 @@ async def test_html_report_renders_in_headless_chromium(finished_plan: Any, tmp_
     assert dom.count('<tr data-task="') == 4
     assert "API Error: 500" in dom and "dependency c did not merge" in dom
     assert "<script" not in dom and "http://" not in dom.split("<body", 1)[1].split("svg", 1)[0]
+
+
+def test_elapsed_time_reads_the_same_everywhere() -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def task(state: TaskState, started: datetime | None = None, seconds: float | None = None) -> Task:
+        finished = started + timedelta(seconds=seconds) if started and seconds is not None else None
+        times = {"created_at": start, "updated_at": start, "started_at": started, "finished_at": finished}
+        return Task(id="t", prompt="p", plan_id="p1", state=state, **times)
+
+    assert elapsed_text(task(TaskState.PENDING)) == "-"
+    assert elapsed_text(task(TaskState.MERGED, start, 4.3)) == "4.3s"
+    assert elapsed_text(task(TaskState.FAILED, start, 73.4)) == "73s"
+    # A running task counts until now.
+    assert elapsed_text(task(TaskState.RUNNING, datetime.now(UTC) - timedelta(seconds=30))) in ("30s", "31s")
+
+
+def test_every_state_has_its_own_colour() -> None:
+    colours = {state: state_colour(state) for state in TaskState}
+
+    assert all(re.fullmatch(r"#[0-9a-f]{6}", c) for c in colours.values()), colours
+    assert colours[TaskState.MERGED] != colours[TaskState.FAILED] != colours[TaskState.RUNNING]

@@ -1,0 +1,95 @@
+"""``claudecluster bench``: run the benchmark scripts of a source checkout (``bench/*.py``)
+and print one table of measured ratios against their targets (details: BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import ConfigError
+
+__all__ = ["BENCHES", "results_table", "run_benchmarks"]
+
+# name -> (script in bench/, its arguments)
+BENCHES = {
+    "runner": ("bench_runner.py", []),
+    "engine": ("bench_engine.py", ["plan1000", "scheduling", "speedup"]),
+    "mcp": ("bench_mcp.py", []),
+    "race": ("bench_race.py", []),
+}
+
+
+def run_benchmarks(console: Console, names: list[str], *, verbose: bool = False) -> int:
+    """Run the named benchmarks (keys of :data:`BENCHES`), print the table; exit code 0 when
+    every one ran (whether its targets were met is in the table), else 1."""
+    bench_dir = Path(__file__).resolve().parent.parent / "bench"
+    if not bench_dir.is_dir():
+        raise ConfigError(f"benchmarks not found at {bench_dir}; run `claudecluster bench` from a source checkout")
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="cc-bench-") as tmp:
+        for name in names:
+            script, extra = BENCHES[name]
+            out = Path(tmp) / f"{name}.json"
+            console.print(f"[bold]running {script}[/] …")
+            done = subprocess.run(
+                [sys.executable, str(bench_dir / script), *extra, "--json", str(out)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL if not verbose else None,
+                check=False,
+            )
+            if done.returncode != 0 or not out.exists():
+                console.print(f"[red]{script} failed (exit {done.returncode})[/]")
+                continue
+            results[name] = json.loads(out.read_text())
+    console.print(results_table(results))
+    return 0 if len(results) == len(names) else 1
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    """One row per measurement in the benchmarks' JSON results, with its target and whether
+    it was met."""
+    rows: list[tuple[str, str, str, bool]] = []
+
+    def row(label: str, value: float, target: str, met: bool, unit: str = "") -> None:
+        rows.append((label, f"{value:g}{unit}", target, met))
+
+    if "runner" in results:
+        overhead = results["runner"]["summary"]["overhead"]
+        row("runner / direct claude -p (one run)", round(overhead["ratio"], 3), "<= 1.10", overhead["ratio"] <= 1.10)
+    if "engine" in results:
+        engine = results["engine"]
+        if "scheduling" in engine:
+            ratio = engine["scheduling"]["efficiency_ratio"]
+            row("makespan / lower bound (200-task DAG)", ratio, "<= 1.05", ratio <= 1.05)
+        if "speedup" in engine:
+            speed = engine["speedup"]["speedup"]
+            row("10 slots vs 1 slot (real claude)", speed, ">= 6 (brief 3)", speed >= 6, "x")
+        if "plan1000" in engine:
+            seconds = engine["plan1000"]["plan_validate_store_s_best"]
+            row("1,000-task plan validated + stored", seconds, "<= 1 s", seconds <= 1, " s")
+    if "mcp" in results:
+        mcp = results["mcp"]
+        for key, label, limit in [
+            ("http_dispatch", "MCP dispatch p99, HTTP", 50),
+            ("sse_dispatch", "MCP dispatch p99, SSE", 50),
+            ("http_status", "MCP status p99, HTTP", 20),
+            ("sse_status", "MCP status p99, SSE", 20),
+        ]:
+            row(label, mcp[key]["p99_ms"], f"<= {limit} ms", mcp[key]["p99_ms"] <= limit, " ms")
+    if "race" in results:
+        race = results["race"]
+        row("race wall: claudecluster / bare claude -p", race["wall_ratio"], "<= 1.1", race["wall_ratio"] <= 1.1)
+        row("race memory: claudecluster / bare", race["memory_ratio"], "<= 1.1", race["memory_ratio"] <= 1.1)
+    table = Table(title="claudecluster benchmarks (details: BENCHMARKS.md)", title_justify="left")
+    for column in ("measurement", "measured", "target", ""):
+        table.add_column(column)
+    for label, value, target, met in rows:
+        table.add_row(label, value, target, "[green]met[/]" if met else "[red]not met[/]")
+    return table
