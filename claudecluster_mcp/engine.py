@@ -38,6 +38,7 @@ from .merge_queue import FinalMerge, MergeQueue
 from .models import ACTIVE_STATES, FINAL_STATES, MergePolicy, Plan, PlanState, PlanStatus, Task, TaskSpec, TaskState
 from .placement import AgentPlacement, LocalPlacement
 from .planner import plan_with_claude
+from .preflight import check_model
 from .recovery import EngineLease, recover
 from .retry import RateLimitPause
 from .scheduler import Scheduler
@@ -70,6 +71,7 @@ class Cluster:
         self.merges = MergeQueue(repo, store, settings, self.pulse)
         self.runner = TaskRunner(repo, store, settings, placement, self.pulse, pause, self.merges)
         self.scheduler = Scheduler(store, self.runner, self.pulse, pause, settings.workers)
+        self._model_checked = False
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -188,7 +190,15 @@ class Cluster:
         await anyio.to_thread.run_sync(self.registry.register, plan_id, self.repo)
         return await self.status(plan_id)
 
+    async def _check_model(self) -> None:
+        """Say once, before the first agent starts, if the model cannot be used (not logged in,
+        credentials refused, API unreachable), instead of every agent failing on it."""
+        if not self._model_checked:
+            await check_model(self.settings, repo=self.repo)
+            self._model_checked = True
+
     async def _planned(self, goal: str) -> list[TaskSpec]:
+        await self._check_model()
         claude = self.claude if self.claude is not None else await anyio.to_thread.run_sync(find_claude)
         return await plan_with_claude(
             self.repo,
@@ -207,6 +217,7 @@ class Cluster:
         plan = await self.store.plan(plan_id)
         if plan.state in (PlanState.CANCELLED, PlanState.MERGED, PlanState.FAILED):
             raise StateError(f"plan {plan_id} is {plan.state.value}; it cannot be dispatched")
+        await self._check_model()
         only: set[str] | None = None
         if task_ids is not None:
             only = set(task_ids)

@@ -32,14 +32,10 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import anyio
 
 from .errors import ModelUnavailableError
-
-if TYPE_CHECKING:  # the engine may call check_model: no import cycle at runtime
-    from .engine import EngineSettings
+from .settings import EngineSettings
 
 __all__ = ["DEFAULT_BASE_URL", "SKIP_VAR", "Credentials", "check_model", "find_credentials", "other_provider"]
 

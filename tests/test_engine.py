@@ -192,7 +192,8 @@ async def test_a_429_storm_pauses_the_pool_then_everything_succeeds(
         events = await cluster.store.events(plan.id)
 
     assert all(t.state is TaskState.MERGED for t in status.tasks), [(t.id, t.state, t.reason) for t in status.tasks]
-    assert [r.outcome for r in server.requests[:3]] == ["storm fault: rate_limit"] * 3
+    model_turns = [r for r in server.requests if r.path == "/v1/messages"]
+    assert [r.outcome for r in model_turns[:3]] == ["storm fault: rate_limit"] * 3
     assert any(e["kind"] == "pool_paused" for e in events)
     # Rate limits do not use up attempts.
     assert all(t.attempts == 1 for t in status.tasks)
