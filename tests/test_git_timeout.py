@@ -49,8 +49,14 @@ def alive(pid: int) -> bool:
         return False
 
 
-def recorded_pids(pid_dir: Path) -> dict[str, int]:
-    return {name: int((pid_dir / f"{name}.pid").read_text()) for name in ("hook", "git", "sleep")}
+def survivors(pid_dir: Path, grace: float = 2.0) -> list[str]:
+    """The hook's processes (by the pids it recorded) still alive after ``grace`` seconds
+    (SIGKILL is delivered asynchronously: a killed process may take a moment to die)."""
+    pids = {name: int((pid_dir / f"{name}.pid").read_text()) for name in ("hook", "git", "sleep")}
+    deadline = time.monotonic() + grace
+    while (alive_now := [name for name, pid in pids.items() if alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive_now
 
 
 async def test_a_hanging_hook_makes_worktree_add_time_out_with_a_clear_error(
@@ -67,8 +73,7 @@ async def test_a_hanging_hook_makes_worktree_add_time_out_with_a_clear_error(
     assert "git worktree add --quiet timed out after 1.5s" in message
     assert str(repo) in message and "hook" in message and "index.lock" in message
     assert elapsed < short_git_timeout + 2
-    pids = recorded_pids(tmp_path)
-    assert not [name for name, pid in pids.items() if alive(pid)]
+    assert survivors(tmp_path) == []
 
 
 async def test_the_timeout_keyword_overrides_the_default_and_names_the_command(repo: Path, tmp_path: Path) -> None:
@@ -78,7 +83,7 @@ async def test_the_timeout_keyword_overrides_the_default_and_names_the_command(r
     with pytest.raises(GitError, match=r"git commit --allow-empty -m timed out after 0\.5s"):
         await git(repo, *IDENTITY, "commit", "--allow-empty", "-m", "x", timeout=0.5)
 
-    assert not [name for name, pid in recorded_pids(tmp_path).items() if alive(pid)]
+    assert survivors(tmp_path) == []
 
 
 async def test_a_cancelled_git_command_leaves_no_process(repo: Path, tmp_path: Path) -> None:
@@ -88,7 +93,7 @@ async def test_a_cancelled_git_command_leaves_no_process(repo: Path, tmp_path: P
         await git(repo, *IDENTITY, "commit", "--allow-empty", "-m", "x")
 
     assert scope.cancelled_caught
-    assert not [name for name, pid in recorded_pids(tmp_path).items() if alive(pid)]
+    assert survivors(tmp_path) == []
 
 
 async def test_commands_within_the_timeout_are_unaffected(repo: Path) -> None:
