@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from _common import make_repo, write_scenario  # noqa: E402
 
-from claudecluster_mcp.agent import ClaudeBinary, find_claude  # noqa: E402
+from claudecluster_mcp.claude_cli import ClaudeBinary, find_claude  # noqa: E402
 from claudecluster_mcp.engine import Cluster, EngineSettings  # noqa: E402
 from claudecluster_mcp.graph import TaskGraph  # noqa: E402
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env  # noqa: E402

@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from _common import make_repo, write_scenario  # noqa: E402
 
-from claudecluster_mcp.agent import AgentSpec, agent_env, build_argv, find_claude  # noqa: E402
+from claudecluster_mcp.agent_spec import AgentSpec, agent_env, build_argv  # noqa: E402
+from claudecluster_mcp.claude_cli import find_claude  # noqa: E402
 from claudecluster_mcp.engine import Cluster, EngineSettings  # noqa: E402
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env  # noqa: E402
 from claudecluster_mcp.models import TaskState  # noqa: E402

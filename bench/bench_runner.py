@@ -43,16 +43,11 @@ from typing import Any
 import anyio
 import psutil
 
-from claudecluster_mcp.agent import (
-    AgentRun,
-    AgentSpec,
-    ClaudeBinary,
-    OutcomeStatus,
-    agent_env,
-    build_argv,
-    find_claude,
-)
+from claudecluster_mcp.agent import AgentRun
+from claudecluster_mcp.agent_spec import AgentSpec, agent_env, build_argv
+from claudecluster_mcp.claude_cli import ClaudeBinary, find_claude
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
+from claudecluster_mcp.outcome import OutcomeStatus
 from claudecluster_mcp.scenario import Scenario, load_scenario
 
 MARKER = "claudecluster-bench"

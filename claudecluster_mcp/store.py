@@ -9,6 +9,10 @@ before the ref moves, and closed as ``done`` or ``undone``.
 The database lives in the repository's git directory (``.git/claudecluster/state.db``), so
 ``git status`` never shows it; the registry (``$XDG_STATE_HOME/claudecluster/registry.db``)
 maps plan ids to repositories so that a plan id alone is enough, also after a restart.
+
+No ``sqlite3.Error`` leaves this module: every public method runs inside
+:func:`~claudecluster_mcp.sqlite_errors.sqlite_errors`, which turns it into a
+:class:`StoreError` naming the file and what to do about it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import anyio
 
 from .errors import NotFoundError, StateError, StoreError
 from .models import FINAL_STATES, TRANSITIONS, Plan, PlanState, PlanStatus, Priority, Task, TaskState
+from .sqlite_errors import sqlite_errors, translate_sqlite_errors
 from .workspace import git_common_dir
 
 __all__ = ["MIGRATIONS", "Registry", "Store", "StoredEvent", "TaskRow", "now", "state_db_path"]
@@ -211,6 +216,11 @@ class StoredEvent(dict[str, Any]):
     """An event row: seq, plan_id, task_id, at, kind, data."""
 
 
+_STATE_DB = "the state database"
+_REGISTRY = "the plan registry"
+
+
+@translate_sqlite_errors(_STATE_DB)
 class Store:
     """The state of every plan of one repository."""
 
@@ -226,20 +236,23 @@ class Store:
         """Open (creating and migrating as needed) the database at ``path``."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            db = await aiosqlite.connect(path, isolation_level=None)
-        except (OSError, sqlite3.Error) as exc:
+        except OSError as exc:
             raise StoreError(f"cannot open the state database {path}: {exc}") from exc
+        with sqlite_errors(_STATE_DB, path):
+            db = await aiosqlite.connect(path, isolation_level=None)
         try:
-            db.row_factory = aiosqlite.Row
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA busy_timeout=10000")
-            await db.execute("PRAGMA synchronous=NORMAL")
-            await db.execute("PRAGMA foreign_keys=ON")
-            store = cls(db, path)
-            await store._migrate()
+            with sqlite_errors(_STATE_DB, path):
+                db.row_factory = aiosqlite.Row
+                await db.execute("PRAGMA journal_mode=WAL")
+                await db.execute("PRAGMA busy_timeout=10000")
+                await db.execute("PRAGMA synchronous=NORMAL")
+                await db.execute("PRAGMA foreign_keys=ON")
+                store = cls(db, path)
+                await store._migrate()
             yield store
         finally:
-            with anyio.CancelScope(shield=True):  # a cancelled close would strand the db thread
+            # A cancelled close would strand the db thread.
+            with anyio.CancelScope(shield=True), sqlite_errors(_STATE_DB, path):
                 await db.close()
 
     async def _migrate(self) -> None:
@@ -271,15 +284,16 @@ class Store:
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """A write transaction (``BEGIN IMMEDIATE`` … ``COMMIT``; rolled back on error)."""
         async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
+            with sqlite_errors(_STATE_DB, self.path):
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await self._db.execute("ROLLBACK")
+                    raise
                 with anyio.CancelScope(shield=True):
-                    await self._db.execute("ROLLBACK")
-                raise
-            with anyio.CancelScope(shield=True):
-                await self._db.execute("COMMIT")
+                    await self._db.execute("COMMIT")
 
     # -- plans ------------------------------------------------------------------------------
 
@@ -562,23 +576,17 @@ class Registry:
 
     def register(self, plan_id: str, repo: Path) -> None:
         """Remember which repository holds ``plan_id``."""
-        try:
-            with contextlib.closing(self._connect()) as db, db:
-                db.execute(
-                    "INSERT OR REPLACE INTO plans VALUES (?, ?, ?)",
-                    [plan_id, str(repo), now().isoformat()],
-                )
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot write the plan registry {self.path}: {exc}") from exc
+        with sqlite_errors(_REGISTRY, self.path), contextlib.closing(self._connect()) as db, db:
+            db.execute(
+                "INSERT OR REPLACE INTO plans VALUES (?, ?, ?)",
+                [plan_id, str(repo), now().isoformat()],
+            )
 
     def lookup(self, plan_id: str) -> Path:
         """The repository of ``plan_id`` (:class:`NotFoundError` listing recent plans if unknown)."""
-        try:
-            with contextlib.closing(self._connect()) as db:
-                row = db.execute("SELECT repo FROM plans WHERE id = ?", [plan_id]).fetchone()
-                recent = [r[0] for r in db.execute("SELECT id FROM plans ORDER BY created_at DESC LIMIT 10")]
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot read the plan registry {self.path}: {exc}") from exc
+        with sqlite_errors(_REGISTRY, self.path), contextlib.closing(self._connect()) as db:
+            row = db.execute("SELECT repo FROM plans WHERE id = ?", [plan_id]).fetchone()
+            recent = [r[0] for r in db.execute("SELECT id FROM plans ORDER BY created_at DESC LIMIT 10")]
         if row is None:
             raise NotFoundError(f"unknown plan id {plan_id!r} (recent plans: {', '.join(recent) or 'none'})")
         return Path(row[0])

@@ -2,21 +2,29 @@
 list (never a shell), and every user-supplied ref or path checked first.
 
 This is the one place git failures are translated: a failed command raises
-:class:`~claudecluster_mcp.errors.GitError` carrying git's own message.
+:class:`~claudecluster_mcp.errors.GitError` carrying git's own message, and a command that
+outlives its timeout (a hanging hook, a lock, a network remote) is killed with everything
+it started and reported as a :class:`GitError` that says what to check.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import signal
 import subprocess
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import anyio
+from anyio.abc import ByteReceiveStream, Process
 
 from .errors import DirtyWorktreeError, GitError, RepositoryError
 
 __all__ = [
+    "DEFAULT_GIT_TIMEOUT",
     "GitResult",
     "add_worktree",
     "changed_files",
@@ -33,11 +41,15 @@ __all__ = [
     "repo_root",
     "require_clean",
     "rev_parse",
+    "set_git_timeout",
     "update_ref",
     "worktree_of_branch",
 ]
 
 ZERO_OID = "0" * 40
+DEFAULT_GIT_TIMEOUT = 120.0
+"""Seconds a git command may run before it is killed, unless :func:`set_git_timeout` says otherwise."""
+_git_timeout = DEFAULT_GIT_TIMEOUT
 _FALLBACK_IDENTITY = ["-c", "user.name=claudecluster", "-c", "user.email=claudecluster@localhost"]
 # No prompts, no pagers, no locale surprises in parsed output, no user hooks for our commits.
 _GIT_ENV = {
@@ -57,22 +69,97 @@ class GitResult:
     stderr: str
 
 
-async def git(repo: Path, *args: str, check: bool = True, ok_codes: tuple[int, ...] = (0,)) -> GitResult:
-    """Run ``git -C repo args…``; raise :class:`GitError` unless the exit code is in ``ok_codes``."""
+def set_git_timeout(seconds: float) -> float:
+    """Set the timeout of git commands that do not pass their own (``math.inf``: none);
+    returns the previous one."""
+    global _git_timeout
+    if not seconds > 0:
+        raise ValueError(f"git timeout must be positive, not {seconds!r}")
+    previous, _git_timeout = _git_timeout, seconds
+    return previous
+
+
+async def git(
+    repo: Path,
+    *args: str,
+    check: bool = True,
+    ok_codes: tuple[int, ...] = (0,),
+    timeout: float | None = None,
+) -> GitResult:
+    """Run ``git -C repo args…``; raise :class:`GitError` unless the exit code is in ``ok_codes``.
+
+    ``timeout`` (seconds; None: the module's, see :func:`set_git_timeout`) bounds the whole
+    command including its hooks; on expiry, or when the caller is cancelled, git and every
+    process it started are killed.
+    """
+    limit = _git_timeout if timeout is None else timeout
+    argv = ["git", "-C", str(repo), *args]
     try:
-        done = await anyio.run_process(
-            ["git", "-C", str(repo), *args],
-            check=False,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **_GIT_ENV},
-        )
+        with anyio.fail_after(None if math.isinf(limit) else limit):
+            returncode, stdout, stderr = await _run(argv)
+    except TimeoutError:
+        raise GitError(
+            f"git {_describe(args)} timed out after {limit:g}s in {repo} and was killed. Check for a hook "
+            "that hangs (.git/hooks, or core.hooksPath), a lock held by another git process "
+            "(e.g. .git/index.lock), or a remote that does not answer."
+        ) from None
     except OSError as exc:
         raise GitError(f"cannot run git: {exc}") from exc
-    result = GitResult(done.returncode, done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace"))
+    result = GitResult(returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
     if check and result.returncode not in ok_codes:
         message = (result.stderr or result.stdout).strip() or f"exit code {result.returncode}"
-        raise GitError(f"git {' '.join(args[:3])} failed in {repo}: {message}")
+        raise GitError(f"git {_describe(args)} failed in {repo}: {message}")
     return result
+
+
+def _describe(args: tuple[str, ...]) -> str:
+    """The command for messages: ``-c name=value`` settings dropped, three words kept."""
+    words: list[str] = []
+    skip = False
+    for arg in args:
+        if skip or arg == "-c":
+            skip = not skip
+            continue
+        words.append(arg)
+    return " ".join(words[:3])
+
+
+async def _run(argv: list[str]) -> tuple[int, bytes, bytes]:
+    # Its own session (process group) so that hooks and other children of git can be
+    # killed with it, and so that nothing can read from our terminal.
+    process = await anyio.open_process(
+        argv,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **_GIT_ENV},
+        start_new_session=True,
+    )
+    output = [BytesIO(), BytesIO()]
+
+    async def drain(stream: ByteReceiveStream | None, into: BytesIO) -> None:
+        if stream is not None:
+            async for chunk in stream:
+                into.write(chunk)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain, process.stdout, output[0])
+            tg.start_soon(drain, process.stderr, output[1])
+            await process.wait()
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await _kill_group(process)
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await process.aclose()
+    assert process.returncode is not None
+    return process.returncode, output[0].getvalue(), output[1].getvalue()
+
+
+async def _kill_group(process: Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    await process.wait()
 
 
 async def repo_root(path: Path) -> Path:

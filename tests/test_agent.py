@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,17 +13,13 @@ import anyio
 import psutil
 import pytest
 
-from claudecluster_mcp.agent import (
-    AgentRun,
-    AgentSpec,
-    ClaudeBinary,
-    OutcomeStatus,
-    RunState,
-    run_agent,
-)
+from claudecluster_mcp.agent import AgentRun, run_agent
+from claudecluster_mcp.agent_spec import AgentSpec
+from claudecluster_mcp.claude_cli import ClaudeBinary
 from claudecluster_mcp.errors import ClaudeNotFoundError
 from claudecluster_mcp.events import AgentEvent, ApiRetry, InitEvent, ToolUse
 from claudecluster_mcp.model_server import ScriptedModelServer
+from claudecluster_mcp.outcome import OutcomeStatus, RunState
 from claudecluster_mcp.proctree import RUN_TAG_VAR
 
 pytestmark = [pytest.mark.anyio, pytest.mark.claude]
@@ -92,6 +89,7 @@ async def test_write_tool_creates_the_file_and_reports_the_run(
     assert outcome.exit_code == 0
     assert outcome.num_turns == 2
     assert outcome.final_text == "done"
+    assert not outcome.api_error
     assert outcome.cost_usd > 0
     assert outcome.usage.input_tokens > 0 and outcome.usage.output_tokens > 0
     init = next(e for e in events if isinstance(e, InitEvent))
@@ -216,6 +214,7 @@ async def test_inactivity_timeout_catches_a_stalled_model(
 
     assert outcome.status is OutcomeStatus.TIMED_OUT
     assert "inactivity timeout" in outcome.reason
+    assert not outcome.api_error
     assert outcome.duration_s < 15
 
 
@@ -232,7 +231,7 @@ async def test_http_429_is_rate_limited(
     outcome = await run_agent(spec_for(server, "LIMITED call", repo), claude=claude)
 
     assert outcome.status is OutcomeStatus.RATE_LIMITED
-    assert outcome.api_error_status == 429
+    assert outcome.api_error and outcome.api_error_status == 429
     assert "429" in outcome.reason
 
 
@@ -265,7 +264,7 @@ async def test_cli_retries_show_as_waiting_then_rate_limited(
     ("fault", "expected"),
     [("server_error", "500"), ("overloaded", "529"), ("unauthorized", "API key")],
 )
-async def test_api_errors_fail_with_a_reason(
+async def test_api_errors_fail_with_a_reason_and_are_marked_as_api_errors(
     claude: ClaudeBinary,
     repo: Path,
     model_server: StartServer,
@@ -280,6 +279,23 @@ async def test_api_errors_fail_with_a_reason(
     assert outcome.status is OutcomeStatus.FAILED
     assert expected in outcome.reason
     assert outcome.exit_code == 1
+    assert outcome.api_error
+
+
+async def test_unreachable_model_api_is_an_api_error_without_a_status(
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, spec_for: SpecFor
+) -> None:
+    server = model_server(WRITE_HELLO)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    spec = spec_for(server, "WRITE-HELLO", repo, env={"ANTHROPIC_BASE_URL": f"http://127.0.0.1:{closed_port}"})
+
+    outcome = await run_agent(spec, claude=claude)
+
+    assert outcome.status is OutcomeStatus.FAILED
+    assert outcome.api_error and outcome.api_error_status is None
+    assert server.requests == []
 
 
 async def test_unmatched_request_fails_naming_the_request(
@@ -303,6 +319,7 @@ async def test_max_turns_is_a_failure(
 
     assert outcome.status is OutcomeStatus.FAILED
     assert "maximum number of turns" in outcome.reason
+    assert not outcome.api_error
 
 
 async def test_permission_denials_are_reported(

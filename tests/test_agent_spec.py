@@ -1,26 +1,15 @@
-"""Building an agent's argv and environment, finding `claude`, and deciding outcomes."""
+"""Building an agent's argv and environment from its spec."""
 
 from __future__ import annotations
 
 import json
 import os
-import stat
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from claudecluster_mcp.agent import (
-    CLAUDE_BIN_ENV,
-    AgentSpec,
-    OutcomeStatus,
-    agent_env,
-    build_argv,
-    decide_outcome,
-    find_claude,
-)
-from claudecluster_mcp.errors import ClaudeNotFoundError, ClaudeVersionError
-from claudecluster_mcp.events import ApiRetry, ResultEvent
+from claudecluster_mcp.agent_spec import AgentSpec, agent_env, build_argv
 from claudecluster_mcp.proctree import RUN_TAG_VAR
 
 CLAUDE = Path("/opt/claude")
@@ -140,148 +129,3 @@ def test_bypass_permissions_as_root_marks_the_sandbox(tmp_path: Path) -> None:
     env = agent_env(spec(permission_mode="bypassPermissions"), tmpdir=tmp_path, run_tag="r", parent=PARENT)
 
     assert env["IS_SANDBOX"] == "1"
-
-
-def result(**fields: object) -> ResultEvent:
-    return ResultEvent.model_validate({"subtype": "success", "is_error": False, **fields})
-
-
-@pytest.mark.parametrize(
-    ("observed", "status", "reason_part"),
-    [
-        ({"result": result()}, OutcomeStatus.SUCCEEDED, ""),
-        (
-            {
-                "result": result(
-                    is_error=True,
-                    result="API Error: 500",
-                    api_error_status=500,
-                    terminal_reason="api_error",
-                )
-            },
-            OutcomeStatus.FAILED,
-            "500",
-        ),
-        (
-            {"result": result(is_error=True, result="Request rejected (429)", api_error_status=429)},
-            OutcomeStatus.RATE_LIMITED,
-            "429",
-        ),
-        (
-            {
-                "result": result(
-                    is_error=True,
-                    result="Claude AI usage limit reached",
-                    terminal_reason="api_error",
-                )
-            },
-            OutcomeStatus.RATE_LIMITED,
-            "usage limit",
-        ),
-        (
-            {
-                "result": result(
-                    is_error=True,
-                    result="API Error: retries exhausted",
-                    terminal_reason="api_error",
-                ),
-                "last_retry": ApiRetry(error="rate_limit", error_status=429),
-            },
-            OutcomeStatus.RATE_LIMITED,
-            "retries",
-        ),
-        (
-            {
-                "result": result(
-                    subtype="error_max_turns",
-                    is_error=True,
-                    errors=["Reached maximum number of turns (1)"],
-                )
-            },
-            OutcomeStatus.FAILED,
-            "maximum number of turns",
-        ),
-        (
-            {"result": result(subtype="error_during_execution", is_error=True, terminal_reason="aborted_tools")},
-            OutcomeStatus.FAILED,
-            "aborted_tools",
-        ),
-        (
-            {"result": None, "exit_code": 1, "stderr_tail": ["boom"]},
-            OutcomeStatus.CRASHED,
-            "exited with code 1",
-        ),
-        ({"result": None, "exit_code": 0}, OutcomeStatus.CRASHED, "without a result"),
-        ({"result": None, "signal_number": 9}, OutcomeStatus.CRASHED, "signal 9"),
-        (
-            {"result": result(), "stopped": (OutcomeStatus.CANCELLED, "cancelled by request")},
-            OutcomeStatus.CANCELLED,
-            "cancelled",
-        ),
-        (
-            {"result": None, "stopped": (OutcomeStatus.TIMED_OUT, "wall-clock timeout")},
-            OutcomeStatus.TIMED_OUT,
-            "wall-clock",
-        ),
-    ],
-)
-def test_decide_outcome(observed: dict[str, object], status: OutcomeStatus, reason_part: str) -> None:
-    args: dict[str, object] = {
-        "exit_code": None,
-        "signal_number": None,
-        "stopped": None,
-        "stderr_tail": [],
-    }
-    args.update(observed)
-    decided_status, reason = decide_outcome(args.pop("result"), **args)  # type: ignore[arg-type]
-
-    assert decided_status is status
-    assert reason_part in reason
-
-
-def fake_claude(path: Path, version_output: str) -> Path:
-    path.write_text(f"#!/bin/sh\necho '{version_output}'\n")
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    return path
-
-
-def test_find_claude_reports_where_it_looked_and_how_to_install(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv(CLAUDE_BIN_ENV, "/nonexistent/claude")
-
-    with pytest.raises(ClaudeNotFoundError) as caught:
-        find_claude()
-
-    message = str(caught.value)
-    assert "/nonexistent/claude" in message and CLAUDE_BIN_ENV in message
-    assert "npm ci" in message
-
-
-def test_find_claude_rejects_a_too_old_version(tmp_path: Path) -> None:
-    old = fake_claude(tmp_path / "claude", "2.1.197 (Claude Code)")
-
-    with pytest.raises(ClaudeVersionError, match=r"version 2\.1\.197.*needs 2\.1\.300"):
-        find_claude(old)
-
-
-def test_find_claude_rejects_something_that_is_not_claude(tmp_path: Path) -> None:
-    impostor = fake_claude(tmp_path / "claude", "hello")
-
-    with pytest.raises(ClaudeVersionError, match="did not report a Claude Code version"):
-        find_claude(impostor)
-
-
-def test_find_claude_prefers_the_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    chosen = fake_claude(tmp_path / "my-claude", "2.1.400 (Claude Code)")
-    monkeypatch.setenv(CLAUDE_BIN_ENV, str(chosen))
-
-    found = find_claude()
-
-    assert found.path == chosen and found.version == "2.1.400"
-
-
-def test_find_claude_finds_the_pinned_project_install() -> None:
-    found = find_claude()
-
-    assert found.version == "2.1.332"

@@ -110,7 +110,7 @@ async def test_tasks_keep_insertion_order_and_add_task_appends(store: Store) -> 
 
 
 async def test_create_plan_is_atomic(store: Store) -> None:
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(StoreError, match="UNIQUE"):
         await store.create_plan(make_plan(), [make_task("a"), make_task("a")])
     assert await store.plans() == []
     assert await store.tasks("p1") == []
@@ -154,7 +154,7 @@ async def test_update_task_sets_fields_but_refuses_state(store: Store, tmp_path:
 
 
 async def test_running_tasks_need_a_run_id(store: Store) -> None:
-    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+    with pytest.raises(StoreError, match="CHECK"):
         await store.create_plan(make_plan(), [make_task("a", state=TaskState.RUNNING, run_id=None)])
 
 
@@ -313,7 +313,7 @@ async def test_merge_journal(store: Store) -> None:
 
 async def test_merge_journal_rejects_unknown_states(store: Store) -> None:
     seq = await store.begin_merge("p1", "a", "refs/heads/x", "1" * 40, "2" * 40)
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(StoreError, match="CHECK"):
         await store.end_merge(seq, "maybe")
     assert [m["seq"] for m in await store.open_merges()] == [seq]
 
