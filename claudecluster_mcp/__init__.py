@@ -8,16 +8,9 @@ server (:class:`ScriptedModelServer`) lets all of it run offline and determinist
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .agent import (
-    AgentOutcome,
-    AgentRun,
-    AgentSpec,
-    ClaudeBinary,
-    OutcomeStatus,
-    RunState,
-    find_claude,
-    run_agent,
-)
+from .agent import AgentRun, run_agent
+from .agent_spec import AgentSpec
+from .claude_cli import ClaudeBinary, find_claude
 from .engine import Cluster, EngineSettings, FinalMerge
 from .errors import (
     AgentError,
@@ -37,6 +30,7 @@ from .errors import (
     StoreError,
 )
 from .models import Category, MergePolicy, Plan, PlanState, PlanStatus, Priority, Task, TaskSpec, TaskState
+from .outcome import AgentOutcome, OutcomeStatus, RunState
 from .scenario import Scenario, load_scenario
 
 if TYPE_CHECKING:

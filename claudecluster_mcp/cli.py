@@ -169,7 +169,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .agent import find_claude
+    from .claude_cli import find_claude
 
     found = find_claude(args.claude)
     print(f"claude {found.version} at {found.path}")

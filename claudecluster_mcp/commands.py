@@ -25,7 +25,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .agent import find_claude
+from .claude_cli import find_claude
 from .config import CONFIG_FILE, ClusterConfig, load_config, render_config
 from .engine import STATUS_FOCUS, Cluster
 from .errors import ClusterError, ConfigError, EngineBusyError, NotFoundError, StateError

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .agent import ClaudeBinary, find_claude
+from .claude_cli import ClaudeBinary, find_claude
 from .commands import follow
 from .engine import Cluster, EngineSettings
 from .errors import ConfigError

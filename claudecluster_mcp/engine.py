@@ -31,7 +31,7 @@ from typing import Any
 
 import anyio
 
-from .agent import ClaudeBinary, find_claude
+from .claude_cli import ClaudeBinary, find_claude
 from .errors import ConfigError, NotFoundError, StateError
 from .graph import TaskGraph, file_overlap_warnings, parse_tasks, serialize_overlaps, validate_tasks
 from .merge_queue import FinalMerge, MergeQueue

@@ -19,8 +19,11 @@ from typing import Protocol
 import anyio
 import psutil
 
-from .agent import AgentOutcome, AgentRun, AgentSpec, ClaudeBinary, run_tmpdir
+from .agent import AgentRun
+from .agent_spec import AgentSpec, run_tmpdir
+from .claude_cli import ClaudeBinary
 from .events import AgentEvent
+from .outcome import AgentOutcome
 from .proctree import ProcessTree
 
 __all__ = ["AgentHandle", "AgentPlacement", "LocalPlacement", "RunRecord"]

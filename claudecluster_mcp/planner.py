@@ -13,7 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .agent import AgentRun, AgentSpec, ClaudeBinary
+from .agent import AgentRun
+from .agent_spec import AgentSpec
+from .claude_cli import ClaudeBinary
 from .errors import PlanValidationError
 from .graph import parse_tasks, validate_tasks
 from .models import TaskSpec

@@ -32,6 +32,7 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import anyio
 
 from .errors import ModelUnavailableError

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .agent import AgentOutcome
 from .models import Plan, Task, TaskKind
+from .outcome import AgentOutcome
 
 __all__ = ["GATE_FAILED_PREFIX", "RESUME_PROMPT", "commit_message", "merge_message", "resolve_prompt", "task_prompt"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .agent import AgentOutcome, OutcomeStatus
+from .outcome import AgentOutcome, OutcomeStatus
 from .settings import EngineSettings
 
 __all__ = ["RateLimitPause", "RetryDecision", "decide_retry"]
@@ -30,7 +30,7 @@ def decide_retry(outcome: AgentOutcome, attempts: int, settings: EngineSettings)
         return RetryDecision(False)
     server_side = outcome.api_error_status is None or outcome.api_error_status >= 500
     transient = outcome.status in _TRANSIENT_STATUSES or (
-        outcome.status is OutcomeStatus.FAILED and _api_error(outcome) and server_side
+        outcome.status is OutcomeStatus.FAILED and outcome.api_error and server_side
     )
     if not transient:
         return RetryDecision(False)
@@ -64,10 +64,3 @@ class RateLimitPause:
         """Forget a pause that is over once the staggered restart is through."""
         if self.until and clock >= max(self.until, self._stagger_until):
             self.until = 0.0
-
-
-def _api_error(outcome: AgentOutcome) -> bool:  # TODO(merge runner): outcome.api_error
-    flag = getattr(outcome, "api_error", None)
-    if flag is not None:
-        return bool(flag)
-    return outcome.final_text is not None and outcome.reason.startswith("API Error")

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .agent import PermissionMode
+from .agent_spec import PermissionMode
 from .models import MergePolicy
 
 __all__ = ["MAX_WORKERS", "EngineSettings", "default_state_dir"]

@@ -15,11 +15,12 @@ from typing import Any
 
 import anyio
 
-from .agent import AgentOutcome, AgentSpec, OutcomeStatus
+from .agent_spec import AgentSpec
 from .errors import NotFoundError, StateError
 from .events import AgentEvent, ApiRetry, AssistantText, ResultEvent, StderrLine, ToolResult, ToolUse
 from .merge_queue import MergeQueue
 from .models import ACTIVE_STATES, Plan, Task, TaskKind, TaskState
+from .outcome import AgentOutcome, OutcomeStatus
 from .placement import AgentHandle, AgentPlacement
 from .prompts import RESUME_PROMPT, commit_message, task_prompt
 from .retry import RateLimitPause, decide_retry

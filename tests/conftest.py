@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from claudecluster_mcp.agent import AgentSpec, ClaudeBinary, find_claude
+from claudecluster_mcp.agent_spec import AgentSpec
+from claudecluster_mcp.claude_cli import ClaudeBinary, find_claude
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
 from claudecluster_mcp.scenario import load_scenario
 from claudecluster_mcp.settings import EngineSettings

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import agent_home, make_repo
 
-from claudecluster_mcp.agent import find_claude
+from claudecluster_mcp.claude_cli import find_claude
 from claudecluster_mcp.config import load_config
 from claudecluster_mcp.engine import Cluster, EngineSettings
 from claudecluster_mcp.errors import ConfigError

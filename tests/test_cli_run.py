@@ -20,7 +20,7 @@ import yaml
 from conftest import agent_home, make_repo
 from ptyprocess import PtyProcess
 
-from claudecluster_mcp.agent import find_claude
+from claudecluster_mcp.claude_cli import find_claude
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
 from claudecluster_mcp.proctree import RUN_TAG_VAR
 

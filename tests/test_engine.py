@@ -18,7 +18,8 @@ import anyio
 import psutil
 import pytest
 
-from claudecluster_mcp.agent import ClaudeBinary, run_tmpdir
+from claudecluster_mcp.agent_spec import run_tmpdir
+from claudecluster_mcp.claude_cli import ClaudeBinary
 from claudecluster_mcp.engine import Cluster, EngineSettings
 from claudecluster_mcp.errors import (
     DirtyWorktreeError,

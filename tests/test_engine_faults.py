@@ -18,7 +18,7 @@ import anyio
 import psutil
 import pytest
 
-from claudecluster_mcp.agent import ClaudeBinary
+from claudecluster_mcp.claude_cli import ClaudeBinary
 from claudecluster_mcp.engine import Cluster
 from claudecluster_mcp.errors import EngineBusyError, PlanValidationError
 from claudecluster_mcp.graph import TaskGraph

@@ -13,9 +13,11 @@ import anyio
 import pytest
 from conftest import agent_home
 
-from claudecluster_mcp.agent import ClaudeBinary, OutcomeStatus, run_agent
+from claudecluster_mcp.agent import run_agent
+from claudecluster_mcp.claude_cli import ClaudeBinary
 from claudecluster_mcp.events import AgentEvent, InitEvent, ToolResult, ToolUse
 from claudecluster_mcp.model_server import ScriptedModelServer
+from claudecluster_mcp.outcome import OutcomeStatus
 
 pytestmark = [pytest.mark.anyio, pytest.mark.claude]
 

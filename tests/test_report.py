@@ -15,7 +15,7 @@ import anyio
 import pytest
 from conftest import agent_home
 
-from claudecluster_mcp.agent import ClaudeBinary
+from claudecluster_mcp.claude_cli import ClaudeBinary
 from claudecluster_mcp.engine import Cluster, EngineSettings
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
 from claudecluster_mcp.models import Task, TaskState

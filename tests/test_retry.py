@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from claudecluster_mcp.agent import AgentOutcome, OutcomeStatus
+from claudecluster_mcp.outcome import AgentOutcome, OutcomeStatus
 from claudecluster_mcp.retry import RetryDecision, decide_retry
 from claudecluster_mcp.settings import EngineSettings
 from claudecluster_mcp.store import now
@@ -26,7 +26,7 @@ def outcome(status: OutcomeStatus, reason: str = "", **fields: Any) -> AgentOutc
 
 def api_error(text: str, status: int | None) -> AgentOutcome:
     # The CLI reports API errors as an error result whose text is also the reason.
-    return outcome(OutcomeStatus.FAILED, text, final_text=text, api_error_status=status)
+    return outcome(OutcomeStatus.FAILED, text, final_text=text, api_error_status=status, api_error=True)
 
 
 CRASHED = outcome(OutcomeStatus.CRASHED, "claude was killed by signal 9 without a result")
