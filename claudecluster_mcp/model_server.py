@@ -12,16 +12,14 @@ from a background thread on a free loopback port) or as ``claudecluster model-se
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import socket
 import threading
 import time
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,24 +27,31 @@ import anyio
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .scenario import Fault, Scenario, Turn
+from .messages_api import (
+    FAULT_ERRORS,
+    MessagesRequest,
+    error_response,
+    message_response,
+    new_message_id,
+    stream_events,
+    streaming_response,
+    text_block,
+    tool_result_texts,
+    tool_use_block,
+    usage_json,
+)
+from .scenario import Fault, Rule, Scenario, Turn
 
-__all__ = ["RecordedRequest", "ScriptedModelServer", "create_app", "scripted_env"]
+__all__ = ["RecordedRequest", "ScriptedModelServer", "create_app", "scripted_env", "serve_forever"]
 
 logger = logging.getLogger(__name__)
 
-_CWD = re.compile(r"Primary working directory: ([^\n]+?)\s*$", re.MULTILINE)
 _TEMPLATE = re.compile(r"\{(\w+)\}")
-_FAULT_STATUS = {"rate_limit": 429, "overloaded": 529, "server_error": 500, "unauthorized": 401}
-_FAULT_ERROR = {
-    "rate_limit": ("rate_limit_error", "scripted rate limit"),
-    "overloaded": ("overloaded_error", "Overloaded"),
-    "server_error": ("api_error", "Internal server error"),
-    "unauthorized": ("authentication_error", "invalid x-api-key"),
-}
+# Faults answered with an error (or, for a hang, with silence) instead of a message.
+_NO_MESSAGE_FAULTS = frozenset(FAULT_ERRORS) | {"hang"}
 
 
 def scripted_env(url: str) -> dict[str, str]:
@@ -81,37 +86,6 @@ class RecordedRequest:
     at: float = field(default_factory=time.time)
 
 
-def _blocks_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        return ""
-    parts: list[str] = []
-    for block in content:
-        if not isinstance(block, dict):
-            continue
-        if block.get("type") == "text":
-            parts.append(str(block.get("text", "")))
-        elif block.get("type") == "tool_result":
-            parts.append(_blocks_text(block.get("content")))
-    return "\n".join(parts)
-
-
-# Assistant messages the CLI writes itself (e.g. into a resumed session's history after an
-# interruption); they are not answers of the model, so they do not advance the script.
-_SYNTHETIC_ASSISTANT = frozenset(
-    {"No response requested.", "[Request interrupted by user]", "[Request interrupted by user for tool use]"}
-)
-
-
-def _is_model_turn(message: Any) -> bool:
-    if not isinstance(message, dict) or message.get("role") != "assistant":
-        return False
-    return _blocks_text(message.get("content")).strip() not in _SYNTHETIC_ASSISTANT or any(
-        isinstance(b, dict) and b.get("type") == "tool_use" for b in message.get("content") or []
-    )
-
-
 def _substitute(value: Any, variables: Mapping[str, str]) -> Any:
     """Replace ``{name}`` for known names only, so JSON or code braces pass through."""
     if isinstance(value, str):
@@ -123,22 +97,35 @@ def _substitute(value: Any, variables: Mapping[str, str]) -> Any:
     return value
 
 
-def _sse(event: str, data: dict[str, Any]) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+def _content(turn: Turn, variables: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The content blocks of a scripted turn, templated with ``variables``."""
+    content: list[dict[str, Any]] = []
+    if turn.text is not None:
+        content.append(text_block(_substitute(turn.text, variables)))
+    for call in turn.tools:
+        content.append(tool_use_block(call.name, _substitute(call.input, variables)))
+    return content
 
 
-def _chunks(text: str, pieces: int = 3) -> list[str]:
-    size = max(1, -(-len(text) // pieces))
-    return [text[i : i + size] for i in range(0, len(text), size)] or [""]
+def _usage(turn: Turn, first_text: str, content: list[dict[str, Any]]) -> dict[str, int]:
+    """The turn's scripted token counts, or estimates from the prompt and answer lengths."""
+    return usage_json(
+        turn.input_tokens if turn.input_tokens is not None else max(1, len(first_text) // 4),
+        turn.output_tokens if turn.output_tokens is not None else max(1, len(json.dumps(content)) // 4),
+    )
 
 
-def _error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    body = {"type": "error", "error": {"type": kind, "message": message}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-class _CutStream(Exception):
-    """Raised inside a streaming body to drop the connection mid-message."""
+def _record_fields(request: MessagesRequest) -> dict[str, Any]:
+    """The :class:`RecordedRequest` fields a Messages API request fills."""
+    return {
+        "path": request.path,
+        "turn": request.turn,
+        "model": request.model,
+        "stream": request.stream,
+        "cwd": request.cwd,
+        "first_user_text": request.first_text[-2000:],
+        "tool_results": request.tool_results,
+    }
 
 
 class ScriptedModelServer:
@@ -230,261 +217,121 @@ class ScriptedModelServer:
 
     # -- the Messages API -----------------------------------------------------------------
 
-    def _should_fault(self, fault: Fault | None, conversation: str, turn: int) -> bool:
-        if fault is None:
-            return False
-        with self._lock:
-            attempt = self._attempts[(conversation, turn)]
-            self._attempts[(conversation, turn)] += 1
-        return fault.times is None or attempt < fault.times
+    async def messages(self, request: Request) -> Response:
+        """``POST /v1/messages`` (streaming and not)."""
+        call = await self._read_call(request)
+        if isinstance(call, Response):
+            return call
+        storm = self._storm_fault()
+        if storm is not None:
+            self._record(outcome=f"storm fault: {storm.type}", **_record_fields(call))
+            return await self._fault_response(storm, request)
+        selected = self._select_turn(call)
+        if isinstance(selected, Response):
+            return selected
+        rule, turn, variables = selected
+        fault = self._turn_fault(turn.fault, call)
+        self._record(outcome=f"fault: {fault.type}" if fault else "ok", rule=rule.name, **_record_fields(call))
+        latency = self.scenario.default_latency if turn.latency is None else turn.latency
+        if latency:
+            await anyio.sleep(latency)
+        if fault is not None and fault.type in _NO_MESSAGE_FAULTS:
+            return await self._fault_response(fault, request)
+        content = _content(turn, self._variables(rule, variables, call))
+        return await self._answer(call, turn, content, fault)
+
+    async def _read_call(self, request: Request) -> MessagesRequest | Response:
+        """Parse the body; a 400 (recorded) if it is not JSON or has no messages."""
+        try:
+            body = json.loads(await request.body())
+        except json.JSONDecodeError:
+            self._record(path=request.url.path, outcome="bad request: body is not JSON")
+            return error_response(400, "invalid_request_error", "request body is not JSON")
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(messages, list) or not messages:
+            self._record(path=request.url.path, outcome="bad request: no messages")
+            return error_response(400, "invalid_request_error", "messages: at least one message is required")
+        return MessagesRequest.read(request.url.path, body, messages, request.headers)
 
     def _storm_fault(self) -> Fault | None:
+        """The storm's fault while this is one of its first requests, else ``None``."""
         storm = self.scenario.storm
         with self._lock:
             self._model_requests += 1
             number = self._model_requests
         return storm.fault if storm is not None and number <= storm.requests else None
 
-    async def messages(self, request: Request) -> Response:
-        """``POST /v1/messages`` (streaming and not)."""
-        try:
-            body = json.loads(await request.body())
-        except json.JSONDecodeError:
-            self._record(path=request.url.path, outcome="bad request: body is not JSON")
-            return _error_response(400, "invalid_request_error", "request body is not JSON")
-        messages = body.get("messages") if isinstance(body, dict) else None
-        if not isinstance(messages, list) or not messages:
-            self._record(path=request.url.path, outcome="bad request: no messages")
-            return _error_response(400, "invalid_request_error", "messages: at least one message is required")
-
-        first_user = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), {})
-        first_text = _blocks_text(first_user.get("content"))
-        all_text = (
-            _blocks_text(body.get("system"))
-            + "\n"
-            + "\n".join(_blocks_text(m.get("content")) for m in messages if isinstance(m, dict))
-        )
-        cwd_match = _CWD.search(all_text)
-        cwd = cwd_match.group(1) if cwd_match else None
-        turn_index = sum(1 for m in messages if _is_model_turn(m))
-        last = messages[-1] if isinstance(messages[-1], dict) else {}
-        last_content = last.get("content")
-        tool_results = tuple(
-            _blocks_text(b.get("content"))
-            for b in (last_content if isinstance(last_content, list) else [])
-            if isinstance(b, dict) and b.get("type") == "tool_result"
-        )
-        stream = bool(body.get("stream"))
-        model = str(body.get("model") or "claude-scripted")
-        conversation = (
-            request.headers.get("x-claude-code-session-id") or hashlib.sha256(first_text.encode()).hexdigest()[:16]
-        )
-        common = {
-            "path": request.url.path,
-            "model": model,
-            "stream": stream,
-            "cwd": cwd,
-            "first_user_text": first_text[-2000:],
-            "tool_results": tool_results,
-        }
-
-        storm = self._storm_fault()
-        if storm is not None:
-            self._record(outcome=f"storm fault: {storm.type}", turn=turn_index, **common)
-            return await self._fault_response(storm, request)
-
-        found = self.scenario.find_rule(first_text)
+    def _select_turn(self, call: MessagesRequest) -> tuple[Rule, Turn, dict[str, str]] | Response:
+        """The matching rule, its turn for this request and the match's variables; else a 400."""
+        found = self.scenario.find_rule(call.first_text)
         if found is None:
-            snippet = " ".join(first_text.split())[-160:]
-            record = self._record(outcome="unmatched: no rule matches", turn=turn_index, **common)
-            return _error_response(
+            snippet = " ".join(call.first_text.split())[-160:]
+            record = self._record(outcome="unmatched: no rule matches", **_record_fields(call))
+            return error_response(
                 400,
                 "invalid_request_error",
                 f"scripted model: request #{record.index} matches no rule of scenario "
                 f"{self.scenario.name!r} (first user message ends: {snippet!r})",
             )
         rule, variables = found
-        if turn_index >= len(rule.turns):
-            record = self._record(
-                outcome=f"unmatched: rule has only {len(rule.turns)} turns",
-                rule=rule.name,
-                turn=turn_index,
-                **common,
-            )
-            return _error_response(
+        if call.turn >= len(rule.turns):
+            outcome = f"unmatched: rule has only {len(rule.turns)} turns"
+            record = self._record(outcome=outcome, rule=rule.name, **_record_fields(call))
+            return error_response(
                 400,
                 "invalid_request_error",
-                f"scripted model: request #{record.index} asks for turn {turn_index + 1} of rule "
+                f"scripted model: request #{record.index} asks for turn {call.turn + 1} of rule "
                 f"{rule.name!r}, which scripts only {len(rule.turns)} turns",
             )
-        turn = rule.turns[turn_index]
-        fault = turn.fault if self._should_fault(turn.fault, conversation, turn_index) else None
-        self._record(
-            outcome=f"fault: {fault.type}" if fault else "ok",
-            rule=rule.name,
-            turn=turn_index,
-            **common,
-        )
-        latency = self.scenario.default_latency if turn.latency is None else turn.latency
-        if latency:
-            await anyio.sleep(latency)
-        if fault is not None and fault.type in _FAULT_STATUS | {"hang": 0}:
-            return await self._fault_response(fault, request)
-        if rule.captures:
-            earlier = [
-                _blocks_text(b.get("content"))
-                for m in messages
-                if isinstance(m, dict) and isinstance(m.get("content"), list)
-                for b in m["content"]
-                if isinstance(b, dict) and b.get("type") == "tool_result"
-            ]
-            variables = {**variables, **rule.captured(earlier)}
-        if cwd is not None:
-            variables = {"cwd": cwd, **variables}
-        content = self._content(turn, variables)
-        usage = {
-            "input_tokens": turn.input_tokens if turn.input_tokens is not None else max(1, len(first_text) // 4),
-            "output_tokens": turn.output_tokens
-            if turn.output_tokens is not None
-            else max(1, len(json.dumps(content)) // 4),
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
-        }
-        message_id = f"msg_scripted_{uuid.uuid4().hex[:20]}"
-        stop_reason = "tool_use" if turn.tools else "end_turn"
-        if not stream:
-            if fault is not None:  # stall/cut apply to streams; a plain request just waits
-                await anyio.sleep(fault.seconds if fault.type == "stall" else 0)
-            return JSONResponse(
-                {
-                    "id": message_id,
-                    "type": "message",
-                    "role": "assistant",
-                    "model": model,
-                    "content": content,
-                    "stop_reason": stop_reason,
-                    "stop_sequence": None,
-                    "usage": usage,
-                }
-            )
-        return StreamingResponse(
-            self._stream(message_id, model, content, stop_reason, usage, fault),
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "request-id": f"req_{message_id}"},
-        )
+        return rule, rule.turns[call.turn], variables
+
+    def _turn_fault(self, fault: Fault | None, call: MessagesRequest) -> Fault | None:
+        """``fault`` if it still applies: its first ``times`` attempts at this conversation's turn."""
+        if fault is None:
+            return None
+        with self._lock:
+            attempt = self._attempts[(call.conversation, call.turn)]
+            self._attempts[(call.conversation, call.turn)] += 1
+        return fault if fault.times is None or attempt < fault.times else None
 
     @staticmethod
-    def _content(turn: Turn, variables: Mapping[str, str]) -> list[dict[str, Any]]:
-        content: list[dict[str, Any]] = []
-        if turn.text is not None:
-            content.append({"type": "text", "text": _substitute(turn.text, variables)})
-        for call in turn.tools:
-            content.append(
-                {
-                    "type": "tool_use",
-                    "id": f"toolu_scripted_{uuid.uuid4().hex[:20]}",
-                    "name": call.name,
-                    "input": _substitute(call.input, variables),
-                }
-            )
-        return content
+    def _variables(rule: Rule, variables: dict[str, str], call: MessagesRequest) -> dict[str, str]:
+        """Template variables: the match's, the rule's captures from tool results, and ``cwd``."""
+        if rule.captures:
+            variables = {**variables, **rule.captured(tool_result_texts(call.messages))}
+        if call.cwd is not None:
+            variables = {"cwd": call.cwd, **variables}
+        return variables
 
-    async def _fault_response(self, fault: Fault, request: Request) -> Response:
+    @staticmethod
+    async def _answer(
+        call: MessagesRequest, turn: Turn, content: list[dict[str, Any]], fault: Fault | None
+    ) -> Response:
+        """The assistant message, streamed or whole; a ``stall`` or ``cut`` fault shapes it."""
+        usage = _usage(turn, call.first_text, content)
+        message_id = new_message_id()
+        stop_reason = "tool_use" if turn.tools else "end_turn"
+        if not call.stream:
+            if fault is not None:  # stall/cut apply to streams; a plain request just waits
+                await anyio.sleep(fault.seconds if fault.type == "stall" else 0)
+            return message_response(message_id, call.model, content, stop_reason, usage)
+        stall = fault.seconds if fault is not None and fault.type == "stall" else None
+        cut = fault is not None and fault.type == "cut"
+        events = stream_events(message_id, call.model, content, stop_reason, usage, stall=stall, cut=cut)
+        return streaming_response(events, message_id)
+
+    @staticmethod
+    async def _fault_response(fault: Fault, request: Request) -> Response:
+        """A hang (silence until the client gives up or ``seconds`` pass), or the fault's API error."""
         if fault.type in ("hang", "stall", "cut"):
             # Accept and say nothing; stop as soon as the client gives up.
             with anyio.move_on_after(fault.seconds):
                 while not await request.is_disconnected():  # noqa: ASYNC110 - no event exists
                     await anyio.sleep(0.25)
-            return _error_response(504, "timeout_error", "scripted hang ended")
-        kind, default_message = _FAULT_ERROR[fault.type]
+            return error_response(504, "timeout_error", "scripted hang ended")
+        status, kind, default_message = FAULT_ERRORS[fault.type]
         headers = {"retry-after": f"{fault.retry_after:g}"} if fault.type == "rate_limit" else None
-        return _error_response(_FAULT_STATUS[fault.type], kind, fault.message or default_message, headers)
-
-    @staticmethod
-    async def _stream(
-        message_id: str,
-        model: str,
-        content: list[dict[str, Any]],
-        stop_reason: str,
-        usage: dict[str, int],
-        fault: Fault | None,
-    ) -> AsyncIterator[bytes]:
-        start_usage = {**usage, "output_tokens": 1}
-        yield _sse(
-            "message_start",
-            {
-                "type": "message_start",
-                "message": {
-                    "id": message_id,
-                    "type": "message",
-                    "role": "assistant",
-                    "model": model,
-                    "content": [],
-                    "stop_reason": None,
-                    "stop_sequence": None,
-                    "usage": start_usage,
-                },
-            },
-        )
-        if fault is not None and fault.type == "stall":
-            await anyio.sleep(fault.seconds)
-        yield _sse("ping", {"type": "ping"})
-        for index, block in enumerate(content):
-            if block["type"] == "text":
-                yield _sse(
-                    "content_block_start",
-                    {
-                        "type": "content_block_start",
-                        "index": index,
-                        "content_block": {"type": "text", "text": ""},
-                    },
-                )
-                for piece in _chunks(block["text"]):
-                    yield _sse(
-                        "content_block_delta",
-                        {
-                            "type": "content_block_delta",
-                            "index": index,
-                            "delta": {"type": "text_delta", "text": piece},
-                        },
-                    )
-                    if fault is not None and fault.type == "cut":
-                        raise _CutStream("scripted cut")
-            else:
-                yield _sse(
-                    "content_block_start",
-                    {
-                        "type": "content_block_start",
-                        "index": index,
-                        "content_block": {
-                            "type": "tool_use",
-                            "id": block["id"],
-                            "name": block["name"],
-                            "input": {},
-                        },
-                    },
-                )
-                for piece in _chunks(json.dumps(block["input"])):
-                    yield _sse(
-                        "content_block_delta",
-                        {
-                            "type": "content_block_delta",
-                            "index": index,
-                            "delta": {"type": "input_json_delta", "partial_json": piece},
-                        },
-                    )
-                    if fault is not None and fault.type == "cut":
-                        raise _CutStream("scripted cut")
-            yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
-        yield _sse(
-            "message_delta",
-            {
-                "type": "message_delta",
-                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-                "usage": {"output_tokens": usage["output_tokens"]},
-            },
-        )
-        yield _sse("message_stop", {"type": "message_stop"})
+        return error_response(status, kind, fault.message or default_message, headers)
 
     async def count_tokens(self, request: Request) -> Response:
         """``POST /v1/messages/count_tokens``: a length-based estimate."""
