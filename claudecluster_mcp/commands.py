@@ -31,8 +31,9 @@ from .engine import STATUS_FOCUS, Cluster
 from .errors import ClusterError, ConfigError, EngineBusyError, NotFoundError, StateError
 from .models import FINAL_STATES, PlanState, PlanStatus, TaskState, split_task_ref
 from .preflight import check_model, find_credentials, other_provider
+from .registry import Registry
 from .report import diffstats, event_line, status_table, to_html, to_json, to_markdown
-from .store import Registry, Store, state_db_path
+from .store import Store, state_db_path
 from .workspace import repo_root
 
 __all__ = [

@@ -40,11 +40,12 @@ from .placement import AgentPlacement, LocalPlacement
 from .planner import plan_with_claude
 from .preflight import check_model
 from .recovery import EngineLease, recover
+from .registry import Registry
 from .retry import RateLimitPause
 from .scheduler import Scheduler
 from .settings import MAX_WORKERS, EngineSettings, default_state_dir
 from .signals import Pulse
-from .store import Registry, Store, StoredEvent, now, state_db_path
+from .store import Store, StoredEvent, now, state_db_path
 from .task_runner import TaskRunner
 from .workspace import check_branch_name, current_branch, repo_root, rev_parse, update_ref
 

@@ -44,8 +44,8 @@ from .agent import ClaudeBinary
 from .engine import STATUS_FOCUS, Cluster, EngineSettings, FinalMerge
 from .errors import ClusterError, ConfigError, NotFoundError, RepositoryError
 from .models import ACTIVE_STATES, FINAL_STATES, MergePolicy, PlanStatus, Task, TaskSpec, TaskState, split_task_ref
+from .registry import Registry
 from .report import event_line
-from .store import Registry
 from .workspace import repo_root
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""Durable state: one SQLite file per repository (WAL), plus a registry of plan ids.
+"""Durable state: one SQLite file per repository (WAL); its schema is in
+:mod:`~claudecluster_mcp.schema`, the registry of plan ids in :mod:`~claudecluster_mcp.registry`.
 
 Every state change is committed before it is acted on. Task moves are guarded updates
 (``UPDATE … WHERE state IN (allowed predecessors)``) that fail loudly when the task was not
@@ -17,10 +18,8 @@ No ``sqlite3.Error`` leaves this module: every public method runs inside
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import json
-import sqlite3
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -32,125 +31,11 @@ import anyio
 
 from .errors import NotFoundError, StateError, StoreError
 from .models import FINAL_STATES, TRANSITIONS, Plan, PlanState, PlanStatus, Priority, Task, TaskState
+from .schema import migrate
 from .sqlite_errors import sqlite_errors, translate_sqlite_errors
 from .workspace import git_common_dir
 
-__all__ = ["MIGRATIONS", "Registry", "Store", "StoredEvent", "TaskRow", "now", "state_db_path"]
-
-# Frozen per migration: a migration's text never changes once released.
-_TASK_STATES = (
-    "'pending', 'ready', 'running', 'waiting', 'succeeded', 'failed', 'timed_out', "
-    "'cancelled', 'blocked', 'merged', 'conflicted', 'gate_failed'"
-)
-_PLAN_STATES_1 = "'planned', 'running', 'done', 'cancelled', 'merged'"
-_PLAN_STATES_2 = _PLAN_STATES_1 + ", 'failed'"
-_PLAN_COLUMNS = (
-    "id, repo, goal, state, base_ref, base_commit, target_branch, integration_branch, "
-    "merge_policy, gate, warnings, final_merge, created_at, updated_at"
-)
-
-#: Ordered schema migrations; each runs in one transaction with its version bump.
-MIGRATIONS: list[str] = [
-    f"""
-    CREATE TABLE plans (
-        id TEXT PRIMARY KEY,
-        repo TEXT NOT NULL,
-        goal TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ({_PLAN_STATES_1})),
-        base_ref TEXT NOT NULL,
-        base_commit TEXT NOT NULL,
-        target_branch TEXT NOT NULL,
-        integration_branch TEXT NOT NULL,
-        merge_policy TEXT NOT NULL,
-        gate TEXT,
-        warnings TEXT NOT NULL DEFAULT '[]',
-        final_merge TEXT,
-        created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL
-    );
-    CREATE TABLE tasks (
-        plan_id TEXT NOT NULL REFERENCES plans(id),
-        id TEXT NOT NULL,
-        seq INTEGER NOT NULL,
-        kind TEXT NOT NULL CHECK (kind IN ('task', 'resolve')),
-        title TEXT NOT NULL DEFAULT '',
-        prompt TEXT NOT NULL CHECK (length(trim(prompt)) > 0),
-        deps TEXT NOT NULL DEFAULT '[]',
-        priority TEXT NOT NULL CHECK (priority IN ('low', 'medium', 'high', 'critical')),
-        category TEXT NOT NULL CHECK (category IN ('code', 'test', 'refactor', 'analyze', 'document')),
-        files TEXT NOT NULL DEFAULT '[]',
-        state TEXT NOT NULL CHECK (state IN ({_TASK_STATES})),
-        attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
-        reason TEXT NOT NULL DEFAULT '',
-        branch TEXT,
-        base_commit TEXT,
-        "commit" TEXT,
-        merge_commit TEXT,
-        worktree TEXT,
-        session_id TEXT,
-        run_id TEXT,
-        pid INTEGER,
-        pid_started REAL,
-        turns INTEGER NOT NULL DEFAULT 0,
-        cost_usd REAL NOT NULL DEFAULT 0,
-        input_tokens INTEGER NOT NULL DEFAULT 0,
-        output_tokens INTEGER NOT NULL DEFAULT 0,
-        changed_files TEXT NOT NULL DEFAULT '[]',
-        resolves TEXT,
-        resume INTEGER NOT NULL DEFAULT 0,
-        last_activity TEXT NOT NULL DEFAULT '',
-        not_before REAL,
-        created_at TEXT NOT NULL,
-        started_at TEXT,
-        finished_at TEXT,
-        updated_at TEXT NOT NULL,
-        PRIMARY KEY (plan_id, id),
-        CHECK (state NOT IN ('running', 'waiting') OR run_id IS NOT NULL)
-    );
-    CREATE TABLE events (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        plan_id TEXT NOT NULL,
-        task_id TEXT,
-        at TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        data TEXT NOT NULL DEFAULT '{{}}'
-    );
-    CREATE INDEX events_by_task ON events (plan_id, task_id, seq);
-    CREATE TABLE merges (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        plan_id TEXT NOT NULL,
-        task_id TEXT,
-        ref TEXT NOT NULL,
-        old TEXT NOT NULL,
-        new TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('started', 'done', 'undone')),
-        at TEXT NOT NULL
-    );
-    """,
-    # 2: plans can fail (an engine error ended them) and say why.
-    f"""
-    CREATE TABLE plans_v2 (
-        id TEXT PRIMARY KEY,
-        repo TEXT NOT NULL,
-        goal TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ({_PLAN_STATES_2})),
-        base_ref TEXT NOT NULL,
-        base_commit TEXT NOT NULL,
-        target_branch TEXT NOT NULL,
-        integration_branch TEXT NOT NULL,
-        merge_policy TEXT NOT NULL,
-        gate TEXT,
-        warnings TEXT NOT NULL DEFAULT '[]',
-        final_merge TEXT,
-        reason TEXT NOT NULL DEFAULT '',
-        created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL
-    );
-    INSERT INTO plans_v2 ({_PLAN_COLUMNS}) SELECT {_PLAN_COLUMNS} FROM plans;
-    DROP TABLE plans;
-    ALTER TABLE plans_v2 RENAME TO plans;
-    """,
-]
+__all__ = ["Store", "StoredEvent", "TaskRow", "now", "state_db_path"]
 
 _JSON_COLUMNS = {"deps", "files", "changed_files", "warnings", "gate", "final_merge"}
 
@@ -217,7 +102,6 @@ class StoredEvent(dict[str, Any]):
 
 
 _STATE_DB = "the state database"
-_REGISTRY = "the plan registry"
 
 
 @translate_sqlite_errors(_STATE_DB)
@@ -248,37 +132,12 @@ class Store:
                 await db.execute("PRAGMA synchronous=NORMAL")
                 await db.execute("PRAGMA foreign_keys=ON")
                 store = cls(db, path)
-                await store._migrate()
+                await migrate(db, path)
             yield store
         finally:
             # A cancelled close would strand the db thread.
             with anyio.CancelScope(shield=True), sqlite_errors(_STATE_DB, path):
                 await db.close()
-
-    async def _migrate(self) -> None:
-        async with self._db.execute("PRAGMA user_version") as cursor:
-            row = await cursor.fetchone()
-        version = int(row[0]) if row else 0
-        if version > len(MIGRATIONS):
-            raise StoreError(
-                f"the state database {self.path} is from a newer claudecluster "
-                f"(schema {version}, this version knows {len(MIGRATIONS)})"
-            )
-        # A migration may rebuild a table that others reference; SQLite allows that only
-        # with foreign keys off, which cannot change inside a transaction.
-        await self._db.execute("PRAGMA foreign_keys=OFF")
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            statements = [s for s in script.split(";") if s.strip()]
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in statements:
-                    await self._db.execute(statement)
-                await self._db.execute(f"PRAGMA user_version={number}")
-                await self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                await self._db.execute("ROLLBACK")
-                raise StoreError(f"migrating {self.path} to schema {number} failed: {exc}") from exc
-        await self._db.execute("PRAGMA foreign_keys=ON")
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -557,36 +416,3 @@ class Store:
 def _brief(fields: Mapping[str, Any]) -> dict[str, Any]:
     keep = ("attempts", "reason", "commit", "merge_commit", "turns", "cost_usd")
     return {k: _encode(k, v) for k, v in fields.items() if k in keep and v not in (None, "")}
-
-
-class Registry:
-    """Plan id → repository, across repositories (a small SQLite file in the state dir)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def _connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=10)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS plans (id TEXT PRIMARY KEY, repo TEXT NOT NULL, created_at TEXT NOT NULL)"
-        )
-        return db
-
-    def register(self, plan_id: str, repo: Path) -> None:
-        """Remember which repository holds ``plan_id``."""
-        with sqlite_errors(_REGISTRY, self.path), contextlib.closing(self._connect()) as db, db:
-            db.execute(
-                "INSERT OR REPLACE INTO plans VALUES (?, ?, ?)",
-                [plan_id, str(repo), now().isoformat()],
-            )
-
-    def lookup(self, plan_id: str) -> Path:
-        """The repository of ``plan_id`` (:class:`NotFoundError` listing recent plans if unknown)."""
-        with sqlite_errors(_REGISTRY, self.path), contextlib.closing(self._connect()) as db:
-            row = db.execute("SELECT repo FROM plans WHERE id = ?", [plan_id]).fetchone()
-            recent = [r[0] for r in db.execute("SELECT id FROM plans ORDER BY created_at DESC LIMIT 10")]
-        if row is None:
-            raise NotFoundError(f"unknown plan id {plan_id!r} (recent plans: {', '.join(recent) or 'none'})")
-        return Path(row[0])

@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from claudecluster_mcp import store as store_module
+from claudecluster_mcp import schema as schema_module
 from claudecluster_mcp.errors import NotFoundError, StateError, StoreError
 from claudecluster_mcp.models import (
     FINAL_STATES,
@@ -25,7 +25,9 @@ from claudecluster_mcp.models import (
     TaskKind,
     TaskState,
 )
-from claudecluster_mcp.store import MIGRATIONS, Registry, Store, now
+from claudecluster_mcp.registry import Registry
+from claudecluster_mcp.schema import MIGRATIONS
+from claudecluster_mcp.store import Store, now
 
 pytestmark = pytest.mark.anyio
 
@@ -365,7 +367,7 @@ async def test_fresh_schema_equals_step_by_step_migration(tmp_path: Path, monkey
         assert db.execute("PRAGMA user_version").fetchone()[0] == 0
     db.close()
     for version in range(len(MIGRATIONS) + 1):
-        monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:version])
+        monkeypatch.setattr(schema_module, "MIGRATIONS", MIGRATIONS[:version])
         async with Store.open(path):
             pass
         with sqlite3.connect(path) as db:

@@ -15,7 +15,8 @@ from test_store import make_plan, make_task
 
 from claudecluster_mcp.errors import StoreError
 from claudecluster_mcp.models import PlanState
-from claudecluster_mcp.store import Registry, Store
+from claudecluster_mcp.registry import Registry
+from claudecluster_mcp.store import Store
 
 pytestmark = pytest.mark.anyio
 

@@ -1,0 +1,157 @@
+"""The state database's schema: ordered migrations, each run in one transaction together
+with its version bump (``PRAGMA user_version``). A migration's text never changes once
+released; a fresh database and a migrated one end with the same schema (tested)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import aiosqlite
+
+from .errors import StoreError
+
+__all__ = ["MIGRATIONS", "migrate"]
+
+# Frozen per migration: a migration's text never changes once released.
+_TASK_STATES = (
+    "'pending', 'ready', 'running', 'waiting', 'succeeded', 'failed', 'timed_out', "
+    "'cancelled', 'blocked', 'merged', 'conflicted', 'gate_failed'"
+)
+_PLAN_STATES_1 = "'planned', 'running', 'done', 'cancelled', 'merged'"
+_PLAN_STATES_2 = _PLAN_STATES_1 + ", 'failed'"
+_PLAN_COLUMNS = (
+    "id, repo, goal, state, base_ref, base_commit, target_branch, integration_branch, "
+    "merge_policy, gate, warnings, final_merge, created_at, updated_at"
+)
+
+#: Ordered schema migrations; each runs in one transaction with its version bump.
+MIGRATIONS: list[str] = [
+    f"""
+    CREATE TABLE plans (
+        id TEXT PRIMARY KEY,
+        repo TEXT NOT NULL,
+        goal TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ({_PLAN_STATES_1})),
+        base_ref TEXT NOT NULL,
+        base_commit TEXT NOT NULL,
+        target_branch TEXT NOT NULL,
+        integration_branch TEXT NOT NULL,
+        merge_policy TEXT NOT NULL,
+        gate TEXT,
+        warnings TEXT NOT NULL DEFAULT '[]',
+        final_merge TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE tasks (
+        plan_id TEXT NOT NULL REFERENCES plans(id),
+        id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('task', 'resolve')),
+        title TEXT NOT NULL DEFAULT '',
+        prompt TEXT NOT NULL CHECK (length(trim(prompt)) > 0),
+        deps TEXT NOT NULL DEFAULT '[]',
+        priority TEXT NOT NULL CHECK (priority IN ('low', 'medium', 'high', 'critical')),
+        category TEXT NOT NULL CHECK (category IN ('code', 'test', 'refactor', 'analyze', 'document')),
+        files TEXT NOT NULL DEFAULT '[]',
+        state TEXT NOT NULL CHECK (state IN ({_TASK_STATES})),
+        attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+        reason TEXT NOT NULL DEFAULT '',
+        branch TEXT,
+        base_commit TEXT,
+        "commit" TEXT,
+        merge_commit TEXT,
+        worktree TEXT,
+        session_id TEXT,
+        run_id TEXT,
+        pid INTEGER,
+        pid_started REAL,
+        turns INTEGER NOT NULL DEFAULT 0,
+        cost_usd REAL NOT NULL DEFAULT 0,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        changed_files TEXT NOT NULL DEFAULT '[]',
+        resolves TEXT,
+        resume INTEGER NOT NULL DEFAULT 0,
+        last_activity TEXT NOT NULL DEFAULT '',
+        not_before REAL,
+        created_at TEXT NOT NULL,
+        started_at TEXT,
+        finished_at TEXT,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (plan_id, id),
+        CHECK (state NOT IN ('running', 'waiting') OR run_id IS NOT NULL)
+    );
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        plan_id TEXT NOT NULL,
+        task_id TEXT,
+        at TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        data TEXT NOT NULL DEFAULT '{{}}'
+    );
+    CREATE INDEX events_by_task ON events (plan_id, task_id, seq);
+    CREATE TABLE merges (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        plan_id TEXT NOT NULL,
+        task_id TEXT,
+        ref TEXT NOT NULL,
+        old TEXT NOT NULL,
+        new TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('started', 'done', 'undone')),
+        at TEXT NOT NULL
+    );
+    """,
+    # 2: plans can fail (an engine error ended them) and say why.
+    f"""
+    CREATE TABLE plans_v2 (
+        id TEXT PRIMARY KEY,
+        repo TEXT NOT NULL,
+        goal TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ({_PLAN_STATES_2})),
+        base_ref TEXT NOT NULL,
+        base_commit TEXT NOT NULL,
+        target_branch TEXT NOT NULL,
+        integration_branch TEXT NOT NULL,
+        merge_policy TEXT NOT NULL,
+        gate TEXT,
+        warnings TEXT NOT NULL DEFAULT '[]',
+        final_merge TEXT,
+        reason TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    INSERT INTO plans_v2 ({_PLAN_COLUMNS}) SELECT {_PLAN_COLUMNS} FROM plans;
+    DROP TABLE plans;
+    ALTER TABLE plans_v2 RENAME TO plans;
+    """,
+]
+
+
+async def migrate(db: aiosqlite.Connection, path: Path) -> None:
+    """Bring the database to the latest schema, one migration per transaction with its
+    version bump; refuse a database from a newer claudecluster."""
+    async with db.execute("PRAGMA user_version") as cursor:
+        row = await cursor.fetchone()
+    version = int(row[0]) if row else 0
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"the state database {path} is from a newer claudecluster "
+            f"(schema {version}, this version knows {len(MIGRATIONS)})"
+        )
+    # A migration may rebuild a table that others reference; SQLite allows that only
+    # with foreign keys off, which cannot change inside a transaction.
+    await db.execute("PRAGMA foreign_keys=OFF")
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        statements = [s for s in script.split(";") if s.strip()]
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in statements:
+                await db.execute(statement)
+            await db.execute(f"PRAGMA user_version={number}")
+            await db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            await db.execute("ROLLBACK")
+            raise StoreError(f"migrating {path} to schema {number} failed: {exc}") from exc
+    await db.execute("PRAGMA foreign_keys=ON")
