@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -205,101 +206,122 @@ def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _init(obj: dict[str, Any]) -> list[AgentEvent]:
+    if not isinstance(obj.get("session_id"), str):
+        return [_other(obj)]
+    return [
+        InitEvent(
+            session_id=obj["session_id"],
+            model=obj.get("model"),
+            cwd=obj.get("cwd"),
+            permission_mode=obj.get("permissionMode"),
+            claude_code_version=obj.get("claude_code_version"),
+            tools=[t for t in obj.get("tools") or [] if isinstance(t, str)],
+            mcp_servers=[s for s in obj.get("mcp_servers") or [] if isinstance(s, dict)],
+        )
+    ]
+
+
+def _api_retry(obj: dict[str, Any]) -> list[AgentEvent]:
+    return [
+        ApiRetry(
+            attempt=int(obj.get("attempt") or 0),
+            max_retries=int(obj.get("max_retries") or 0),
+            retry_delay_ms=float(obj.get("retry_delay_ms") or 0),
+            error_status=_int_or_none(obj.get("error_status")),
+            error=obj.get("error"),
+        )
+    ]
+
+
+def _permission_denied(obj: dict[str, Any]) -> list[AgentEvent]:
+    return [
+        PermissionDenied(
+            tool_name=str(obj.get("tool_name") or "?"),
+            tool_use_id=obj.get("tool_use_id"),
+            message=str(obj.get("message") or ""),
+        )
+    ]
+
+
+def _assistant(obj: dict[str, Any]) -> list[AgentEvent]:
+    message = obj["message"]
+    message_id = message.get("id")
+    api_error = bool(obj.get("is_api_error_message") or obj.get("error"))
+    events: list[AgentEvent] = []
+    for block in message.get("content") or []:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "text":
+            text = str(block.get("text", ""))
+            events.append(AssistantText(text=text, message_id=message_id, is_api_error=api_error))
+        elif block.get("type") == "tool_use":
+            tool_id, name, tool_input = str(block.get("id", "")), str(block.get("name", "")), _dict(block.get("input"))
+            events.append(ToolUse(id=tool_id, name=name, input=tool_input, message_id=message_id))
+    return events
+
+
+def _user(obj: dict[str, Any]) -> list[AgentEvent]:
+    return [
+        ToolResult(
+            tool_use_id=str(block.get("tool_use_id", "")),
+            content=_text_of(block.get("content")),
+            is_error=bool(block.get("is_error")),
+        )
+        for block in obj["message"].get("content") or []
+        if isinstance(block, dict) and block.get("type") == "tool_result"
+    ]
+
+
+def _result(obj: dict[str, Any]) -> list[AgentEvent]:
+    usage = _dict(obj.get("usage"))
+    errors = _list(obj.get("errors"))
+    denials = _list(obj.get("permission_denials"))
+    return [
+        ResultEvent(
+            subtype=str(obj.get("subtype") or "unknown"),
+            is_error=bool(obj.get("is_error")),
+            result=obj.get("result") if isinstance(obj.get("result"), str) else None,
+            session_id=obj.get("session_id"),
+            num_turns=int(obj.get("num_turns") or 0),
+            duration_ms=float(obj.get("duration_ms") or 0),
+            total_cost_usd=float(obj.get("total_cost_usd") or 0.0),
+            usage=Usage(**{k: int(v) for k, v in usage.items() if k in Usage.model_fields and isinstance(v, int)}),
+            terminal_reason=obj.get("terminal_reason"),
+            api_error_status=_int_or_none(obj.get("api_error_status")),
+            api_error_type=obj.get("api_error_type"),
+            errors=[str(e) for e in errors],
+            permission_denials=[d for d in denials if isinstance(d, dict)],
+            structured_output=obj.get("structured_output"),
+        )
+    ]
+
+
+def _other(obj: dict[str, Any]) -> OtherEvent:
+    subtype = obj.get("subtype")
+    return OtherEvent(type=str(obj.get("type")), subtype=subtype if isinstance(subtype, str) else None, raw=obj)
+
+
+# (type, subtype) → parser; subtype None matches any subtype of that type.
+_PARSERS: dict[tuple[str, str | None], Callable[[dict[str, Any]], list[AgentEvent]]] = {
+    ("system", "init"): _init,
+    ("system", "api_retry"): _api_retry,
+    ("system", "permission_denied"): _permission_denied,
+    ("assistant", None): _assistant,
+    ("user", None): _user,
+    ("result", None): _result,
+}
+
+
 def parse_event(obj: dict[str, Any]) -> list[AgentEvent]:
     """Turn one decoded stream-json object into zero or more typed events."""
-    etype = obj.get("type")
-    subtype = obj.get("subtype")
-    if etype == "system" and subtype == "init" and isinstance(obj.get("session_id"), str):
-        return [
-            InitEvent(
-                session_id=obj["session_id"],
-                model=obj.get("model"),
-                cwd=obj.get("cwd"),
-                permission_mode=obj.get("permissionMode"),
-                claude_code_version=obj.get("claude_code_version"),
-                tools=[t for t in obj.get("tools") or [] if isinstance(t, str)],
-                mcp_servers=[s for s in obj.get("mcp_servers") or [] if isinstance(s, dict)],
-            )
-        ]
-    if etype == "system" and subtype == "api_retry":
-        return [
-            ApiRetry(
-                attempt=int(obj.get("attempt") or 0),
-                max_retries=int(obj.get("max_retries") or 0),
-                retry_delay_ms=float(obj.get("retry_delay_ms") or 0),
-                error_status=_int_or_none(obj.get("error_status")),
-                error=obj.get("error"),
-            )
-        ]
-    if etype == "system" and subtype == "permission_denied":
-        return [
-            PermissionDenied(
-                tool_name=str(obj.get("tool_name") or "?"),
-                tool_use_id=obj.get("tool_use_id"),
-                message=str(obj.get("message") or ""),
-            )
-        ]
-    if etype == "assistant" and isinstance(obj.get("message"), dict):
-        message = obj["message"]
-        message_id = message.get("id")
-        api_error = bool(obj.get("is_api_error_message") or obj.get("error"))
-        events: list[AgentEvent] = []
-        for block in message.get("content") or []:
-            if not isinstance(block, dict):
-                continue
-            if block.get("type") == "text":
-                events.append(
-                    AssistantText(
-                        text=str(block.get("text", "")),
-                        message_id=message_id,
-                        is_api_error=api_error,
-                    )
-                )
-            elif block.get("type") == "tool_use":
-                events.append(
-                    ToolUse(
-                        id=str(block.get("id", "")),
-                        name=str(block.get("name", "")),
-                        input=_dict(block.get("input")),
-                        message_id=message_id,
-                    )
-                )
-        return events
-    if etype == "user" and isinstance(obj.get("message"), dict):
-        events = []
-        for block in obj["message"].get("content") or []:
-            if isinstance(block, dict) and block.get("type") == "tool_result":
-                events.append(
-                    ToolResult(
-                        tool_use_id=str(block.get("tool_use_id", "")),
-                        content=_text_of(block.get("content")),
-                        is_error=bool(block.get("is_error")),
-                    )
-                )
-        return events
-    if etype == "result":
-        usage = _dict(obj.get("usage"))
-        errors = _list(obj.get("errors"))
-        denials = _list(obj.get("permission_denials"))
-        return [
-            ResultEvent(
-                subtype=str(subtype or "unknown"),
-                is_error=bool(obj.get("is_error")),
-                result=obj.get("result") if isinstance(obj.get("result"), str) else None,
-                session_id=obj.get("session_id"),
-                num_turns=int(obj.get("num_turns") or 0),
-                duration_ms=float(obj.get("duration_ms") or 0),
-                total_cost_usd=float(obj.get("total_cost_usd") or 0.0),
-                usage=Usage(**{k: int(v) for k, v in usage.items() if k in Usage.model_fields and isinstance(v, int)}),
-                terminal_reason=obj.get("terminal_reason"),
-                api_error_status=_int_or_none(obj.get("api_error_status")),
-                api_error_type=obj.get("api_error_type"),
-                errors=[str(e) for e in errors],
-                permission_denials=[d for d in denials if isinstance(d, dict)],
-                structured_output=obj.get("structured_output"),
-            )
-        ]
-    return [OtherEvent(type=str(etype), subtype=subtype if isinstance(subtype, str) else None, raw=obj)]
+    etype, subtype = obj.get("type"), obj.get("subtype")
+    parser = _PARSERS.get((str(etype), subtype if isinstance(subtype, str) else None)) or _PARSERS.get(
+        (str(etype), None)
+    )
+    if parser is None or (etype in ("assistant", "user") and not isinstance(obj.get("message"), dict)):
+        return [_other(obj)]
+    return parser(obj)
 
 
 def _decode_line(line: str) -> list[AgentEvent]:
