@@ -15,7 +15,7 @@ from mcp import Client
 from claudecluster_mcp.agent import ClaudeBinary
 from claudecluster_mcp.engine import EngineSettings
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
-from claudecluster_mcp.server import Hub, ServerSettings, build_server
+from claudecluster_mcp.server import ServerSettings, build_server
 
 pytestmark = [pytest.mark.anyio]
 
@@ -38,12 +38,10 @@ def engine_settings(tmp_path: Path, model: ScriptedModelServer | None = None) ->
 async def connected(
     tmp_path: Path, claude: ClaudeBinary, model: ScriptedModelServer | None = None
 ) -> AsyncIterator[Client]:
-    mcp, state, _ = build_server()
+    mcp, ref, _ = build_server()
     settings = ServerSettings(roots=[tmp_path], engine=engine_settings(tmp_path, model))
-    async with Hub.open(settings, claude=claude) as hub:
-        state.hub = hub
-        async with Client(mcp) as client:
-            yield client
+    async with ref.running(settings.hub(claude)), Client(mcp) as client:
+        yield client
 
 
 def write_rule(marker: str, name: str, content: str) -> dict[str, Any]:
