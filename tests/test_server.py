@@ -13,10 +13,13 @@ from conftest import agent_home, make_repo
 from mcp import Client
 from mcp.shared.exceptions import MCPError
 
+from claudecluster_mcp import tools
 from claudecluster_mcp.agent import ClaudeBinary
 from claudecluster_mcp.engine import Cluster, EngineSettings
-from claudecluster_mcp.errors import ClusterError, GitError, StateError
+from claudecluster_mcp.errors import ClusterError, GitError, NotFoundError, StateError
+from claudecluster_mcp.hub import Hub
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
+from claudecluster_mcp.models import TaskSpec
 from claudecluster_mcp.server import ServerSettings, build_server
 
 pytestmark = [pytest.mark.anyio]
@@ -391,3 +394,21 @@ async def test_a_restarted_server_resumes_a_running_plan_of_a_linked_worktree(
 
     assert resumed == [linked.resolve()]
     assert [t["state"] for t in done["tasks"]] == ["merged"], done["tasks"]
+
+
+async def test_tools_are_plain_functions_of_the_hub(tmp_path: Path, claude: ClaudeBinary) -> None:
+    repo = make_repo(tmp_path / "repo")
+    mcp, _, _ = build_server()  # its hub is not running
+    async with Client(mcp) as client:
+        starting = await error_of(client, "workers")
+
+    async with Hub.open([tmp_path], engine_settings(tmp_path), claude=claude) as hub:
+        planned = await tools.plan(hub, goal="g", repo=str(repo), tasks=[TaskSpec(id="a", prompt="x")])
+        one = await tools.status(hub, task_id=f"{planned.plan_id}:a")
+        pool = await tools.workers(hub, count=2)
+        with pytest.raises(NotFoundError, match="recent plans"):
+            await tools.logs(hub, task_id="pnope0000:a")
+
+    assert "still starting" in starting
+    assert [t.id for t in one.tasks] == ["a"] and one.counts == {"pending": 1}
+    assert pool.pools == {str(repo): 2} and pool.workers == 2
