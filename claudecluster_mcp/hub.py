@@ -173,13 +173,30 @@ class Hub:
             raise RepositoryError(
                 f"{path} is outside the allowed roots ({roots}); start the server with --root {path} to allow it"
             )
+        if path in self._hosted:  # a repository root already open: no git needed
+            return path
         return await repo_root(path)
 
     @asynccontextmanager
     async def cluster(self, repo: str | None) -> AsyncIterator[Cluster]:
         """Use the cluster of ``repo`` (default: the first root), opened if needed. If that
         cluster fails meanwhile, the block is cancelled and :class:`StateError` raised."""
-        hosted = await self._host_of(await self._root(repo))
+        async with self._use(await self._root(repo)) as cluster:
+            yield cluster
+
+    @asynccontextmanager
+    async def cluster_of_plan(self, plan_id: str) -> AsyncIterator[Cluster]:
+        """Use the cluster holding ``plan_id`` (:class:`NotFoundError` listing known plans)."""
+        root = self._plans.get(plan_id)
+        if root is None:
+            root = await self._root(str(await anyio.to_thread.run_sync(self.registry.lookup, plan_id)))
+            self._plans[plan_id] = root
+        async with self._use(root) as cluster:
+            yield cluster
+
+    @asynccontextmanager
+    async def _use(self, root: Path) -> AsyncIterator[Cluster]:
+        hosted = await self._host_of(root)
         if hosted.closed or hosted.cluster is None:
             raise StateError(hosted.gone())
         with anyio.CancelScope() as scope:
@@ -191,17 +208,9 @@ class Hub:
         if scope.cancelled_caught:
             raise StateError(hosted.gone())
 
-    @asynccontextmanager
-    async def cluster_of_plan(self, plan_id: str) -> AsyncIterator[Cluster]:
-        """Use the cluster holding ``plan_id`` (:class:`NotFoundError` listing known plans)."""
-        root = self._plans.get(plan_id)
-        if root is None:
-            root = await anyio.to_thread.run_sync(self.registry.lookup, plan_id)
-            self._plans[plan_id] = root
-        async with self.cluster(str(root)) as cluster:
-            yield cluster
-
     async def _host_of(self, root: Path) -> _Hosted:
+        if (hosted := self._hosted.get(root)) is not None:
+            return hosted
         async with self._lock:
             hosted = self._hosted.get(root)
             if hosted is None:
