@@ -54,13 +54,18 @@ def _cmd_model_server(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from .config import load_config
     from .engine import EngineSettings
     from .server import ServerSettings, serve_http, serve_stdio, token_from
 
-    engine = EngineSettings(workers=args.workers) if args.workers else EngineSettings()
+    # Like `run`: flags > CLAUDECLUSTER_* environment > claudecluster.toml > defaults. Only the
+    # flags are fixed here; the hub merges them over each repository's own configuration.
+    flags = {k: v for k, v in {"workers": args.workers}.items() if v is not None}
+    load_config(None, **flags)  # fails fast on bad flags or environment
     settings = ServerSettings(
         roots=args.root or [Path.cwd()],
-        engine=engine,
+        engine=EngineSettings(**flags),
+        claude_bin=args.claude or None,
         host=args.host,
         port=args.port,
         token=token_from(args.token, args.token_file),
@@ -222,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--root", type=Path, action="append", help="allow repositories below this path (repeatable; default: cwd)"
     )
-    serve.add_argument("--workers", type=int, help="agent slots (default 4)")
+    serve.add_argument("--workers", type=int, help="agent slots (default: each repository's setting, else 4)")
+    serve.add_argument("--claude", help="the agents' claude executable (default: each repository's claude_bin)")
     serve.add_argument("--allowed-host", action="append", help="extra Host header value to accept, e.g. myhost:8765")
     serve.add_argument("--allowed-origin", action="append", help="extra Origin to accept, e.g. https://app.example")
     serve.set_defaults(handler=_cmd_serve)

@@ -11,11 +11,16 @@ import anyio
 import pytest
 from conftest import agent_home, make_repo
 from mcp import Client
+from mcp.shared.exceptions import MCPError
 
+from claudecluster_mcp import tools
 from claudecluster_mcp.agent import ClaudeBinary
-from claudecluster_mcp.engine import EngineSettings
+from claudecluster_mcp.engine import Cluster, EngineSettings
+from claudecluster_mcp.errors import ClusterError, GitError, NotFoundError, StateError
+from claudecluster_mcp.hub import Hub
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
-from claudecluster_mcp.server import Hub, ServerSettings, build_server
+from claudecluster_mcp.models import TaskSpec
+from claudecluster_mcp.server import ServerSettings, build_server
 
 pytestmark = [pytest.mark.anyio]
 
@@ -38,12 +43,10 @@ def engine_settings(tmp_path: Path, model: ScriptedModelServer | None = None) ->
 async def connected(
     tmp_path: Path, claude: ClaudeBinary, model: ScriptedModelServer | None = None
 ) -> AsyncIterator[Client]:
-    mcp, state, _ = build_server()
+    mcp, ref, _ = build_server()
     settings = ServerSettings(roots=[tmp_path], engine=engine_settings(tmp_path, model))
-    async with Hub.open(settings, claude=claude) as hub:
-        state.hub = hub
-        async with Client(mcp) as client:
-            yield client
+    async with ref.running(settings.hub(claude)), Client(mcp) as client:
+        yield client
 
 
 def write_rule(marker: str, name: str, content: str) -> dict[str, Any]:
@@ -187,8 +190,9 @@ async def test_plan_without_tasks_asks_a_planning_agent_and_retries_once(
 
     assert [(t["id"], t["deps"]) for t in plan["tasks"]] == [("a", []), ("b", ["a"])]
     # The CLI ends the run as soon as the StructuredOutput tool is called: one request each.
-    assert [r.rule for r in model.requests] == ["planner", "retry"]
-    assert "dependency cycle" in model.requests[1].first_user_text
+    turns = [r for r in model.requests if r.path == "/v1/messages"]  # not the pre-flight check
+    assert [r.rule for r in turns] == ["planner", "retry"]
+    assert "dependency cycle" in turns[1].first_user_text
     assert (await anyio.run_process(["git", "-C", str(repo), "status", "--porcelain"])).stdout == b""
 
 
@@ -233,3 +237,179 @@ async def test_bad_input_gives_actionable_errors_and_the_session_goes_on(tmp_pat
         assert "cannot be dispatched" in await error_of(client, "dispatch", plan_id=plan_id)
         prompt = await client.get_prompt("split_goal", {"goal": "add a cache"})
         assert "add a cache" in prompt.messages[0].content.text  # type: ignore[union-attr]
+
+
+def cluster_errors(base: type[ClusterError] = ClusterError) -> list[type[ClusterError]]:
+    """``base`` and every subclass of it, recursively."""
+    return [base, *(sub for child in base.__subclasses__() for sub in cluster_errors(child))]
+
+
+async def test_every_cluster_error_reaches_the_client_with_its_message(
+    tmp_path: Path, claude: ClaudeBinary, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like httpx's exception-mapping test: the one mapping covers the whole error tree."""
+    repo = make_repo(tmp_path / "repo")
+    raising: list[type[ClusterError]] = []
+
+    async def fail(*args: object, **kwargs: object) -> None:
+        raise raising[-1](f"{raising[-1].__name__}: here is what to do")
+
+    async with connected(tmp_path, claude) as client:
+        plan_id = (await call(client, "plan", repo=str(repo), goal="g", tasks=[{"id": "a", "prompt": "x"}]))["plan_id"]
+        monkeypatch.setattr(Cluster, "status", fail)
+        monkeypatch.setattr(Cluster, "events", fail)
+        for error in cluster_errors():
+            raising.append(error)
+            message = f"{error.__name__}: here is what to do"
+            assert message in await error_of(client, "status", plan_id=plan_id)
+            for uri in (f"claudecluster://plans/{plan_id}", f"claudecluster://tasks/{plan_id}:a/log"):
+                with pytest.raises(MCPError, match=message):
+                    await client.read_resource(uri)
+
+    assert len(raising) >= 15 and {StateError, GitError} <= set(raising)
+
+
+@asynccontextmanager
+async def failing_once(monkeypatch: pytest.MonkeyPatch, repo: Path, trigger: anyio.Event) -> AsyncIterator[None]:
+    """The first cluster opened for ``repo`` gets a background task that raises on ``trigger``."""
+    original = Cluster.open
+    failed: list[Path] = []
+
+    async def explode() -> None:
+        await trigger.wait()
+        raise RuntimeError("injected engine failure")
+
+    @asynccontextmanager
+    async def open_cluster(root: Path, **kwargs: Any) -> AsyncIterator[Cluster]:
+        async with original(root, **kwargs) as cluster:
+            if root != repo or failed:
+                yield cluster
+                return
+            failed.append(root)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(explode)
+                yield cluster
+
+    monkeypatch.setattr(Cluster, "open", open_cluster)
+    yield
+
+
+async def test_one_repositorys_failure_leaves_the_others_and_the_session_running(
+    tmp_path: Path, claude: ClaudeBinary, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = make_repo(tmp_path / "a"), make_repo(tmp_path / "b")
+    one = [{"id": "t", "prompt": "x"}]
+    trigger = anyio.Event()
+
+    async def on_progress(done: float, total: float | None, message: str | None) -> None:
+        trigger.set()  # the long-poll below is in flight: now fail a's engine
+
+    async with failing_once(monkeypatch, a, trigger), connected(tmp_path, claude) as client:
+        plan_a = (await call(client, "plan", repo=str(a), goal="g", tasks=one))["plan_id"]
+        plan_b = (await call(client, "plan", repo=str(b), goal="g", tasks=one))["plan_id"]
+        with anyio.fail_after(20):
+            failed = await client.call_tool(
+                "status", {"plan_id": plan_a, "wait_seconds": 60}, progress_callback=on_progress
+            )
+        still_open = (await call(client, "workers"))["repositories"]
+        b_status = await call(client, "status", plan_id=plan_b)
+        b_cancelled = await call(client, "cancel", plan_id=plan_b)
+        a_again = await call(client, "status", plan_id=plan_a)  # reopened on demand
+        reopened = (await call(client, "workers"))["repositories"]
+
+    assert failed.is_error
+    text = failed.content[0].text  # type: ignore[union-attr]
+    assert f"the engine of {a} failed unexpectedly" in text and "next call reopens it" in text
+    assert "injected" not in text  # details stay in the server log
+    assert still_open == [str(b)]
+    assert b_status["counts"] == {"pending": 1} and b_cancelled["state"] == "cancelled"
+    assert a_again["plan_id"] == plan_a and sorted(reopened) == sorted([str(a), str(b)])
+    logged = [r for r in caplog.records if r.name == "claudecluster_mcp.hub" and r.exc_info]
+    assert logged and "injected engine failure" in caplog.text
+
+
+async def test_each_repository_uses_its_own_claudecluster_toml_under_the_servers_flags(
+    tmp_path: Path, claude: ClaudeBinary, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = make_repo(tmp_path / "a"), make_repo(tmp_path / "b")
+    (a / "claudecluster.toml").write_text("workers = 3\n")
+    (b / "claudecluster.toml").write_text("workers = 2\n")
+    one = [{"id": "t", "prompt": "x"}]
+
+    async def pools(engine: EngineSettings) -> dict[str, int]:
+        mcp, ref, _ = build_server()
+        async with ref.running(ServerSettings(roots=[tmp_path], engine=engine).hub(claude)), Client(mcp) as client:
+            for repo in (a, b):
+                await call(client, "plan", repo=str(repo), goal="g", tasks=one)
+            return dict((await call(client, "workers"))["pools"])
+
+    assert await pools(EngineSettings(state_dir=tmp_path / "state")) == {str(a): 3, str(b): 2}
+    assert await pools(EngineSettings(state_dir=tmp_path / "state", workers=5)) == {str(a): 5, str(b): 5}
+    monkeypatch.setenv("CLAUDECLUSTER_WORKERS", "6")  # the environment is above the file
+    assert await pools(EngineSettings(state_dir=tmp_path / "state")) == {str(a): 6, str(b): 6}
+
+
+@pytest.mark.claude
+async def test_a_gate_in_the_repositorys_toml_runs_for_a_plan_dispatched_over_mcp(
+    tmp_path: Path, claude: ClaudeBinary, model_server: StartServer
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    marker = tmp_path / "gate-ran"
+    (repo / "claudecluster.toml").write_text(f'gate = ["sh", "-c", "ls > {marker}; exit 1"]\n')
+    await anyio.run_process(["git", "-C", str(repo), "add", "claudecluster.toml"])
+    await anyio.run_process(["git", "-C", str(repo), "-c", "user.name=T", "-c", "user.email=t@x", "commit", "-qm", "c"])
+    model = model_server({"rules": [write_rule("[one]", "one.txt", "1\n")]})
+
+    async with connected(tmp_path, claude, model) as client:
+        plan_id = (await call(client, "plan", repo=str(repo), goal="g", tasks=[{"id": "one", "prompt": "[one] w"}]))[
+            "plan_id"
+        ]
+        await call(client, "dispatch", plan_id=plan_id)
+        done = await call(client, "status", plan_id=plan_id, wait_seconds=90, until_finished=True)
+
+    assert [t["state"] for t in done["tasks"]] == ["gate_failed"], done["tasks"]
+    assert "one.txt" in marker.read_text().split()  # the gate ran on the merge candidate
+
+
+@pytest.mark.claude
+async def test_a_restarted_server_resumes_a_running_plan_of_a_linked_worktree(
+    tmp_path: Path, claude: ClaudeBinary, model_server: StartServer
+) -> None:
+    main = make_repo(tmp_path / "main")
+    linked = tmp_path / "linked"
+    await anyio.run_process(["git", "-C", str(main), "worktree", "add", "-q", "-b", "feature", str(linked)])
+    assert (linked / ".git").is_file()  # its state lives in main's git directory
+    model = model_server({"rules": [write_rule("[one]", "one.txt", "1\n")]})
+    settings = ServerSettings(roots=[tmp_path], engine=engine_settings(tmp_path, model))
+    tasks = [{"id": "one", "prompt": "[one] write one"}]
+
+    mcp, ref, _ = build_server()
+    async with ref.running(settings.hub(claude)), Client(mcp) as client:
+        plan_id = (await call(client, "plan", repo=str(linked), goal="g", tasks=tasks))["plan_id"]
+        await call(client, "dispatch", plan_id=plan_id)
+    # The server stopped with the plan running; a new one picks it up without being asked.
+    mcp, ref, _ = build_server()
+    async with ref.running(settings.hub(claude)) as hub, Client(mcp) as client:
+        resumed = [c.repo for c in hub.clusters]
+        done = await call(client, "status", plan_id=plan_id, wait_seconds=90, until_finished=True)
+
+    assert resumed == [linked.resolve()]
+    assert [t["state"] for t in done["tasks"]] == ["merged"], done["tasks"]
+
+
+async def test_tools_are_plain_functions_of_the_hub(tmp_path: Path, claude: ClaudeBinary) -> None:
+    repo = make_repo(tmp_path / "repo")
+    mcp, _, _ = build_server()  # its hub is not running
+    async with Client(mcp) as client:
+        starting = await error_of(client, "workers")
+
+    async with Hub.open([tmp_path], engine_settings(tmp_path), claude=claude) as hub:
+        planned = await tools.plan(hub, goal="g", repo=str(repo), tasks=[TaskSpec(id="a", prompt="x")])
+        one = await tools.status(hub, task_id=f"{planned.plan_id}:a")
+        pool = await tools.workers(hub, count=2)
+        with pytest.raises(NotFoundError, match="recent plans"):
+            await tools.logs(hub, task_id="pnope0000:a")
+
+    assert "still starting" in starting
+    assert [t.id for t in one.tasks] == ["a"] and one.counts == {"pending": 1}
+    assert pool.pools == {str(repo): 2} and pool.workers == 2

@@ -98,6 +98,44 @@ async def test_stdio_server_speaks_only_protocol_on_stdout(tmp_path: Path) -> No
 
 
 @pytest.mark.anyio
+async def test_serve_loads_settings_like_run_flags_over_env_over_each_repos_toml(tmp_path: Path) -> None:
+    a, b = make_repo(tmp_path / "a"), make_repo(tmp_path / "b")
+    (a / "claudecluster.toml").write_text("workers = 3\n")
+    (b / "claudecluster.toml").write_text(f'claude_bin = "{tmp_path / "no-such-claude"}"\n')
+
+    async def serve(*flags: str, **env: str) -> tuple[dict[str, int], str]:
+        params = StdioServerParameters(
+            command=SERVE[0], args=[*SERVE[1:], "--root", str(tmp_path), *flags], env={**server_env(tmp_path), **env}
+        )
+        async with Client(params) as client:
+            assert not (await client.call_tool("plan", plan_args(a))).is_error
+            refused = await client.call_tool("plan", plan_args(b))
+            pools = (await client.call_tool("workers", {})).structured_content["pools"]
+        assert refused.is_error
+        return pools, refused.content[0].text
+
+    pools, refused = await serve()
+    assert pools == {str(a): 3}
+    assert f"{tmp_path / 'no-such-claude'} (the configured path)" in refused  # b's claude_bin
+    assert (await serve(CLAUDECLUSTER_WORKERS="6"))[0] == {str(a): 6}
+    assert (await serve("--workers", "5", CLAUDECLUSTER_WORKERS="6"))[0] == {str(a): 5}
+
+
+def test_serve_rejects_bad_settings_before_serving(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*SERVE, "--root", str(tmp_path)],
+        env={**server_env(tmp_path), "CLAUDECLUSTER_WORKERS": "0"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+
+    assert done.returncode == 2
+    assert "workers" in done.stderr and "CLAUDECLUSTER_WORKERS" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.anyio
 async def test_streamable_http_and_sse_clients_share_one_engine(http_server: HttpServer) -> None:
     async with with_token() as http, Client(streamable_http_client(http_server.url + "/mcp", http_client=http)) as a:
         planned = await a.call_tool("plan", plan_args(http_server.repo))
