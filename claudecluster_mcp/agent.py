@@ -8,8 +8,8 @@ Nothing is ever typed into the pty (the prompt goes on argv after ``--``), no sh
 involved, and every process of the run, including Bash-tool children in their own
 sessions, is gone when :meth:`AgentRun.run` returns.
 
-The names of the former single-module runner (binary lookup, spec, outcome) are
-re-exported here for existing importers.
+Finding ``claude`` is :mod:`~claudecluster_mcp.claude_cli`; what to run,
+:mod:`~claudecluster_mcp.agent_spec`; what happened, :mod:`~claudecluster_mcp.outcome`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from typing import Any, BinaryIO
 import anyio
 import psutil
 
-from .agent_spec import AgentSpec, PermissionMode, agent_env, build_argv, run_tmpdir
-from .claude_cli import CLAUDE_BIN_ENV, INSTALL_HINT, MIN_CLAUDE_VERSION, ClaudeBinary, find_claude
+from .agent_spec import AgentSpec, agent_env, build_argv, run_tmpdir
+from .claude_cli import INSTALL_HINT, ClaudeBinary, find_claude
 from .errors import AgentError, ClaudeNotFoundError
 from .events import (
     AgentEvent,
@@ -49,23 +49,7 @@ from .events import (
 from .outcome import AgentOutcome, OutcomeStatus, RunState, decide_outcome, ended_on_api_error
 from .proctree import ProcessTree, become_subreaper
 
-__all__ = [
-    "CLAUDE_BIN_ENV",
-    "MIN_CLAUDE_VERSION",
-    "AgentOutcome",
-    "AgentRun",
-    "AgentSpec",
-    "ClaudeBinary",
-    "OutcomeStatus",
-    "PermissionMode",
-    "RunState",
-    "agent_env",
-    "build_argv",
-    "decide_outcome",
-    "find_claude",
-    "run_agent",
-    "run_tmpdir",
-]
+__all__ = ["AgentRun", "run_agent"]
 
 logger = logging.getLogger(__name__)
 

@@ -190,7 +190,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"claudecluster {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_demo_and_model_server, _add_serve, _add_run, _add_readers, _add_actions, _add_bench_and_check):
+        add(commands)
+    return parser
 
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    """The engine settings a command takes as flags."""
+    p.add_argument("--workers", type=int, help="agents at once (1-64)")
+    p.add_argument("--model", help="model or alias for agents")
+    p.add_argument(
+        "--permission-mode", choices=["acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "plan"]
+    )
+    p.add_argument("--allowed-tool", action="append", help='tool rule agents may use, e.g. "Bash(pytest *)"')
+    p.add_argument("--gate", help='command run on each merge candidate, e.g. "pytest -q"')
+    p.add_argument("--merge-policy", choices=["resolve", "report"])
+    p.add_argument("--max-budget-usd", type=float, help="cost limit per agent run")
+
+
+def _repo_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repo", type=Path, help="the git repository (default: the current directory's)")
+
+
+def _add_demo_and_model_server(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = commands.add_parser(
         "demo",
         help="run a task DAG with real claude agents against the scripted model (offline)",
@@ -213,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--port", type=int, default=8123, help="port (default 8123)")
     model.set_defaults(handler=_cmd_model_server)
 
+
+def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = commands.add_parser(
         "serve",
         help="run the MCP server (stdio by default; --transport sse|http for remote clients)",
@@ -233,20 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allowed-origin", action="append", help="extra Origin to accept, e.g. https://app.example")
     serve.set_defaults(handler=_cmd_serve)
 
-    def engine_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--workers", type=int, help="agents at once (1-64)")
-        p.add_argument("--model", help="model or alias for agents")
-        p.add_argument(
-            "--permission-mode", choices=["acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "plan"]
-        )
-        p.add_argument("--allowed-tool", action="append", help='tool rule agents may use, e.g. "Bash(pytest *)"')
-        p.add_argument("--gate", help='command run on each merge candidate, e.g. "pytest -q"')
-        p.add_argument("--merge-policy", choices=["resolve", "report"])
-        p.add_argument("--max-budget-usd", type=float, help="cost limit per agent run")
 
-    def repo_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--repo", type=Path, help="the git repository (default: the current directory's)")
-
+def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = commands.add_parser(
         "run",
         help="plan a goal, run it with live progress, optionally merge",
@@ -261,46 +273,50 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plan", help="continue this plan instead of planning a new one")
     run.add_argument("--merge", action="store_true", help="merge into the target branch when every task merged")
     run.add_argument("--json", action="store_true", help="no live display; print the final report as JSON")
-    repo_option(run)
-    engine_options(run)
+    _repo_option(run)
+    _engine_options(run)
     run.set_defaults(handler=_cmd_run)
 
+
+def _add_readers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = commands.add_parser("status", help="show a plan, or list the repository's plans")
     status.add_argument("plan", nargs="?", help="plan id (default: list plans)")
     status.add_argument("--json", action="store_true")
-    repo_option(status)
+    _repo_option(status)
     status.set_defaults(handler=_cmd_status)
 
     logs = commands.add_parser("logs", help="show what a task's agent did")
     logs.add_argument("task", help="<plan_id>:<task id>")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the task is final")
     logs.add_argument("--tail", type=int, default=200, help="how many of the last events (default 200)")
-    repo_option(logs)
+    _repo_option(logs)
     logs.set_defaults(handler=_cmd_logs)
 
     cancel = commands.add_parser("cancel", help="cancel a plan or a task (<plan_id>:<task id>)")
     cancel.add_argument("id")
-    repo_option(cancel)
+    _repo_option(cancel)
     cancel.set_defaults(handler=_cmd_cancel)
 
+
+def _add_actions(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     workers = commands.add_parser("workers", help="show the agent pool size, or set it in claudecluster.toml")
     workers.add_argument("action", nargs="?", choices=["list", "set"], default="list")
     workers.add_argument("count", nargs="?", type=int)
-    repo_option(workers)
+    _repo_option(workers)
     workers.set_defaults(handler=_cmd_workers)
 
     merge = commands.add_parser("merge", help="merge a finished plan into its target branch")
     merge.add_argument("plan")
     merge.add_argument("--target", help="branch to merge into (default: the plan's target)")
     merge.add_argument("--dry-run", action="store_true", help="only report what would happen")
-    repo_option(merge)
+    _repo_option(merge)
     merge.set_defaults(handler=_cmd_merge)
 
     export = commands.add_parser("export", help="write a plan's report as json, md or html")
     export.add_argument("format", choices=["json", "md", "html"])
     export.add_argument("--plan", help="plan id (default: the latest plan)")
     export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
-    repo_option(export)
+    _repo_option(export)
     export.set_defaults(handler=_cmd_export)
 
     init = commands.add_parser(
@@ -308,10 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.add_argument("--yes", action="store_true", help="do not ask; use flags and defaults")
     init.add_argument("--force", action="store_true", help="overwrite an existing claudecluster.toml")
-    repo_option(init)
-    engine_options(init)
+    _repo_option(init)
+    _engine_options(init)
     init.set_defaults(handler=_cmd_init)
 
+
+def _add_bench_and_check(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = commands.add_parser(
         "bench",
         help="run the benchmark suite and print one table of ratios against their targets",
@@ -328,7 +346,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--claude", help="path to a claude executable to check")
     check.set_defaults(handler=_cmd_check)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
