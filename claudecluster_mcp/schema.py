@@ -4,14 +4,18 @@ released; a fresh database and a migrated one end with the same schema (tested).
 
 from __future__ import annotations
 
+import enum
+import json
 import sqlite3
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
 from .errors import StoreError
 
-__all__ = ["MIGRATIONS", "migrate"]
+__all__ = ["JSON_COLUMNS", "MIGRATIONS", "decode", "encode", "migrate", "quote"]
 
 # Frozen per migration: a migration's text never changes once released.
 _TASK_STATES = (
@@ -155,3 +159,39 @@ async def migrate(db: aiosqlite.Connection, path: Path) -> None:
             await db.execute("ROLLBACK")
             raise StoreError(f"migrating {path} to schema {number} failed: {exc}") from exc
     await db.execute("PRAGMA foreign_keys=ON")
+
+
+# -- how columns hold values ----------------------------------------------------------------
+
+JSON_COLUMNS = {"deps", "files", "changed_files", "warnings", "gate", "final_merge"}
+
+
+def encode(column: str, value: Any) -> Any:
+    """A Python value as its column stores it (JSON, enum value, ISO time, path text)."""
+    if value is None:
+        return None
+    if column in JSON_COLUMNS:
+        return json.dumps(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def decode(row: aiosqlite.Row) -> dict[str, Any]:
+    """A row as a dict, JSON columns decoded."""
+    data = dict(row)
+    for column in JSON_COLUMNS & data.keys():
+        if data[column] is not None:
+            data[column] = json.loads(data[column])
+    return data
+
+
+def quote(column: str) -> str:
+    """A column name quoted for SQL, refused unless it is a plain identifier."""
+    if not column.replace("_", "").isalnum():
+        raise ValueError(f"bad column name {column!r}")
+    return f'"{column}"'

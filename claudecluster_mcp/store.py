@@ -18,7 +18,6 @@ No ``sqlite3.Error`` leaves this module: every public method runs inside
 
 from __future__ import annotations
 
-import enum
 import json
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -31,13 +30,11 @@ import anyio
 
 from .errors import NotFoundError, StateError, StoreError
 from .models import FINAL_STATES, TRANSITIONS, Plan, PlanState, PlanStatus, Priority, Task, TaskState
-from .schema import migrate
+from .schema import decode, encode, migrate, quote
 from .sqlite_errors import sqlite_errors, translate_sqlite_errors
 from .workspace import git_common_dir
 
 __all__ = ["Store", "StoredEvent", "TaskRow", "now", "state_db_path"]
-
-_JSON_COLUMNS = {"deps", "files", "changed_files", "warnings", "gate", "final_merge"}
 
 
 async def state_db_path(repo: Path) -> Path:
@@ -50,34 +47,6 @@ async def state_db_path(repo: Path) -> Path:
 def now() -> datetime:
     """The current UTC time (what the store records)."""
     return datetime.now(UTC)
-
-
-def _encode(column: str, value: Any) -> Any:
-    if value is None:
-        return None
-    if column in _JSON_COLUMNS:
-        return json.dumps(value)
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def _decode(row: aiosqlite.Row) -> dict[str, Any]:
-    data = dict(row)
-    for column in _JSON_COLUMNS & data.keys():
-        if data[column] is not None:
-            data[column] = json.loads(data[column])
-    return data
-
-
-def _quote(column: str) -> str:
-    if not column.replace("_", "").isalnum():
-        raise ValueError(f"bad column name {column!r}")
-    return f'"{column}"'
 
 
 class TaskRow(NamedTuple):
@@ -161,22 +130,22 @@ class Store:
         async with self.transaction() as db:
             row = plan.model_dump()
             await db.execute(
-                f"INSERT INTO plans ({', '.join(map(_quote, row))}) VALUES ({', '.join('?' * len(row))})",
-                [_encode(k, v) for k, v in row.items()],
+                f"INSERT INTO plans ({', '.join(map(quote, row))}) VALUES ({', '.join('?' * len(row))})",
+                [encode(k, v) for k, v in row.items()],
             )
             rows = [{**task.model_dump(), "seq": seq} for seq, task in enumerate(tasks)]
             if rows:
                 columns = list(rows[0])
                 await db.executemany(
-                    f"INSERT INTO tasks ({', '.join(map(_quote, columns))}) VALUES ({', '.join('?' * len(columns))})",
-                    [[_encode(k, row[k]) for k in columns] for row in rows],
+                    f"INSERT INTO tasks ({', '.join(map(quote, columns))}) VALUES ({', '.join('?' * len(columns))})",
+                    [[encode(k, row[k]) for k in columns] for row in rows],
                 )
 
     async def _insert_task(self, db: aiosqlite.Connection, task: Task, seq: int) -> None:
         row = {**task.model_dump(), "seq": seq}
         await db.execute(
-            f"INSERT INTO tasks ({', '.join(map(_quote, row))}) VALUES ({', '.join('?' * len(row))})",
-            [_encode(k, v) for k, v in row.items()],
+            f"INSERT INTO tasks ({', '.join(map(quote, row))}) VALUES ({', '.join('?' * len(row))})",
+            [encode(k, v) for k, v in row.items()],
         )
 
     async def add_task(self, task: Task) -> None:
@@ -195,7 +164,7 @@ class Store:
         if row is None:
             known = ", ".join(p.id for p in await self.plans()) or "none"
             raise NotFoundError(f"no plan {plan_id!r} in {self.path.parent.parent} (plans: {known})")
-        return Plan.model_validate(_decode(row))
+        return Plan.model_validate(decode(row))
 
     async def plans(self, states: Iterable[PlanState] | None = None) -> list[Plan]:
         """All plans (optionally only those in ``states``), oldest first."""
@@ -205,16 +174,16 @@ class Store:
             query += f" WHERE state IN ({', '.join('?' * len(wanted))})"
             args = wanted
         async with self._db.execute(query + " ORDER BY created_at", args) as cursor:
-            return [Plan.model_validate(_decode(row)) for row in await cursor.fetchall()]
+            return [Plan.model_validate(decode(row)) for row in await cursor.fetchall()]
 
     async def update_plan(self, plan_id: str, **fields: Any) -> None:
         """Set plan columns (``state``, ``final_merge``, …)."""
         fields["updated_at"] = now()
-        sets = ", ".join(f"{_quote(k)} = ?" for k in fields)
+        sets = ", ".join(f"{quote(k)} = ?" for k in fields)
         async with self.transaction() as db:
             cursor = await db.execute(
                 f"UPDATE plans SET {sets} WHERE id = ?",
-                [*(_encode(k, v) for k, v in fields.items()), plan_id],
+                [*(encode(k, v) for k, v in fields.items()), plan_id],
             )
             if cursor.rowcount == 0:
                 raise NotFoundError(f"no plan {plan_id!r}")
@@ -234,7 +203,7 @@ class Store:
         if limit is not None:
             query += f" LIMIT {int(limit)}"
         async with self._db.execute(query, args) as cursor:
-            return [Task.model_validate(_decode(row)) for row in await cursor.fetchall()]
+            return [Task.model_validate(decode(row)) for row in await cursor.fetchall()]
 
     async def tally(self, plan_id: str) -> tuple[dict[str, int], float, int]:
         """(tasks by state, total cost in USD, total tokens) of a plan, computed by SQLite."""
@@ -312,19 +281,19 @@ class Store:
         if row is None:
             known = ", ".join(t.id for t in await self.tasks(plan_id)) or "none"
             raise NotFoundError(f"plan {plan_id!r} has no task {task_id!r} (tasks: {known})")
-        return Task.model_validate(_decode(row))
+        return Task.model_validate(decode(row))
 
     async def move(self, plan_id: str, task_id: str, to: TaskState, **fields: Any) -> Task:
         """Guarded state transition; raises :class:`StateError` if ``to`` is not allowed from
         the task's current state. Extra ``fields`` are written in the same statement."""
         allowed_from = [s.value for s, targets in TRANSITIONS.items() if to in targets]
         fields = {**fields, "state": to, "updated_at": now()}
-        sets = ", ".join(f"{_quote(k)} = ?" for k in fields)
+        sets = ", ".join(f"{quote(k)} = ?" for k in fields)
         async with self.transaction() as db:
             cursor = await db.execute(
                 f"UPDATE tasks SET {sets} WHERE plan_id = ? AND id = ? "
                 f"AND state IN ({', '.join('?' * len(allowed_from))})",
-                [*(_encode(k, v) for k, v in fields.items()), plan_id, task_id, *allowed_from],
+                [*(encode(k, v) for k, v in fields.items()), plan_id, task_id, *allowed_from],
             )
             if cursor.rowcount == 0:
                 async with db.execute("SELECT state FROM tasks WHERE plan_id = ? AND id = ?", [plan_id, task_id]) as c:
@@ -340,11 +309,11 @@ class Store:
         if "state" in fields:
             raise ValueError("use move() to change a task's state")
         fields["updated_at"] = now()
-        sets = ", ".join(f"{_quote(k)} = ?" for k in fields)
+        sets = ", ".join(f"{quote(k)} = ?" for k in fields)
         async with self.transaction() as db:
             await db.execute(
                 f"UPDATE tasks SET {sets} WHERE plan_id = ? AND id = ?",
-                [*(_encode(k, v) for k, v in fields.items()), plan_id, task_id],
+                [*(encode(k, v) for k, v in fields.items()), plan_id, task_id],
             )
 
     # -- events -----------------------------------------------------------------------------
@@ -415,4 +384,4 @@ class Store:
 
 def _brief(fields: Mapping[str, Any]) -> dict[str, Any]:
     keep = ("attempts", "reason", "commit", "merge_commit", "turns", "cost_usd")
-    return {k: _encode(k, v) for k, v in fields.items() if k in keep and v not in (None, "")}
+    return {k: encode(k, v) for k, v in fields.items() if k in keep and v not in (None, "")}
