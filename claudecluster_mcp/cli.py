@@ -55,7 +55,7 @@ def _cmd_model_server(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .engine import EngineSettings
+    from .settings import EngineSettings
     from .server import ServerSettings, serve_http, serve_stdio, token_from
 
     # Like `run`: flags > CLAUDECLUSTER_* environment > claudecluster.toml > defaults. Only the

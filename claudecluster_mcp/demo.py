@@ -24,22 +24,17 @@ from rich.table import Table
 
 from .claude_cli import ClaudeBinary, find_claude
 from .commands import follow
-from .engine import Cluster, EngineSettings
+from .engine import Cluster
 from .errors import ConfigError
 from .model_server import ScriptedModelServer, scripted_env
 from .models import PlanStatus, TaskState
-from .report import diffstats, to_html
+from .report import diffstats, state_colour, to_html
 from .scenario import load_scenario
+from .settings import EngineSettings
 
 __all__ = ["find_examples", "run_demo"]
 
 _GIT_IDENTITY = ["-c", "user.name=claudecluster demo", "-c", "user.email=demo@claudecluster.invalid"]
-_COLOURS = {
-    TaskState.MERGED: "green",
-    TaskState.SUCCEEDED: "cyan",
-    TaskState.RUNNING: "yellow",
-    TaskState.CONFLICTED: "magenta",
-}
 
 
 def find_examples() -> Path:
@@ -69,7 +64,7 @@ def _table(status: PlanStatus, wall: float) -> Table:
         numeric = column in ("attempts", "turns", "cost", "tokens")
         table.add_column(column, justify="right" if numeric else "left", overflow="fold")
     for task in status.tasks:
-        colour = _COLOURS.get(task.state, "red")
+        colour = state_colour(task.state)
         label = task.id + (" (resolve)" if task.kind.value == "resolve" else "")
         table.add_row(
             escape(label),
