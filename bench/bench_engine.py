@@ -37,6 +37,7 @@ from claudecluster_mcp.engine import Cluster, EngineSettings  # noqa: E402
 from claudecluster_mcp.graph import TaskGraph  # noqa: E402
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env  # noqa: E402
 from claudecluster_mcp.models import TaskSpec, TaskState  # noqa: E402
+from claudecluster_mcp.preflight import SKIP_VAR  # noqa: E402
 from claudecluster_mcp.scenario import load_scenario  # noqa: E402
 
 
@@ -70,7 +71,10 @@ async def scheduling(n: int = 200, slots: int = 20, seed: int = 7) -> dict[str, 
     standin = ClaudeBinary(path=ROOT / "bench" / "standin_claude.sh", version="2.1.332")
     with tempfile.TemporaryDirectory(prefix="cc-bench-") as tmp:
         repo = make_repo(Path(tmp) / "repo")
-        settings = EngineSettings(workers=slots, state_dir=Path(tmp) / "state", inactivity_timeout=60)
+        # The stand-in agent needs no model: no pre-flight model check.
+        settings = EngineSettings(
+            workers=slots, state_dir=Path(tmp) / "state", inactivity_timeout=60, agent_env={SKIP_VAR: "1"}
+        )
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         async with Cluster.open(repo, settings=settings, claude=standin) as cluster:
             plan = (await cluster.plan("scheduling benchmark", tasks)).plan

@@ -91,6 +91,8 @@ async def run(n_tasks: int, calls: int, clients: int) -> dict[str, Any]:
             **os.environ,
             "XDG_STATE_HOME": str(Path(tmp) / "state"),
             "CLAUDECLUSTER_CLAUDE_BIN": str(ROOT / "bench" / "standin_claude.sh"),
+            # The stand-in agent needs no model: no pre-flight model check.
+            "CLAUDECLUSTER_SKIP_MODEL_CHECK": "1",
         }
         server = subprocess.Popen(  # noqa: ASYNC220 - a long-lived server process, stopped below
             [
