@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -120,13 +122,15 @@ def home(tmp_path: Path) -> Path:
 @pytest.fixture
 def engine_settings(tmp_path: Path) -> Callable[..., EngineSettings]:
     """EngineSettings factory for agents against a scripted model server: isolated state,
-    Claude config and HOME under tmp_path, Bash allowed, short retry delays and timeouts."""
+    Claude config and HOME under tmp_path, Bash allowed, short retry delays and timeouts.
+    ``engine_settings()`` without a server: the same, for engines that run no agent."""
 
-    def make(server: ScriptedModelServer, **overrides: Any) -> EngineSettings:
+    def make(server: ScriptedModelServer | None = None, **overrides: Any) -> EngineSettings:
+        model_env = scripted_env(server.url) if server is not None else {}
         values: dict[str, Any] = {
             "state_dir": tmp_path / "state",
             "claude_config_dir": tmp_path / "claude-config",
-            "agent_env": {**scripted_env(server.url), "HOME": str(agent_home(tmp_path))},
+            "agent_env": {**model_env, "HOME": str(agent_home(tmp_path))},
             "allowed_tools": ["Bash"],
             "retry_backoff": 0.2,
             "rate_limit_pause": 1.0,
@@ -138,3 +142,27 @@ def engine_settings(tmp_path: Path) -> Callable[..., EngineSettings]:
         return EngineSettings(**{**values, **overrides})
 
     return make
+
+
+@pytest.fixture
+def user_env(tmp_path: Path, claude: ClaudeBinary) -> dict[str, str]:
+    """The environment a user runs ``claudecluster`` in: no claudecluster settings, the
+    hermetic HOME (see :func:`agent_home`; the CLI keeps its state under it), the pinned claude."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDECLUSTER_")}
+    return {**clean, "HOME": str(agent_home(tmp_path)), "CLAUDECLUSTER_CLAUDE_BIN": str(claude.path)}
+
+
+@pytest.fixture
+def cli() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``cli(*args, cwd=None, env=None, timeout=120)``: run ``claudecluster *args`` as a user
+    would, in a subprocess (``env`` None: this process's environment); never raises on failure."""
+
+    def run(
+        *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "claudecluster_mcp.cli", *args],
+            cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False,
+        )  # fmt: skip
+
+    return run

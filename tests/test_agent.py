@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from claudecluster_mcp.events import AgentEvent, ApiRetry, InitEvent, ToolUse
 from claudecluster_mcp.model_server import ScriptedModelServer
 from claudecluster_mcp.outcome import OutcomeStatus, RunState
 from claudecluster_mcp.proctree import RUN_TAG_VAR
+from claudecluster_mcp.scenario import bash_turn, marker_rule, write_turn
 
 pytestmark = [pytest.mark.anyio, pytest.mark.claude]
 
@@ -33,28 +33,10 @@ WRITE_HELLO = {
         {
             "name": "hello",
             "match": "WRITE-HELLO",
-            "turns": [
-                {
-                    "text": "Writing hello.txt.",
-                    "tools": [
-                        {
-                            "name": "Write",
-                            "input": {"file_path": "{cwd}/hello.txt", "content": "hello\n"},
-                        }
-                    ],
-                },
-                {"text": "done"},
-            ],
+            "turns": [write_turn("hello.txt", "hello\n", text="Writing hello.txt."), {"text": "done"}],
         }
     ],
 }
-
-
-def one_rule(marker: str, *turns: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": marker.lower(),
-        "rules": [{"name": marker, "match": marker, "turns": list(turns)}],
-    }
 
 
 def processes_tagged(run_id: str) -> list[int]:
@@ -106,26 +88,29 @@ async def test_multi_turn_bash_read_and_edit(
     claude: ClaudeBinary, repo: Path, model_server: StartServer, spec_for: SpecFor
 ) -> None:
     server = model_server(
-        one_rule(
-            "BASH-EDIT",
-            {"tools": [{"name": "Bash", "input": {"command": "printf 'alpha\\nbeta\\n' > notes.txt"}}]},
-            {"tools": [{"name": "Read", "input": {"file_path": "{cwd}/notes.txt"}}]},
-            {
-                "tools": [
+        {
+            "rules": [
+                marker_rule(
+                    "BASH-EDIT",
+                    bash_turn("printf 'alpha\\nbeta\\n' > notes.txt"),
+                    {"tools": [{"name": "Read", "input": {"file_path": "{cwd}/notes.txt"}}]},
                     {
-                        "name": "Edit",
-                        "input": {
-                            "file_path": "{cwd}/notes.txt",
-                            "old_string": "beta",
-                            "new_string": "gamma",
-                        },
-                    }
-                ]
-            },
-            {"text": "edited"},
-        )
+                        "tools": [
+                            {
+                                "name": "Edit",
+                                "input": {
+                                    "file_path": "{cwd}/notes.txt",
+                                    "old_string": "beta",
+                                    "new_string": "gamma",
+                                },
+                            }
+                        ]
+                    },
+                )
+            ]
+        }
     )
-    spec = spec_for(server, "BASH-EDIT the notes", repo, allowed_tools=["Bash"])
+    spec = spec_for(server, "[BASH-EDIT] the notes", repo, allowed_tools=["Bash"])
 
     outcome = await run_agent(spec, claude=claude)
 
@@ -146,11 +131,9 @@ async def test_cancel_during_bash_leaves_no_process_alive(
         f"(setsid {sleeper} & echo $! > daemon.pid) ; "  # double-forked into its own session
         f"echo $$ > shell.pid; {sleeper}"  # the foreground command the CLI waits for
     )
-    server = model_server(
-        one_rule("LONG-BASH", {"tools": [{"name": "Bash", "input": {"command": command}}]}, {"text": "x"})
-    )
+    server = model_server({"rules": [marker_rule("LONG-BASH", bash_turn(command))]})
     run = AgentRun(
-        spec_for(server, "LONG-BASH go", repo, allowed_tools=["Bash"], cancel_grace=3),
+        spec_for(server, "[LONG-BASH] go", repo, allowed_tools=["Bash"], cancel_grace=3),
         claude=claude,
     )
     outcome = None
@@ -177,21 +160,8 @@ async def test_cancel_during_bash_leaves_no_process_alive(
 async def test_wall_clock_timeout_stops_the_run(
     claude: ClaudeBinary, repo: Path, model_server: StartServer, spec_for: SpecFor
 ) -> None:
-    server = model_server(
-        one_rule(
-            "WALL",
-            {
-                "tools": [
-                    {
-                        "name": "Bash",
-                        "input": {"command": "python3 -c 'import time; time.sleep(120)'"},
-                    }
-                ]
-            },
-            {"text": "x"},
-        )
-    )
-    spec = spec_for(server, "WALL clock", repo, allowed_tools=["Bash"], wall_timeout=4, cancel_grace=1)
+    server = model_server({"rules": [marker_rule("WALL", bash_turn("python3 -c 'import time; time.sleep(120)'"))]})
+    spec = spec_for(server, "[WALL] clock", repo, allowed_tools=["Bash"], wall_timeout=4, cancel_grace=1)
 
     with anyio.fail_after(30):
         outcome = await run_agent(spec, claude=claude)
@@ -206,8 +176,10 @@ async def test_inactivity_timeout_catches_a_stalled_model(
     claude: ClaudeBinary, repo: Path, model_server: StartServer, spec_for: SpecFor
 ) -> None:
     # The CLI itself would wait 300 s for a stalled stream.
-    server = model_server(one_rule("STALL", {"text": "never", "fault": {"type": "stall", "seconds": 600}}))
-    spec = spec_for(server, "STALL now", repo, inactivity_timeout=3, cancel_grace=1)
+    server = model_server(
+        {"rules": [marker_rule("STALL", {"text": "never", "fault": {"type": "stall", "seconds": 600}})]}
+    )
+    spec = spec_for(server, "[STALL] now", repo, inactivity_timeout=3, cancel_grace=1)
 
     with anyio.fail_after(30):
         outcome = await run_agent(spec, claude=claude)
@@ -222,13 +194,14 @@ async def test_http_429_is_rate_limited(
     claude: ClaudeBinary, repo: Path, model_server: StartServer, spec_for: SpecFor
 ) -> None:
     server = model_server(
-        one_rule(
-            "LIMITED",
-            {"text": "x", "fault": {"type": "rate_limit", "retry_after": 1, "times": None}},
-        )
+        {
+            "rules": [
+                marker_rule("LIMITED", {"text": "x", "fault": {"type": "rate_limit", "retry_after": 1, "times": None}})
+            ]
+        }
     )
 
-    outcome = await run_agent(spec_for(server, "LIMITED call", repo), claude=claude)
+    outcome = await run_agent(spec_for(server, "[LIMITED] call", repo), claude=claude)
 
     assert outcome.status is OutcomeStatus.RATE_LIMITED
     assert outcome.api_error and outcome.api_error_status == 429
@@ -239,7 +212,11 @@ async def test_cli_retries_show_as_waiting_then_rate_limited(
     claude: ClaudeBinary, repo: Path, model_server: StartServer, spec_for: SpecFor
 ) -> None:
     server = model_server(
-        one_rule("RETRY", {"text": "x", "fault": {"type": "rate_limit", "retry_after": 1, "times": None}})
+        {
+            "rules": [
+                marker_rule("RETRY", {"text": "x", "fault": {"type": "rate_limit", "retry_after": 1, "times": None}})
+            ]
+        }
     )
     states: list[RunState] = []
     run: AgentRun
@@ -247,7 +224,7 @@ async def test_cli_retries_show_as_waiting_then_rate_limited(
     def watch(event: AgentEvent) -> None:
         states.append(run.state)
 
-    spec = spec_for(server, "RETRY call", repo, env={"CLAUDE_CODE_MAX_RETRIES": "1"})
+    spec = spec_for(server, "[RETRY] call", repo, env={"CLAUDE_CODE_MAX_RETRIES": "1"})
     run = AgentRun(spec, claude=claude, on_event=watch)
 
     outcome = await run.run()
@@ -272,9 +249,9 @@ async def test_api_errors_fail_with_a_reason_and_are_marked_as_api_errors(
     fault: str,
     expected: str,
 ) -> None:
-    server = model_server(one_rule("BROKEN", {"text": "x", "fault": {"type": fault, "times": None}}))
+    server = model_server({"rules": [marker_rule("BROKEN", {"text": "x", "fault": {"type": fault, "times": None}})]})
 
-    outcome = await run_agent(spec_for(server, "BROKEN api", repo), claude=claude)
+    outcome = await run_agent(spec_for(server, "[BROKEN] api", repo), claude=claude)
 
     assert outcome.status is OutcomeStatus.FAILED
     assert expected in outcome.reason
@@ -283,13 +260,10 @@ async def test_api_errors_fail_with_a_reason_and_are_marked_as_api_errors(
 
 
 async def test_unreachable_model_api_is_an_api_error_without_a_status(
-    claude: ClaudeBinary, repo: Path, model_server: StartServer, spec_for: SpecFor
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, spec_for: SpecFor, free_port: Callable[[], int]
 ) -> None:
     server = model_server(WRITE_HELLO)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
-    spec = spec_for(server, "WRITE-HELLO", repo, env={"ANTHROPIC_BASE_URL": f"http://127.0.0.1:{closed_port}"})
+    spec = spec_for(server, "WRITE-HELLO", repo, env={"ANTHROPIC_BASE_URL": f"http://127.0.0.1:{free_port()}"})
 
     outcome = await run_agent(spec, claude=claude)
 
@@ -325,15 +299,9 @@ async def test_max_turns_is_a_failure(
 async def test_permission_denials_are_reported(
     claude: ClaudeBinary, repo: Path, model_server: StartServer, spec_for: SpecFor
 ) -> None:
-    server = model_server(
-        one_rule(
-            "DENIED",
-            {"tools": [{"name": "Bash", "input": {"command": "echo hi > denied.txt"}}]},
-            {"text": "could not"},
-        )
-    )
+    server = model_server({"rules": [marker_rule("DENIED", bash_turn("echo hi > denied.txt"))]})
 
-    outcome = await run_agent(spec_for(server, "DENIED bash", repo, permission_mode="dontAsk"), claude=claude)
+    outcome = await run_agent(spec_for(server, "[DENIED] bash", repo, permission_mode="dontAsk"), claude=claude)
 
     assert outcome.status is OutcomeStatus.SUCCEEDED
     assert [d["tool_name"] for d in outcome.permission_denials] == ["Bash"]
@@ -344,8 +312,8 @@ async def test_memory_cap_stops_the_run(
     claude: ClaudeBinary, repo: Path, model_server: StartServer, spec_for: SpecFor
 ) -> None:
     # claude alone needs ~200 MB, so a 50 MB cap trips while the model is stalled.
-    server = model_server(one_rule("MEMORY", {"text": "x", "fault": {"type": "stall", "seconds": 600}}))
-    spec = spec_for(server, "MEMORY hog", repo, memory_limit_mb=50, cancel_grace=1)
+    server = model_server({"rules": [marker_rule("MEMORY", {"text": "x", "fault": {"type": "stall", "seconds": 600}})]})
+    spec = spec_for(server, "[MEMORY] hog", repo, memory_limit_mb=50, cancel_grace=1)
 
     with anyio.fail_after(30):
         outcome = await run_agent(spec, claude=claude)
@@ -401,15 +369,9 @@ async def test_agent_env_has_no_parent_session_variables(
     monkeypatch.setenv("CLAUDECODE", "1")
     monkeypatch.setenv("CLAUDE_CODE_ENTRYPOINT", "cli")
     monkeypatch.setenv("SOME_SECRET_TOKEN", "hunter2")
-    server = model_server(
-        one_rule(
-            "ENV",
-            {"tools": [{"name": "Bash", "input": {"command": "env > env.txt"}}]},
-            {"text": "ok"},
-        )
-    )
+    server = model_server({"rules": [marker_rule("ENV", bash_turn("env > env.txt"))]})
 
-    outcome = await run_agent(spec_for(server, "ENV dump", repo, allowed_tools=["Bash"]), claude=claude)
+    outcome = await run_agent(spec_for(server, "[ENV] dump", repo, allowed_tools=["Bash"]), claude=claude)
 
     assert outcome.status is OutcomeStatus.SUCCEEDED, outcome.reason
     seen = dict(line.split("=", 1) for line in (repo / "env.txt").read_text().splitlines() if "=" in line)
@@ -426,12 +388,19 @@ async def test_background_task_run_waits_for_the_last_result(
     # command ends, then run another turn and emit a second result.
     command = "python3 -c 'import time; time.sleep(2)'; echo finished > bg-done.txt"
     server = model_server(
-        one_rule(
-            "BACKGROUND",
-            {"tools": [{"name": "Bash", "input": {"command": command, "run_in_background": True}}]},
-            {"text": "started in background"},
-            {"text": "background finished"},
-        )
+        {
+            "rules": [
+                {
+                    "name": "BACKGROUND",
+                    "match": "BACKGROUND",
+                    "turns": [
+                        {"tools": [{"name": "Bash", "input": {"command": command, "run_in_background": True}}]},
+                        {"text": "started in background"},
+                        {"text": "background finished"},
+                    ],
+                }
+            ]
+        }
     )
 
     outcome = await run_agent(spec_for(server, "BACKGROUND job", repo, allowed_tools=["Bash"]), claude=claude)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -18,28 +17,11 @@ from claudecluster_mcp.cli import build_parser
 README = Path(__file__).parent.parent / "README.md"
 
 
-def claudecluster(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "claudecluster_mcp.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def test_help_lists_the_commands() -> None:
-    done = claudecluster("--help")
+def test_help_lists_the_commands(cli: Cli) -> None:
+    done = cli("--help")
 
     assert done.returncode == 0
     for command in ("demo", "model-server", "check"):
@@ -54,14 +36,14 @@ def test_every_command_is_documented_in_the_readme() -> None:
         assert f"claudecluster {name}" in readme, f"`claudecluster {name}` is not in README.md"
 
 
-def test_check_finds_the_pinned_claude() -> None:
-    done = claudecluster("check")
+def test_check_finds_the_pinned_claude(cli: Cli) -> None:
+    done = cli("check")
 
     assert done.returncode == 0, done.stderr
     assert "claude 2.1.332 at" in done.stdout
 
 
-def test_model_server_command_serves_a_scenario(tmp_path: Path) -> None:
+def test_model_server_command_serves_a_scenario(tmp_path: Path, free_port: Callable[[], int]) -> None:
     scenario = tmp_path / "s.yaml"
     scenario.write_text("rules:\n  - name: hi\n    match: HELLO\n    turns:\n      - text: hi there\n")
     port = free_port()
@@ -108,8 +90,8 @@ def test_model_server_command_serves_a_scenario(tmp_path: Path) -> None:
 
 
 @pytest.mark.claude
-def test_demo_runs_a_dag_through_the_merge_queue(tmp_path: Path) -> None:
-    done = claudecluster("demo", "--workdir", str(tmp_path / "demo"), timeout=240)
+def test_demo_runs_a_dag_through_the_merge_queue(tmp_path: Path, cli: Cli) -> None:
+    done = cli("demo", "--workdir", str(tmp_path / "demo"), timeout=240)
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "7/7 tasks merged" in done.stdout  # 6 planned + 1 resolve task

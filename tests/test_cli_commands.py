@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,44 +13,31 @@ from typing import Any
 import anyio
 import pytest
 import yaml
-from conftest import agent_home, make_repo
 
-from claudecluster_mcp.claude_cli import find_claude
 from claudecluster_mcp.config import load_config
 from claudecluster_mcp.engine import Cluster, EngineSettings
 from claudecluster_mcp.errors import ConfigError
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
+from claudecluster_mcp.scenario import marker_rule, write_turn
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 
-def cli(*args: str, cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "claudecluster_mcp.cli", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False,
-    )  # fmt: skip
-
-
-def user_env(tmp_path: Path) -> dict[str, str]:
-    """A user's environment: no claudecluster settings, an empty HOME, the pinned claude."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDECLUSTER_")}
-    return {**clean, "HOME": str(agent_home(tmp_path)), "CLAUDECLUSTER_CLAUDE_BIN": str(find_claude().path)}
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    return user_env(tmp_path)
+def cli_state_dir(env: dict[str, str]) -> Path:
+    """Where `claudecluster` keeps its state for a user with this environment."""
+    return Path(env["HOME"]) / ".local" / "state" / "claudecluster"
 
 
 @pytest.mark.claude
 def test_run_json_then_status_logs_export_and_merge(
-    tmp_path: Path, env: dict[str, str], model_server: Callable[[dict[str, Any]], ScriptedModelServer]
+    tmp_path: Path,
+    user_env: dict[str, str],
+    cli: Cli,
+    repo: Path,
+    model_server: Callable[[dict[str, Any]], ScriptedModelServer],
 ) -> None:
-    repo = make_repo(tmp_path / "repo")
-    model = model_server(
-        {"rules": [{"name": "w", "match": "[w]", "turns": [
-            {"tools": [{"name": "Write", "input": {"file_path": "{cwd}/w.txt", "content": "w\n"}}]},
-            {"text": "wrote w.txt"}]}]}
-    )  # fmt: skip
-    env = {**env, **scripted_env(model.url)}
+    model = model_server({"rules": [marker_rule("w", write_turn("w.txt", "w\n"))]})
+    env = {**user_env, **scripted_env(model.url)}
     (tmp_path / "tasks.yaml").write_text(yaml.safe_dump({"tasks": [{"id": "w", "title": "W", "prompt": "[w] go"}]}))
 
     ran = cli("run", "write w", "--tasks", str(tmp_path / "tasks.yaml"), "--json", cwd=repo, env=env)
@@ -79,11 +65,10 @@ def test_run_json_then_status_logs_export_and_merge(
     assert elsewhere.returncode == 0 and "merged" in elsewhere.stdout
 
 
-def test_init_writes_config_and_registers_the_server(tmp_path: Path, env: dict[str, str]) -> None:
-    repo = make_repo(tmp_path / "repo")
+def test_init_writes_config_and_registers_the_server(repo: Path, user_env: dict[str, str], cli: Cli) -> None:
     (repo / ".mcp.json").write_text(json.dumps({"mcpServers": {"other": {"command": "x"}}}))
 
-    done = cli("init", "--yes", "--workers", "3", "--gate", "pytest -q", "--model", "sonnet", cwd=repo, env=env)
+    done = cli("init", "--yes", "--workers", "3", "--gate", "pytest -q", "--model", "sonnet", cwd=repo, env=user_env)
 
     assert done.returncode == 0, done.stderr
     config = load_config(repo)
@@ -92,11 +77,11 @@ def test_init_writes_config_and_registers_the_server(tmp_path: Path, env: dict[s
     assert set(servers) == {"other", "claudecluster"} and servers["claudecluster"]["args"] == ["serve"]
     assert "claude 2.1.332" in done.stdout
     assert "authentication: none found" in done.stdout  # an empty HOME, no key: said before a run
-    again = cli("init", "--yes", cwd=repo, env=env)
+    again = cli("init", "--yes", cwd=repo, env=user_env)
     assert again.returncode == 2 and "exists; use --force" in again.stderr
-    workers = cli("workers", "set", "7", cwd=repo, env=env)
+    workers = cli("workers", "set", "7", cwd=repo, env=user_env)
     assert workers.returncode == 0 and load_config(repo).workers == 7
-    shown = cli("workers", cwd=repo, env=env)
+    shown = cli("workers", cwd=repo, env=user_env)
     assert "workers: 7" in shown.stdout
 
 
@@ -124,35 +109,33 @@ def test_config_precedence_flags_env_file_defaults(tmp_path: Path, monkeypatch: 
         load_config(tmp_path)
 
 
-def test_cancel_a_plan_from_the_command_line(tmp_path: Path, env: dict[str, str]) -> None:
-    repo = make_repo(tmp_path / "repo")
+def test_cancel_a_plan_from_the_command_line(repo: Path, user_env: dict[str, str], cli: Cli) -> None:
 
     async def make_plan() -> str:
-        settings = EngineSettings(state_dir=Path(env["HOME"]) / ".local" / "state" / "claudecluster")
+        settings = EngineSettings(state_dir=cli_state_dir(user_env))
         async with Cluster.open(repo, settings=settings) as cluster:
             return (await cluster.plan("later", [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}])).plan.id
 
     plan_id = anyio.run(make_plan)
 
-    one = cli("cancel", f"{plan_id}:a", cwd=repo, env=env)
-    status = cli("status", plan_id, "--json", cwd=repo, env=env)
+    one = cli("cancel", f"{plan_id}:a", cwd=repo, env=user_env)
+    status = cli("status", plan_id, "--json", cwd=repo, env=user_env)
     assert one.returncode == 0 and f"cancelled {plan_id}:a" in one.stdout
     assert {t["id"]: t["state"] for t in json.loads(status.stdout)["tasks"]} == {"a": "cancelled", "b": "pending"}
-    whole = cli("cancel", plan_id, cwd=repo, env=env)
+    whole = cli("cancel", plan_id, cwd=repo, env=user_env)
     assert whole.returncode == 0
-    assert json.loads(cli("status", plan_id, "--json", cwd=repo, env=env).stdout)["plan"]["state"] == "cancelled"
+    assert json.loads(cli("status", plan_id, "--json", cwd=repo, env=user_env).stdout)["plan"]["state"] == "cancelled"
 
 
-def test_cancel_while_another_engine_runs_the_repository(tmp_path: Path, env: dict[str, str]) -> None:
-    repo = make_repo(tmp_path / "repo")
-    settings = EngineSettings(state_dir=Path(env["HOME"]) / ".local" / "state" / "claudecluster")
+def test_cancel_while_another_engine_runs_the_repository(repo: Path, user_env: dict[str, str], cli: Cli) -> None:
+    settings = EngineSettings(state_dir=cli_state_dir(user_env))
 
     async def cancel_while_open() -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str], str]:
         # This process holds the repository's engine lease, as `claudecluster run` would.
         async with Cluster.open(repo, settings=settings) as cluster:
             plan_id = (await cluster.plan("busy", [{"id": "a", "prompt": "x"}])).plan.id
-            one = await anyio.to_thread.run_sync(lambda: cli("cancel", f"{plan_id}:a", cwd=repo, env=env))
-            whole = await anyio.to_thread.run_sync(lambda: cli("cancel", plan_id, cwd=repo, env=env))
+            one = await anyio.to_thread.run_sync(lambda: cli("cancel", f"{plan_id}:a", cwd=repo, env=user_env))
+            whole = await anyio.to_thread.run_sync(lambda: cli("cancel", plan_id, cwd=repo, env=user_env))
             return one, whole, (await cluster.status(plan_id)).plan.state.value
 
     one, whole, state = anyio.run(cancel_while_open)

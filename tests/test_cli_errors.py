@@ -9,14 +9,13 @@ import importlib
 import logging
 import pkgutil
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from conftest import make_repo
-from test_cli_commands import cli, user_env
 
 import claudecluster_mcp
 from claudecluster_mcp import commands
@@ -26,10 +25,7 @@ from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
 
 PACKAGE = Path(claudecluster_mcp.__file__).parent
 
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    return user_env(tmp_path)
+Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def one_error_line(stderr: str) -> str:
@@ -90,14 +86,15 @@ ERROR_PATHS: list[tuple[list[str], Callable[[Path, dict[str, str]], dict[str, st
 )
 def test_every_command_fails_with_one_line_and_exit_2(
     tmp_path: Path,
-    env: dict[str, str],
+    repo: Path,
+    user_env: dict[str, str],
+    cli: Cli,
     args: list[str],
     setup: Callable[[Path, dict[str, str]], dict[str, str]] | None,
     message: str,
 ) -> None:
-    repo = make_repo(tmp_path / "repo")
     (tmp_path / "bad.yaml").write_text("rules:\n  - name: r\n    match: x\n    turns: []\n")
-    env = setup(tmp_path, env) if setup else env
+    env = setup(tmp_path, user_env) if setup else user_env
 
     done = cli(*[a.replace("{tmp}", str(tmp_path)) for a in args], cwd=repo, env=env)
 
@@ -107,16 +104,16 @@ def test_every_command_fails_with_one_line_and_exit_2(
 
 @pytest.mark.claude
 def test_a_failing_planner_inside_the_engine_is_one_line_not_an_exception_group(
-    tmp_path: Path,
-    env: dict[str, str],
+    repo: Path,
+    user_env: dict[str, str],
+    cli: Cli,
     model_server: Callable[[dict[str, Any]], ScriptedModelServer],
 ) -> None:
     # The planning agent runs inside the engine's task group; no rule answers it, so the model
     # API says 400 and the planner raises PlanValidationError from within that group.
     model = model_server({"rules": [{"name": "other", "match": "[never asked]", "turns": [{"text": "no"}]}]})
-    repo = make_repo(tmp_path / "repo")
 
-    done = cli("run", "add a greeting", cwd=repo, env={**env, **scripted_env(model.url)})
+    done = cli("run", "add a greeting", cwd=repo, env={**user_env, **scripted_env(model.url)})
 
     assert done.returncode == 2, done.stderr
     line = one_error_line(done.stderr)

@@ -4,6 +4,7 @@ use the model (not logged in, key refused, API unreachable); silent when they ca
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -13,37 +14,45 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import make_repo
-from test_cli import free_port
-from test_cli_commands import cli, user_env
 
 from claudecluster_mcp.engine import EngineSettings
 from claudecluster_mcp.errors import ModelUnavailableError
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
 from claudecluster_mcp.preflight import check_model
+from claudecluster_mcp.scenario import marker_rule
 
 pytestmark = pytest.mark.anyio
 
-WRITE_SCENARIO = {"rules": [{"name": "w", "match": "[w]", "turns": [{"text": "done"}]}]}
+WRITE_SCENARIO = {"rules": [marker_rule("w")]}
+
+Settings = Callable[..., EngineSettings]
+FreePort = Callable[[], int]
 
 
 @pytest.fixture(autouse=True)
-def no_credentials_of_our_own(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def no_credentials_of_our_own(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
     """Only what a test gives the agents counts: nothing from the machine running the tests."""
     for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "CLAUDE_CODE_OAUTH_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     for name in ("BEDROCK", "VERTEX", "FOUNDRY", "GATEWAY", "ANTHROPIC_AWS", "ANTHROPIC_GOOGLE_CLOUD", "MANTLE"):
         monkeypatch.delenv(f"CLAUDE_CODE_USE_{name}", raising=False)
     monkeypatch.delenv("CLAUDECLUSTER_SKIP_MODEL_CHECK", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "empty-home"))
+    monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("CLAUDE_CONFIG_DIR", raising=False)
 
 
-def settings(tmp_path: Path, **env: str) -> EngineSettings:
-    """Engine settings whose agents get ``env`` and an empty, isolated Claude config dir."""
-    config_dir = tmp_path / "claude-config"
-    config_dir.mkdir(exist_ok=True)
-    return EngineSettings(agent_env={"HOME": str(tmp_path / "empty-home"), **env}, claude_config_dir=config_dir)
+@pytest.fixture
+def settings(engine_settings: Settings, home: Path) -> Settings:
+    """``settings(**env)``: engine settings whose agents get the empty HOME and ``env`` only
+    (no model), and an empty, isolated Claude config dir."""
+
+    def make(**env: str) -> EngineSettings:
+        engine = engine_settings(agent_env={"HOME": str(home), **env})
+        assert engine.claude_config_dir is not None
+        engine.claude_config_dir.mkdir(exist_ok=True)
+        return engine
+
+    return make
 
 
 @pytest.fixture
@@ -72,27 +81,27 @@ def refusing_api() -> Iterator[str]:
 
 
 async def test_a_reachable_model_with_a_key_passes_with_one_free_request(
-    tmp_path: Path, model_server: Callable[[dict[str, Any]], ScriptedModelServer]
+    settings: Settings, model_server: Callable[[dict[str, Any]], ScriptedModelServer]
 ) -> None:
     model = model_server(WRITE_SCENARIO)
 
-    await check_model(settings(tmp_path, **scripted_env(model.url)))
+    await check_model(settings(**scripted_env(model.url)))
 
     assert [r.path for r in model.requests] == ["/v1/messages/count_tokens"]
 
 
-async def test_nothing_listening_is_unreachable(tmp_path: Path) -> None:
+async def test_nothing_listening_is_unreachable(settings: Settings, free_port: FreePort) -> None:
     url = f"http://127.0.0.1:{free_port()}"
 
     with pytest.raises(ModelUnavailableError) as caught:
-        await check_model(settings(tmp_path, ANTHROPIC_BASE_URL=url, ANTHROPIC_API_KEY="k"))
+        await check_model(settings(ANTHROPIC_BASE_URL=url, ANTHROPIC_API_KEY="k"))
 
     assert str(caught.value).startswith(f"the model API at {url} is unreachable: Connection refused")
 
 
-async def test_a_refused_key_says_which_credentials(tmp_path: Path, refusing_api: str) -> None:
+async def test_a_refused_key_says_which_credentials(settings: Settings, refusing_api: str) -> None:
     with pytest.raises(ModelUnavailableError) as caught:
-        await check_model(settings(tmp_path, ANTHROPIC_BASE_URL=refusing_api, ANTHROPIC_API_KEY="bad"))
+        await check_model(settings(ANTHROPIC_BASE_URL=refusing_api, ANTHROPIC_API_KEY="bad"))
 
     assert f"the model API at {refusing_api} refused ANTHROPIC_API_KEY (HTTP 401: invalid x-api-key)" in str(
         caught.value
@@ -100,20 +109,20 @@ async def test_a_refused_key_says_which_credentials(tmp_path: Path, refusing_api
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="a macOS login lives in the keychain, which is not checked")
-async def test_no_credentials_at_all_is_not_logged_in(tmp_path: Path) -> None:
+async def test_no_credentials_at_all_is_not_logged_in(settings: Settings) -> None:
     with pytest.raises(
         ModelUnavailableError, match=r"not logged in .*run `claude` and /login, or set ANTHROPIC_API_KEY"
     ):
-        await check_model(settings(tmp_path))
+        await check_model(settings())
 
 
 @pytest.mark.parametrize(
     "login",
     ["credentials file", "stored API key", "apiKeyHelper", "CLAUDE_CODE_OAUTH_TOKEN"],
 )
-async def test_a_claude_code_login_is_enough(tmp_path: Path, refusing_api: str, login: str) -> None:
+async def test_a_claude_code_login_is_enough(settings: Settings, refusing_api: str, login: str) -> None:
     # Without a key to send, the probe only asks whether the API answers; a 401 is expected.
-    engine = settings(tmp_path, ANTHROPIC_BASE_URL=refusing_api)
+    engine = settings(ANTHROPIC_BASE_URL=refusing_api)
     config_dir = engine.claude_config_dir
     assert config_dir is not None
     if login == "credentials file":
@@ -128,26 +137,31 @@ async def test_a_claude_code_login_is_enough(tmp_path: Path, refusing_api: str, 
     await check_model(engine)
 
 
-async def test_another_provider_is_not_probed(tmp_path: Path) -> None:
+async def test_another_provider_is_not_probed(settings: Settings, free_port: FreePort) -> None:
     unreachable = f"http://127.0.0.1:{free_port()}"
 
-    await check_model(settings(tmp_path, CLAUDE_CODE_USE_BEDROCK="1", ANTHROPIC_BASE_URL=unreachable))
+    await check_model(settings(CLAUDE_CODE_USE_BEDROCK="1", ANTHROPIC_BASE_URL=unreachable))
 
 
-async def test_the_check_can_be_skipped(tmp_path: Path) -> None:
-    await check_model(settings(tmp_path, CLAUDECLUSTER_SKIP_MODEL_CHECK="1"))
+async def test_the_check_can_be_skipped(settings: Settings) -> None:
+    await check_model(settings(CLAUDECLUSTER_SKIP_MODEL_CHECK="1"))
 
 
 @pytest.mark.parametrize("problem", ["no credentials", "unreachable"])
 def test_run_says_it_once_and_dispatches_nothing(
-    tmp_path: Path, model_server: Callable[[dict[str, Any]], ScriptedModelServer], problem: str
+    tmp_path: Path,
+    repo: Path,
+    user_env: dict[str, str],
+    cli: Callable[..., subprocess.CompletedProcess[str]],
+    free_port: FreePort,
+    model_server: Callable[[dict[str, Any]], ScriptedModelServer],
+    problem: str,
 ) -> None:
     model = model_server(WRITE_SCENARIO)
-    repo = make_repo(tmp_path / "repo")
     (tmp_path / "tasks.yaml").write_text(
         yaml.safe_dump({"tasks": [{"id": t, "prompt": f"[w] {t}"} for t in ("a", "b", "c")]})
     )
-    env = {k: v for k, v in user_env(tmp_path).items() if not k.startswith(("ANTHROPIC_", "CLAUDE_CODE_"))}
+    env = {k: v for k, v in user_env.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_CODE_"))}
     if problem == "no credentials":
         env |= {"ANTHROPIC_BASE_URL": model.url, "CLAUDE_CONFIG_DIR": str(tmp_path / "empty-config")}
         expected = "claudecluster: error: agents are not logged in to Claude"

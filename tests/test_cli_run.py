@@ -4,7 +4,6 @@ and Ctrl-C stopping every agent cleanly. Agents are the real `claude` against th
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import select
 import sqlite3
@@ -17,12 +16,11 @@ from typing import Any
 import psutil
 import pytest
 import yaml
-from conftest import agent_home, make_repo
 from ptyprocess import PtyProcess
 
-from claudecluster_mcp.claude_cli import find_claude
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
 from claudecluster_mcp.proctree import RUN_TAG_VAR
+from claudecluster_mcp.scenario import bash_turn, marker_rule, write_turn
 
 pytestmark = pytest.mark.claude
 
@@ -51,15 +49,10 @@ def read_until(proc: PtyProcess, done: Callable[[str], bool], timeout: float) ->
     return text
 
 
-def cli_env(tmp_path: Path, model: ScriptedModelServer) -> dict[str, str]:
-    return {
-        **os.environ,
-        **scripted_env(model.url),
-        "HOME": str(agent_home(tmp_path)),  # agents and the engine state stay inside tmp_path
-        "CLAUDECLUSTER_CLAUDE_BIN": str(find_claude().path),
-        "TERM": "xterm-256color",
-        "COLUMNS": "160",
-    }
+def terminal_env(user_env: dict[str, str], model: ScriptedModelServer) -> dict[str, str]:
+    """A user's environment (agents and the engine state stay inside tmp_path) in a terminal,
+    with agents on the scripted model."""
+    return {**user_env, **scripted_env(model.url), "TERM": "xterm-256color", "COLUMNS": "160"}
 
 
 def tasks_file(tmp_path: Path, tasks: list[dict[str, Any]]) -> Path:
@@ -68,19 +61,17 @@ def tasks_file(tmp_path: Path, tasks: list[dict[str, Any]]) -> Path:
     return path
 
 
-def write_turns(name: str) -> list[dict[str, Any]]:
-    return [
-        {"tools": [{"name": "Write", "input": {"file_path": "{cwd}/" + name, "content": name + "\n"}}], "latency": 0.5},
-        {"text": f"wrote {name}", "latency": 0.5},
-    ]
-
-
 def test_run_shows_live_progress_merges_and_exits_0(
-    tmp_path: Path, model_server: Callable[[dict[str, Any]], ScriptedModelServer]
+    tmp_path: Path,
+    repo: Path,
+    user_env: dict[str, str],
+    model_server: Callable[[dict[str, Any]], ScriptedModelServer],
 ) -> None:
-    repo = make_repo(tmp_path / "repo")
     model = model_server(
-        {"rules": [{"name": n, "match": f"[{n}]", "turns": write_turns(f"{n}.txt")} for n in ("a", "b", "c")]}
+        {
+            "default_latency": 0.5,  # every turn: the live table shows the tasks running
+            "rules": [marker_rule(n, write_turn(f"{n}.txt", f"{n}.txt\n")) for n in ("a", "b", "c")],
+        }
     )
     tasks = tasks_file(
         tmp_path,
@@ -91,7 +82,7 @@ def test_run_shows_live_progress_merges_and_exits_0(
         ],
     )
 
-    proc = spawn_cli(["run", "three files", "--tasks", str(tasks), "--merge"], repo, cli_env(tmp_path, model))
+    proc = spawn_cli(["run", "three files", "--tasks", str(tasks), "--merge"], repo, terminal_env(user_env, model))
     screen = read_until(proc, lambda text: False, timeout=120)
     proc.wait()
 
@@ -105,24 +96,15 @@ def test_run_shows_live_progress_merges_and_exits_0(
 
 
 def test_ctrl_c_stops_every_agent_and_says_how_to_resume(
-    tmp_path: Path, model_server: Callable[[dict[str, Any]], ScriptedModelServer]
+    tmp_path: Path,
+    repo: Path,
+    user_env: dict[str, str],
+    model_server: Callable[[dict[str, Any]], ScriptedModelServer],
 ) -> None:
-    repo = make_repo(tmp_path / "repo")
     sleeper = "python3 -c 'import time; time.sleep(120)'"
-    model = model_server(
-        {
-            "rules": [
-                {
-                    "name": n,
-                    "match": f"[{n}]",
-                    "turns": [{"tools": [{"name": "Bash", "input": {"command": sleeper}}]}, {"text": "done"}],
-                }
-                for n in ("x", "y")
-            ]
-        }
-    )
+    model = model_server({"rules": [marker_rule(n, bash_turn(sleeper)) for n in ("x", "y")]})
     tasks = tasks_file(tmp_path, [{"id": "x", "prompt": "[x] go"}, {"id": "y", "prompt": "[y] go"}])
-    env = cli_env(tmp_path, model)
+    env = terminal_env(user_env, model)
 
     proc = spawn_cli(["run", "sleepers", "--tasks", str(tasks), "--allowed-tool", "Bash"], repo, env)
     read_until(proc, lambda text: sum(r.turn == 0 for r in model.requests) >= 2, timeout=60)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -32,14 +31,11 @@ pytestmark = [pytest.mark.anyio, pytest.mark.claude]
 
 StartServer = Callable[[dict[str, Any]], ScriptedModelServer]
 Settings = Callable[..., EngineSettings]
+Git = Callable[..., str]
 
 
 def spec(task_id: str, *deps: str) -> TaskSpec:
     return TaskSpec(id=task_id, title=f"task {task_id}", prompt=f"[{task_id}] do {task_id}", deps=list(deps))
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def slow_gate(pid_file: Path, seconds: float = 60) -> list[str]:
@@ -73,6 +69,7 @@ async def test_final_merge_commit_needs_no_git_identity_and_is_journalled(
     engine_settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
     checked_out: bool,
+    git: Git,
 ) -> None:
     # A machine where git knows nobody: no global config, no guessing from the hostname.
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", "/dev/null")
@@ -97,15 +94,15 @@ async def test_final_merge_commit_needs_no_git_identity_and_is_journalled(
         if checked_out:
             git(repo, *ident, "commit", "-qm", "user work")
         else:
-            tree = git(repo, "write-tree")
-            commit = git(repo, *ident, "commit-tree", tree, "-p", "release", "-m", "user work")
+            tree = git(repo, "write-tree").strip()
+            commit = git(repo, *ident, "commit-tree", tree, "-p", "release", "-m", "user work").strip()
             git(repo, "update-ref", "refs/heads/release", commit)
             git(repo, "reset", "-q", "--", "b.txt")
             (repo / "b.txt").unlink()
         report = await cluster.merge(plan.id)
 
     assert report.kind == "merge", report
-    assert git(repo, "rev-parse", target) == report.new_tip
+    assert git(repo, "rev-parse", target).strip() == report.new_tip
     assert len(git(repo, "rev-list", "--parents", "-n1", target).split()) == 3
     assert set(git(repo, "ls-tree", "--name-only", target).split()) >= {"a.txt", "b.txt"}
     if checked_out:
@@ -115,7 +112,7 @@ async def test_final_merge_commit_needs_no_git_identity_and_is_journalled(
 
 
 async def test_cancel_stops_a_running_gate_within_seconds_and_moves_no_ref(
-    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings, tmp_path: Path
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings, tmp_path: Path, git: Git
 ) -> None:
     server = model_server({"rules": [marker_rule("A", write_turn("a.txt", "from A\n"))]})
     pid_file = tmp_path / "gate.pid"
@@ -132,13 +129,13 @@ async def test_cancel_stops_a_running_gate_within_seconds_and_moves_no_ref(
 
     assert took < 5, f"cancel took {took:.1f}s while the gate ran"
     assert status.task("A").state is TaskState.CANCELLED, status.task("A").reason
-    assert git(repo, "rev-parse", plan.integration_branch) == plan.base_commit
+    assert git(repo, "rev-parse", plan.integration_branch).strip() == plan.base_commit
     assert gone(int(pid_file.read_text()))
     assert all(state != "started" for _, _, state in journal(repo))
 
 
 async def test_cancelling_the_task_being_merged_leaves_store_and_refs_agreeing(
-    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings, tmp_path: Path
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings, tmp_path: Path, git: Git
 ) -> None:
     server = model_server({"rules": [marker_rule("A", write_turn("a.txt", "from A\n"))]})
     pid_file = tmp_path / "gate.pid"
@@ -154,12 +151,12 @@ async def test_cancelling_the_task_being_merged_leaves_store_and_refs_agreeing(
             await cluster.wait(plan.id)
 
     assert task.state is TaskState.CANCELLED
-    assert git(repo, "rev-parse", plan.integration_branch) == plan.base_commit
+    assert git(repo, "rev-parse", plan.integration_branch).strip() == plan.base_commit
     assert gone(int(pid_file.read_text()))
 
 
 async def test_leaving_the_engine_during_a_gate_stops_it_and_keeps_the_task_for_the_next_engine(
-    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings, tmp_path: Path
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings, tmp_path: Path, git: Git
 ) -> None:
     server = model_server({"rules": [marker_rule("A", write_turn("a.txt", "from A\n"))]})
     pid_file = tmp_path / "gate.pid"
@@ -174,7 +171,7 @@ async def test_leaving_the_engine_during_a_gate_stops_it_and_keeps_the_task_for_
 
     assert took < 5, f"shutdown took {took:.1f}s while the gate ran"
     assert gone(int(pid_file.read_text()))
-    assert git(repo, "rev-parse", plan.integration_branch) == plan.base_commit
+    assert git(repo, "rev-parse", plan.integration_branch).strip() == plan.base_commit
     async with Cluster.open(repo, settings=settings.model_copy(update={"gate": None}), claude=claude) as cluster:
         # The plan's own gate is stored with it: the next engine re-queues the merge.
         task = await cluster.task(plan.id, "A")
@@ -307,7 +304,7 @@ async def test_a_second_engine_on_a_repository_is_refused_with_a_typed_error(
 
 
 async def test_a_linked_worktree_keeps_its_state_in_the_common_git_directory(
-    claude: ClaudeBinary, repo: Path, tmp_path: Path
+    claude: ClaudeBinary, repo: Path, tmp_path: Path, git: Git
 ) -> None:
     linked = tmp_path / "linked"
     git(repo, "worktree", "add", "-q", "-b", "feature", str(linked))

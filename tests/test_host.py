@@ -9,15 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
-from conftest import agent_home
 
 from claudecluster_mcp.agent import run_agent
 from claudecluster_mcp.claude_cli import ClaudeBinary
 from claudecluster_mcp.events import AgentEvent, InitEvent, ToolResult, ToolUse
 from claudecluster_mcp.model_server import ScriptedModelServer
 from claudecluster_mcp.outcome import OutcomeStatus
+from claudecluster_mcp.scenario import write_turn
 
 pytestmark = [pytest.mark.anyio, pytest.mark.claude]
 
@@ -32,6 +31,8 @@ async def test_claude_code_drives_the_cluster_through_our_mcp_server(
     claude: ClaudeBinary,
     repo: Path,
     tmp_path: Path,
+    home: Path,
+    git: Callable[..., str],
     model_server: Callable[[dict[str, Any]], ScriptedModelServer],
     spec_for: Callable[..., Any],
 ) -> None:
@@ -59,10 +60,7 @@ async def test_claude_code_drives_the_cluster_through_our_mcp_server(
                 {
                     "name": "task",
                     "match": "[host-task]",
-                    "turns": [
-                        {"tools": [{"name": "Write", "input": {"file_path": "{cwd}/hello.txt", "content": "hello\n"}}]},
-                        {"text": "wrote hello.txt"},
-                    ],
+                    "turns": [write_turn("hello.txt", "hello\n"), {"text": "wrote hello.txt"}],
                 },
             ]
         }
@@ -70,7 +68,7 @@ async def test_claude_code_drives_the_cluster_through_our_mcp_server(
     server = {
         "command": sys.executable,
         "args": ["-m", "claudecluster_mcp.cli", "serve", "--root", str(tmp_path)],
-        "env": {"XDG_STATE_HOME": str(tmp_path / "server-state"), "HOME": str(agent_home(tmp_path))},
+        "env": {"XDG_STATE_HOME": str(tmp_path / "server-state"), "HOME": str(home)},
     }
     events: list[AgentEvent] = []
     spec = spec_for(
@@ -92,7 +90,7 @@ async def test_claude_code_drives_the_cluster_through_our_mcp_server(
     assert [r.rule for r in model.requests].count("task") == 2
     # The merged branch holds the agent's file, checked out in the user's repository.
     assert (repo / "hello.txt").read_text() == "hello\n"
-    log = (await anyio.run_process(["git", "-C", str(repo), "log", "--format=%s", "main"])).stdout.decode()
+    log = git(repo, "log", "--format=%s", "main")
     assert "Hello" in log
 
 

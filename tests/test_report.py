@@ -13,50 +13,37 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import agent_home
 
 from claudecluster_mcp.claude_cli import ClaudeBinary
 from claudecluster_mcp.engine import Cluster, EngineSettings
-from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
+from claudecluster_mcp.model_server import ScriptedModelServer
 from claudecluster_mcp.models import Task, TaskState
 from claudecluster_mcp.report import diffstats, elapsed_text, state_colour, to_html, to_json, to_markdown
+from claudecluster_mcp.scenario import marker_rule, write_turn
 
 pytestmark = pytest.mark.anyio
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def write(name: str) -> list[dict[str, Any]]:
-    return [
-        {"tools": [{"name": "Write", "input": {"file_path": "{cwd}/" + name, "content": "x\ny\n"}}]},
-        {"text": "ok"},
-    ]
-
-
 @pytest.fixture
 async def finished_plan(
-    claude: ClaudeBinary, repo: Path, tmp_path: Path, model_server: Callable[[dict[str, Any]], ScriptedModelServer]
+    claude: ClaudeBinary,
+    repo: Path,
+    model_server: Callable[[dict[str, Any]], ScriptedModelServer],
+    engine_settings: Callable[..., EngineSettings],
 ) -> Any:
     model = model_server(
         {
             "rules": [
-                {"name": "a", "match": "[a]", "turns": write("a.txt")},
-                {"name": "b", "match": "[b]", "turns": write("b.txt")},
+                marker_rule("a", write_turn("a.txt", "x\ny\n")),
+                marker_rule("b", write_turn("b.txt", "x\ny\n")),
                 # c fails: the API keeps answering 500.
-                {
-                    "name": "c",
-                    "match": "[c]",
-                    "turns": [{"text": "x", "fault": {"type": "server_error", "times": None}}],
-                },
+                marker_rule("c", {"text": "x", "fault": {"type": "server_error", "times": None}}),
             ]
         }
     )
-    settings = EngineSettings(
-        state_dir=tmp_path / "state",
-        claude_config_dir=tmp_path / "claude-config",
-        agent_env={**scripted_env(model.url), "HOME": str(agent_home(tmp_path))},
-        max_attempts=1,
-    )
+    settings = engine_settings(model, max_attempts=1)
     async with Cluster.open(repo, settings=settings, claude=claude) as cluster:
         plan = (
             await cluster.plan(

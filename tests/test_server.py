@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from conftest import agent_home, make_repo
 from mcp import Client
 from mcp.shared.exceptions import MCPError
 
@@ -18,46 +17,33 @@ from claudecluster_mcp.agent import ClaudeBinary
 from claudecluster_mcp.engine import Cluster, EngineSettings
 from claudecluster_mcp.errors import ClusterError, GitError, NotFoundError, StateError
 from claudecluster_mcp.hub import Hub
-from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
+from claudecluster_mcp.model_server import ScriptedModelServer
 from claudecluster_mcp.models import TaskSpec
+from claudecluster_mcp.scenario import marker_rule, write_turn
 from claudecluster_mcp.server import ServerSettings, build_server
 
 pytestmark = [pytest.mark.anyio]
 
 StartServer = Callable[[dict[str, Any]], ScriptedModelServer]
+Settings = Callable[..., EngineSettings]
+Connect = Callable[..., AbstractAsyncContextManager[Client]]
+MakeRepo = Callable[[Path], Path]
+Git = Callable[..., str]
 
 
-def engine_settings(tmp_path: Path, model: ScriptedModelServer | None = None) -> EngineSettings:
-    env = {**scripted_env(model.url), "HOME": str(agent_home(tmp_path))} if model else {}
-    return EngineSettings(
-        state_dir=tmp_path / "state",
-        claude_config_dir=tmp_path / "claude-config",
-        agent_env=env,
-        allowed_tools=["Bash"],
-        inactivity_timeout=60,
-        wall_timeout=120,
-    )
+@pytest.fixture
+def connected(tmp_path: Path, claude: ClaudeBinary, engine_settings: Settings) -> Connect:
+    """``connected(model=None)``: a client of an in-memory server over tmp_path whose agents
+    use the scripted ``model``."""
 
+    @asynccontextmanager
+    async def connect(model: ScriptedModelServer | None = None) -> AsyncIterator[Client]:
+        mcp, ref, _ = build_server()
+        settings = ServerSettings(roots=[tmp_path], engine=engine_settings(model))
+        async with ref.running(settings.hub(claude)), Client(mcp) as client:
+            yield client
 
-@asynccontextmanager
-async def connected(
-    tmp_path: Path, claude: ClaudeBinary, model: ScriptedModelServer | None = None
-) -> AsyncIterator[Client]:
-    mcp, ref, _ = build_server()
-    settings = ServerSettings(roots=[tmp_path], engine=engine_settings(tmp_path, model))
-    async with ref.running(settings.hub(claude)), Client(mcp) as client:
-        yield client
-
-
-def write_rule(marker: str, name: str, content: str) -> dict[str, Any]:
-    return {
-        "name": marker,
-        "match": marker,
-        "turns": [
-            {"tools": [{"name": "Write", "input": {"file_path": "{cwd}/" + name, "content": content}}]},
-            {"text": f"wrote {name}"},
-        ],
-    }
+    return connect
 
 
 async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
@@ -75,8 +61,8 @@ async def error_of(client: Client, tool: str, **arguments: Any) -> str:
     return text
 
 
-async def test_every_tool_is_listed_with_annotations_and_schemas(tmp_path: Path, claude: ClaudeBinary) -> None:
-    async with connected(tmp_path, claude) as client:
+async def test_every_tool_is_listed_with_annotations_and_schemas(connected: Connect) -> None:
+    async with connected() as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
         templates = {t.uri_template for t in (await client.list_resource_templates()).resource_templates}
         prompts = {p.name for p in (await client.list_prompts()).prompts}
@@ -94,16 +80,17 @@ async def test_every_tool_is_listed_with_annotations_and_schemas(tmp_path: Path,
 
 @pytest.mark.claude
 async def test_plan_dispatch_status_logs_merge_with_real_agents(
-    tmp_path: Path, claude: ClaudeBinary, model_server: StartServer
+    repo: Path, connected: Connect, model_server: StartServer
 ) -> None:
-    repo = make_repo(tmp_path / "repo")
-    model = model_server({"rules": [write_rule("[one]", "one.txt", "1\n"), write_rule("[two]", "two.txt", "2\n")]})
+    model = model_server(
+        {"rules": [marker_rule("one", write_turn("one.txt", "1\n")), marker_rule("two", write_turn("two.txt", "2\n"))]}
+    )
     progress: list[tuple[float, float | None, str | None]] = []
 
     async def on_progress(done: float, total: float | None, message: str | None) -> None:
         progress.append((done, total, message))
 
-    async with connected(tmp_path, claude, model) as client:
+    async with connected(model) as client:
         plan = await call(
             client,
             "plan",
@@ -152,9 +139,8 @@ async def test_plan_dispatch_status_logs_merge_with_real_agents(
 
 @pytest.mark.claude
 async def test_plan_without_tasks_asks_a_planning_agent_and_retries_once(
-    tmp_path: Path, claude: ClaudeBinary, model_server: StartServer
+    repo: Path, connected: Connect, model_server: StartServer, git: Git
 ) -> None:
-    repo = make_repo(tmp_path / "repo")
     bad = {
         "tasks": [
             {"id": "a", "title": "A", "prompt": "do a", "deps": ["b"]},
@@ -185,7 +171,7 @@ async def test_plan_without_tasks_asks_a_planning_agent_and_retries_once(
         }
     )
 
-    async with connected(tmp_path, claude, model) as client:
+    async with connected(model) as client:
         plan = await call(client, "plan", repo=str(repo), goal="do a then b")
 
     assert [(t["id"], t["deps"]) for t in plan["tasks"]] == [("a", []), ("b", ["a"])]
@@ -193,15 +179,16 @@ async def test_plan_without_tasks_asks_a_planning_agent_and_retries_once(
     turns = [r for r in model.requests if r.path == "/v1/messages"]  # not the pre-flight check
     assert [r.rule for r in turns] == ["planner", "retry"]
     assert "dependency cycle" in turns[1].first_user_text
-    assert (await anyio.run_process(["git", "-C", str(repo), "status", "--porcelain"])).stdout == b""
+    assert git(repo, "status", "--porcelain") == ""
 
 
-async def test_bad_input_gives_actionable_errors_and_the_session_goes_on(tmp_path: Path, claude: ClaudeBinary) -> None:
-    repo = make_repo(tmp_path / "repo")
+async def test_bad_input_gives_actionable_errors_and_the_session_goes_on(
+    tmp_path: Path, repo: Path, connected: Connect
+) -> None:
     (tmp_path / "not-a-repo").mkdir()
     one = [{"id": "a", "prompt": "x"}]
 
-    async with connected(tmp_path, claude) as client:
+    async with connected() as client:
         assert "is not a git repository" in await error_of(
             client, "plan", repo=str(tmp_path / "not-a-repo"), goal="g", tasks=one
         )
@@ -245,16 +232,15 @@ def cluster_errors(base: type[ClusterError] = ClusterError) -> list[type[Cluster
 
 
 async def test_every_cluster_error_reaches_the_client_with_its_message(
-    tmp_path: Path, claude: ClaudeBinary, monkeypatch: pytest.MonkeyPatch
+    repo: Path, connected: Connect, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Like httpx's exception-mapping test: the one mapping covers the whole error tree."""
-    repo = make_repo(tmp_path / "repo")
     raising: list[type[ClusterError]] = []
 
     async def fail(*args: object, **kwargs: object) -> None:
         raise raising[-1](f"{raising[-1].__name__}: here is what to do")
 
-    async with connected(tmp_path, claude) as client:
+    async with connected() as client:
         plan_id = (await call(client, "plan", repo=str(repo), goal="g", tasks=[{"id": "a", "prompt": "x"}]))["plan_id"]
         monkeypatch.setattr(Cluster, "status", fail)
         monkeypatch.setattr(Cluster, "events", fail)
@@ -295,7 +281,11 @@ async def failing_once(monkeypatch: pytest.MonkeyPatch, repo: Path, trigger: any
 
 
 async def test_one_repositorys_failure_leaves_the_others_and_the_session_running(
-    tmp_path: Path, claude: ClaudeBinary, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    make_repo: MakeRepo,
+    connected: Connect,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     a, b = make_repo(tmp_path / "a"), make_repo(tmp_path / "b")
     one = [{"id": "t", "prompt": "x"}]
@@ -304,7 +294,7 @@ async def test_one_repositorys_failure_leaves_the_others_and_the_session_running
     async def on_progress(done: float, total: float | None, message: str | None) -> None:
         trigger.set()  # the long-poll below is in flight: now fail a's engine
 
-    async with failing_once(monkeypatch, a, trigger), connected(tmp_path, claude) as client:
+    async with failing_once(monkeypatch, a, trigger), connected() as client:
         plan_a = (await call(client, "plan", repo=str(a), goal="g", tasks=one))["plan_id"]
         plan_b = (await call(client, "plan", repo=str(b), goal="g", tasks=one))["plan_id"]
         with anyio.fail_after(20):
@@ -329,7 +319,7 @@ async def test_one_repositorys_failure_leaves_the_others_and_the_session_running
 
 
 async def test_each_repository_uses_its_own_claudecluster_toml_under_the_servers_flags(
-    tmp_path: Path, claude: ClaudeBinary, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, claude: ClaudeBinary, make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a, b = make_repo(tmp_path / "a"), make_repo(tmp_path / "b")
     (a / "claudecluster.toml").write_text("workers = 3\n")
@@ -351,16 +341,15 @@ async def test_each_repository_uses_its_own_claudecluster_toml_under_the_servers
 
 @pytest.mark.claude
 async def test_a_gate_in_the_repositorys_toml_runs_for_a_plan_dispatched_over_mcp(
-    tmp_path: Path, claude: ClaudeBinary, model_server: StartServer
+    tmp_path: Path, repo: Path, connected: Connect, model_server: StartServer, git: Git
 ) -> None:
-    repo = make_repo(tmp_path / "repo")
     marker = tmp_path / "gate-ran"
     (repo / "claudecluster.toml").write_text(f'gate = ["sh", "-c", "ls > {marker}; exit 1"]\n')
-    await anyio.run_process(["git", "-C", str(repo), "add", "claudecluster.toml"])
-    await anyio.run_process(["git", "-C", str(repo), "-c", "user.name=T", "-c", "user.email=t@x", "commit", "-qm", "c"])
-    model = model_server({"rules": [write_rule("[one]", "one.txt", "1\n")]})
+    git(repo, "add", "claudecluster.toml")
+    git(repo, "-c", "user.name=T", "-c", "user.email=t@x", "commit", "-qm", "c")
+    model = model_server({"rules": [marker_rule("one", write_turn("one.txt", "1\n"))]})
 
-    async with connected(tmp_path, claude, model) as client:
+    async with connected(model) as client:
         plan_id = (await call(client, "plan", repo=str(repo), goal="g", tasks=[{"id": "one", "prompt": "[one] w"}]))[
             "plan_id"
         ]
@@ -373,14 +362,19 @@ async def test_a_gate_in_the_repositorys_toml_runs_for_a_plan_dispatched_over_mc
 
 @pytest.mark.claude
 async def test_a_restarted_server_resumes_a_running_plan_of_a_linked_worktree(
-    tmp_path: Path, claude: ClaudeBinary, model_server: StartServer
+    tmp_path: Path,
+    claude: ClaudeBinary,
+    make_repo: MakeRepo,
+    git: Git,
+    model_server: StartServer,
+    engine_settings: Settings,
 ) -> None:
     main = make_repo(tmp_path / "main")
     linked = tmp_path / "linked"
-    await anyio.run_process(["git", "-C", str(main), "worktree", "add", "-q", "-b", "feature", str(linked)])
+    git(main, "worktree", "add", "-q", "-b", "feature", str(linked))
     assert (linked / ".git").is_file()  # its state lives in main's git directory
-    model = model_server({"rules": [write_rule("[one]", "one.txt", "1\n")]})
-    settings = ServerSettings(roots=[tmp_path], engine=engine_settings(tmp_path, model))
+    model = model_server({"rules": [marker_rule("one", write_turn("one.txt", "1\n"))]})
+    settings = ServerSettings(roots=[tmp_path], engine=engine_settings(model))
     tasks = [{"id": "one", "prompt": "[one] write one"}]
 
     mcp, ref, _ = build_server()
@@ -397,13 +391,14 @@ async def test_a_restarted_server_resumes_a_running_plan_of_a_linked_worktree(
     assert [t["state"] for t in done["tasks"]] == ["merged"], done["tasks"]
 
 
-async def test_tools_are_plain_functions_of_the_hub(tmp_path: Path, claude: ClaudeBinary) -> None:
-    repo = make_repo(tmp_path / "repo")
+async def test_tools_are_plain_functions_of_the_hub(
+    tmp_path: Path, repo: Path, claude: ClaudeBinary, engine_settings: Settings
+) -> None:
     mcp, _, _ = build_server()  # its hub is not running
     async with Client(mcp) as client:
         starting = await error_of(client, "workers")
 
-    async with Hub.open([tmp_path], engine_settings(tmp_path), claude=claude) as hub:
+    async with Hub.open([tmp_path], engine_settings(), claude=claude) as hub:
         planned = await tools.plan(hub, goal="g", repo=str(repo), tasks=[TaskSpec(id="a", prompt="x")])
         one = await tools.status(hub, task_id=f"{planned.plan_id}:a")
         pool = await tools.workers(hub, count=2)

@@ -6,18 +6,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import httpx2
 import pytest
-from conftest import make_repo
 from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
@@ -27,11 +25,8 @@ INSPECTOR = ROOT / "node_modules" / ".bin" / "mcp-inspector"
 TOKEN = "test-token-0123456789"
 SERVE = [sys.executable, "-m", "claudecluster_mcp.cli", "serve"]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+MakeRepo = Callable[[Path], Path]
+FreePort = Callable[[], int]
 
 
 def server_env(tmp_path: Path) -> dict[str, str]:
@@ -46,8 +41,7 @@ class HttpServer:
 
 
 @pytest.fixture
-def http_server(tmp_path: Path) -> Iterator[HttpServer]:
-    repo = make_repo(tmp_path / "repo")
+def http_server(tmp_path: Path, repo: Path, free_port: FreePort) -> Iterator[HttpServer]:
     port = free_port()
     process = subprocess.Popen(
         [*SERVE, "--transport", "http", "--port", str(port), "--token", TOKEN, "--root", str(tmp_path)],
@@ -81,8 +75,7 @@ def plan_args(repo: Path) -> dict[str, object]:
 
 
 @pytest.mark.anyio
-async def test_stdio_server_speaks_only_protocol_on_stdout(tmp_path: Path) -> None:
-    repo = make_repo(tmp_path / "repo")
+async def test_stdio_server_speaks_only_protocol_on_stdout(tmp_path: Path, repo: Path) -> None:
     params = StdioServerParameters(
         command=SERVE[0], args=[*SERVE[1:], "--root", str(tmp_path)], env=server_env(tmp_path)
     )
@@ -98,7 +91,9 @@ async def test_stdio_server_speaks_only_protocol_on_stdout(tmp_path: Path) -> No
 
 
 @pytest.mark.anyio
-async def test_serve_loads_settings_like_run_flags_over_env_over_each_repos_toml(tmp_path: Path) -> None:
+async def test_serve_loads_settings_like_run_flags_over_env_over_each_repos_toml(
+    tmp_path: Path, make_repo: MakeRepo
+) -> None:
     a, b = make_repo(tmp_path / "a"), make_repo(tmp_path / "b")
     (a / "claudecluster.toml").write_text("workers = 3\n")
     (b / "claudecluster.toml").write_text(f'claude_bin = "{tmp_path / "no-such-claude"}"\n')
@@ -213,7 +208,7 @@ def test_health_and_metrics(http_server: HttpServer) -> None:
         assert name in metrics.text
 
 
-def test_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:
+def test_refuses_a_public_address_without_a_token(tmp_path: Path, free_port: FreePort) -> None:
     done = subprocess.run(
         [*SERVE, "--transport", "http", "--host", "0.0.0.0", "--port", str(free_port())],
         env=server_env(tmp_path),
@@ -238,8 +233,8 @@ def inspector(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[st
     )
 
 
+@pytest.mark.usefixtures("repo")  # a repository under the root
 def test_inspector_cli_over_stdio(tmp_path: Path) -> None:
-    make_repo(tmp_path / "repo")
     env = {**server_env(tmp_path), "HOME": str(tmp_path)}
     target = [*SERVE, "--root", str(tmp_path)]
 

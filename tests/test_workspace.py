@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import functools
-import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import pytest
-from conftest import make_repo
 
 from claudecluster_mcp.errors import DirtyWorktreeError, GitError, RepositoryError
 from claudecluster_mcp.merge import MergeOutcome, merge_into, merge_tree, run_gate
@@ -37,29 +36,50 @@ pytestmark = pytest.mark.anyio
 
 IDENTITY = ["-c", "user.name=Test", "-c", "user.email=test@example.invalid"]
 
-
-def run(repo: Path, *args: str) -> str:
-    done = subprocess.run(["git", "-C", str(repo), *IDENTITY, *args], check=True, capture_output=True, text=True)
-    return done.stdout.strip()
-
-
-def commit_on(repo: Path, branch: str, files: dict[str, str], message: str = "change") -> str:
-    """Commit ``files`` on ``branch`` (created from the current HEAD if new); back to main after."""
-    exists = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "--quiet", branch], capture_output=True)
-    run(repo, "checkout", "-q", *([] if exists.returncode == 0 else ["-b"]), branch)
-    for name, content in files.items():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        (repo / name).write_text(content)
-    run(repo, "add", "-A")
-    run(repo, "commit", "-qm", message)
-    sha = run(repo, "rev-parse", "HEAD")
-    run(repo, "checkout", "-q", "main")
-    return sha
+Git = Callable[..., str]
+CommitOn = Callable[..., str]
+WorktreePaths = Callable[[Path], list[Path]]
 
 
-def worktree_paths(repo: Path) -> list[Path]:
-    lines = run(repo, "worktree", "list", "--porcelain").splitlines()
-    return [Path(line.removeprefix("worktree ")) for line in lines if line.startswith("worktree ")]
+@pytest.fixture
+def run(git: Git) -> Git:
+    """``run(repo, *args)``: git in ``repo`` with a test identity; its output, stripped."""
+
+    def run_git(repo: Path, *args: str) -> str:
+        return git(repo, *IDENTITY, *args).strip()
+
+    return run_git
+
+
+@pytest.fixture
+def commit_on(run: Git) -> CommitOn:
+    """``commit_on(repo, branch, files, message="change")``: commit ``files`` on ``branch``
+    (created from the current HEAD if new); back to main after. Returns the commit."""
+
+    def commit(repo: Path, branch: str, files: dict[str, str], message: str = "change") -> str:
+        exists = run(repo, "branch", "--list", branch) != ""
+        run(repo, "checkout", "-q", *([] if exists else ["-b"]), branch)
+        for name, content in files.items():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            (repo / name).write_text(content)
+        run(repo, "add", "-A")
+        run(repo, "commit", "-qm", message)
+        sha = run(repo, "rev-parse", "HEAD")
+        run(repo, "checkout", "-q", "main")
+        return sha
+
+    return commit
+
+
+@pytest.fixture
+def worktree_paths(run: Git) -> WorktreePaths:
+    """``worktree_paths(repo)``: the paths of ``repo``'s worktrees, as git lists them."""
+
+    def paths(repo: Path) -> list[Path]:
+        lines = run(repo, "worktree", "list", "--porcelain").splitlines()
+        return [Path(line.removeprefix("worktree ")) for line in lines if line.startswith("worktree ")]
+
+    return paths
 
 
 @pytest.fixture(autouse=True)
@@ -91,8 +111,8 @@ async def test_repo_root_of_a_plain_directory_says_git_init(tmp_path: Path) -> N
 
 
 @pytest.fixture
-def empty_repo(tmp_path: Path) -> Path:
-    subprocess.run(["git", "init", "-q", "-b", "main", str(tmp_path / "empty")], check=True)
+def empty_repo(tmp_path: Path, git: Git) -> Path:
+    git(tmp_path, "init", "-q", "-b", "main", "empty")
     return tmp_path / "empty"
 
 
@@ -109,7 +129,7 @@ async def test_git_failures_are_git_errors_with_gits_message(repo: Path) -> None
     assert result.returncode != 0
 
 
-async def test_rev_parse(repo: Path) -> None:
+async def test_rev_parse(repo: Path, run: Git) -> None:
     head = run(repo, "rev-parse", "HEAD")
     assert await rev_parse(repo, "main") == head
     assert await rev_parse(repo, "refs/heads/main") == head
@@ -138,7 +158,7 @@ async def test_check_branch_name_rejects(repo: Path, name: str) -> None:
         await check_branch_name(repo, name)
 
 
-async def test_check_branch_name_rejects_previous_branch_syntax(repo: Path) -> None:
+async def test_check_branch_name_rejects_previous_branch_syntax(repo: Path, run: Git) -> None:
     run(repo, "checkout", "-q", "-b", "other")
     run(repo, "checkout", "-q", "main")
     with pytest.raises(RepositoryError, match="invalid branch name"):
@@ -175,7 +195,7 @@ def test_confine_rejects_a_symlink_pointing_outside(repo: Path, tmp_path: Path) 
     assert confine(repo, "inner") == repo.resolve() / "README.md"
 
 
-async def test_update_ref_is_compare_and_swap(repo: Path) -> None:
+async def test_update_ref_is_compare_and_swap(repo: Path, run: Git, commit_on: CommitOn) -> None:
     first = run(repo, "rev-parse", "HEAD")
     second = commit_on(repo, "main", {"a.txt": "a"})
     # main is at `second`; claiming it is at `first` fails and changes nothing.
@@ -185,7 +205,7 @@ async def test_update_ref_is_compare_and_swap(repo: Path) -> None:
     assert run(repo, "rev-parse", "main") == first
 
 
-async def test_update_ref_create_only_if_absent(repo: Path) -> None:
+async def test_update_ref_create_only_if_absent(repo: Path, run: Git, commit_on: CommitOn) -> None:
     head = run(repo, "rev-parse", "HEAD")
     assert await update_ref(repo, "refs/heads/new", head, None, "create") is True
     assert run(repo, "rev-parse", "new") == head
@@ -194,12 +214,12 @@ async def test_update_ref_create_only_if_absent(repo: Path) -> None:
     assert run(repo, "rev-parse", "new") == head
 
 
-async def test_update_ref_expecting_a_value_of_a_missing_ref_returns_false(repo: Path) -> None:
+async def test_update_ref_expecting_a_value_of_a_missing_ref_returns_false(repo: Path, run: Git) -> None:
     head = run(repo, "rev-parse", "HEAD")
     assert await update_ref(repo, "refs/heads/ghost", head, head, "move") is False
 
 
-async def test_current_branch_ancestry_and_changed_files(repo: Path) -> None:
+async def test_current_branch_ancestry_and_changed_files(repo: Path, run: Git, commit_on: CommitOn) -> None:
     base = run(repo, "rev-parse", "HEAD")
     tip = commit_on(repo, "feature", {"a.txt": "a", "dir/b.txt": "b"})
     assert await current_branch(repo) == "main"
@@ -214,7 +234,7 @@ async def test_current_branch_ancestry_and_changed_files(repo: Path) -> None:
 # -- commits and dirtiness ------------------------------------------------------------------
 
 
-async def test_commit_all_commits_tracked_and_untracked_but_not_ignored(repo: Path) -> None:
+async def test_commit_all_commits_tracked_and_untracked_but_not_ignored(repo: Path, run: Git) -> None:
     (repo / ".gitignore").write_text("*.log\nbuild/\n")
     (repo / "README.md").write_text("# changed\n")
     (repo / "new.txt").write_text("new\n")
@@ -235,13 +255,13 @@ async def test_commit_all_commits_tracked_and_untracked_but_not_ignored(repo: Pa
     assert run(repo, "status", "--porcelain") == ""
 
 
-async def test_commit_all_commits_deletions(repo: Path) -> None:
+async def test_commit_all_commits_deletions(repo: Path, run: Git) -> None:
     (repo / "README.md").unlink()
     assert await commit_all(repo, "remove readme") is True
     assert run(repo, "ls-tree", "--name-only", "HEAD") == ""
 
 
-async def test_commit_all_with_nothing_to_commit(repo: Path) -> None:
+async def test_commit_all_with_nothing_to_commit(repo: Path, run: Git) -> None:
     head = run(repo, "rev-parse", "HEAD")
     assert await commit_all(repo, "nothing") is False
     (repo / "ignored.log").write_text("x")
@@ -259,7 +279,7 @@ async def test_a_modified_tracked_file_is_dirty(repo: Path) -> None:
         await require_clean(repo, "merging")
 
 
-async def test_a_staged_change_is_dirty(repo: Path) -> None:
+async def test_a_staged_change_is_dirty(repo: Path, run: Git) -> None:
     (repo / "staged.txt").write_text("s")
     run(repo, "add", "staged.txt")
     assert await is_dirty(repo) is True
@@ -274,7 +294,9 @@ async def test_untracked_files_alone_are_clean(repo: Path) -> None:
 # -- worktrees ------------------------------------------------------------------------------
 
 
-async def test_add_and_remove_a_worktree(repo: Path, tmp_path: Path) -> None:
+async def test_add_and_remove_a_worktree(
+    repo: Path, tmp_path: Path, run: Git, commit_on: CommitOn, worktree_paths: WorktreePaths
+) -> None:
     tip = commit_on(repo, "feature", {"feature.txt": "f"})
     path = tmp_path / "trees" / "feature"
     assert await add_worktree(repo, path, "feature") == path
@@ -290,7 +312,9 @@ async def test_add_and_remove_a_worktree(repo: Path, tmp_path: Path) -> None:
     await remove_worktree(repo, path)  # a missing worktree is fine
 
 
-async def test_a_detached_worktree_of_a_commit(repo: Path, tmp_path: Path) -> None:
+async def test_a_detached_worktree_of_a_commit(
+    repo: Path, tmp_path: Path, run: Git, commit_on: CommitOn, worktree_paths: WorktreePaths
+) -> None:
     tip = commit_on(repo, "feature", {"feature.txt": "f"})
     path = await add_worktree(repo, tmp_path / "detached", commit=tip)
     assert await current_branch(path) is None
@@ -299,7 +323,9 @@ async def test_a_detached_worktree_of_a_commit(repo: Path, tmp_path: Path) -> No
     assert worktree_paths(repo) == [repo.resolve()]
 
 
-async def test_remove_worktree_discards_local_changes(repo: Path, tmp_path: Path) -> None:
+async def test_remove_worktree_discards_local_changes(
+    repo: Path, tmp_path: Path, commit_on: CommitOn, worktree_paths: WorktreePaths
+) -> None:
     commit_on(repo, "feature", {"feature.txt": "f"})
     path = await add_worktree(repo, tmp_path / "wt", "feature")
     (path / "feature.txt").write_text("changed")
@@ -314,14 +340,16 @@ async def test_a_branch_checked_out_elsewhere_cannot_get_a_second_worktree(repo:
         await add_worktree(repo, tmp_path / "second-main", "main")
 
 
-async def test_worktree_of_branch(repo: Path) -> None:
+async def test_worktree_of_branch(repo: Path, run: Git) -> None:
     assert await worktree_of_branch(repo, "main") == repo.resolve()
     run(repo, "branch", "idle")
     assert await worktree_of_branch(repo, "idle") is None
     assert await worktree_of_branch(repo, "ghost") is None
 
 
-async def test_concurrent_worktree_adds_and_removes_all_succeed(repo: Path, tmp_path: Path) -> None:
+async def test_concurrent_worktree_adds_and_removes_all_succeed(
+    repo: Path, tmp_path: Path, run: Git, worktree_paths: WorktreePaths
+) -> None:
     names = [f"task-{n}" for n in range(10)]
     for name in names:
         run(repo, "branch", name)
@@ -345,7 +373,7 @@ async def test_concurrent_worktree_adds_and_removes_all_succeed(repo: Path, tmp_
 # -- merge_tree -----------------------------------------------------------------------------
 
 
-async def test_merge_tree_clean(repo: Path) -> None:
+async def test_merge_tree_clean(repo: Path, run: Git, commit_on: CommitOn) -> None:
     ours = commit_on(repo, "ours", {"a.txt": "a"})
     theirs = commit_on(repo, "theirs", {"b.txt": "b"})
     check = await merge_tree(repo, ours, theirs)
@@ -354,7 +382,7 @@ async def test_merge_tree_clean(repo: Path) -> None:
     assert run(repo, "ls-tree", "--name-only", check.tree).splitlines() == ["README.md", "a.txt", "b.txt"]
 
 
-async def test_merge_tree_conflict_lists_the_files(repo: Path) -> None:
+async def test_merge_tree_conflict_lists_the_files(repo: Path, run: Git, commit_on: CommitOn) -> None:
     ours = commit_on(repo, "ours", {"README.md": "ours\n", "same.txt": "same\n", "a.txt": "a"})
     theirs = commit_on(repo, "theirs", {"README.md": "theirs\n", "same.txt": "same\n", "z/z.txt": "z"})
     check = await merge_tree(repo, ours, theirs)
@@ -366,7 +394,7 @@ async def test_merge_tree_conflict_lists_the_files(repo: Path) -> None:
 # -- merge_into -----------------------------------------------------------------------------
 
 
-async def test_merge_into_fast_forwards(repo: Path) -> None:
+async def test_merge_into_fast_forwards(repo: Path, run: Git, commit_on: CommitOn) -> None:
     old = run(repo, "rev-parse", "main")
     run(repo, "branch", "target")
     tip = commit_on(repo, "feature", {"f.txt": "f"})
@@ -376,7 +404,7 @@ async def test_merge_into_fast_forwards(repo: Path) -> None:
     assert run(repo, "rev-parse", "target") == tip
 
 
-async def test_merge_into_makes_a_two_parent_merge_commit(repo: Path) -> None:
+async def test_merge_into_makes_a_two_parent_merge_commit(repo: Path, run: Git, commit_on: CommitOn) -> None:
     run(repo, "branch", "target")
     target_tip = commit_on(repo, "target", {"t.txt": "t"})
     feature_tip = commit_on(repo, "feature", {"f.txt": "f"})
@@ -394,7 +422,7 @@ async def test_merge_into_makes_a_two_parent_merge_commit(repo: Path) -> None:
     assert not (repo / "f.txt").exists()
 
 
-async def test_merge_into_conflict_leaves_the_ref(repo: Path) -> None:
+async def test_merge_into_conflict_leaves_the_ref(repo: Path, run: Git, commit_on: CommitOn) -> None:
     run(repo, "branch", "target")
     target_tip = commit_on(repo, "target", {"README.md": "target\n"})
     feature_tip = commit_on(repo, "feature", {"README.md": "feature\n"})
@@ -406,7 +434,7 @@ async def test_merge_into_conflict_leaves_the_ref(repo: Path) -> None:
     assert run(repo, "rev-parse", "target") == target_tip
 
 
-async def test_merge_into_of_an_ancestor_is_already_merged(repo: Path) -> None:
+async def test_merge_into_of_an_ancestor_is_already_merged(repo: Path, run: Git, commit_on: CommitOn) -> None:
     base = run(repo, "rev-parse", "main")
     tip = commit_on(repo, "main", {"a.txt": "a"})
     result = await merge_into(repo, "main", base, "merge")
@@ -416,7 +444,9 @@ async def test_merge_into_of_an_ancestor_is_already_merged(repo: Path) -> None:
     assert again.outcome is MergeOutcome.ALREADY_MERGED
 
 
-async def test_merge_into_gate_failure_leaves_the_ref(repo: Path) -> None:
+async def test_merge_into_gate_failure_leaves_the_ref(
+    repo: Path, run: Git, commit_on: CommitOn, worktree_paths: WorktreePaths
+) -> None:
     run(repo, "branch", "target")
     target_tip = commit_on(repo, "target", {"t.txt": "t"})
     feature_tip = commit_on(repo, "feature", {"f.txt": "f"})
@@ -439,7 +469,7 @@ async def test_merge_into_gate_failure_leaves_the_ref(repo: Path) -> None:
     assert worktree_paths(repo) == [repo.resolve()]
 
 
-async def test_merge_into_gate_sees_the_merge_candidate(repo: Path) -> None:
+async def test_merge_into_gate_sees_the_merge_candidate(repo: Path, run: Git, commit_on: CommitOn) -> None:
     run(repo, "branch", "target")
     commit_on(repo, "target", {"t.txt": "t"})
     feature_tip = commit_on(repo, "feature", {"f.txt": "f"})
@@ -454,7 +484,7 @@ async def test_merge_into_gate_sees_the_merge_candidate(repo: Path) -> None:
     assert run(repo, "rev-parse", "target") == result.new_tip
 
 
-async def test_merge_into_journals_before_moving_the_ref(repo: Path) -> None:
+async def test_merge_into_journals_before_moving_the_ref(repo: Path, run: Git, commit_on: CommitOn) -> None:
     run(repo, "branch", "target")
     target_tip = commit_on(repo, "target", {"t.txt": "t"})
     feature_tip = commit_on(repo, "feature", {"f.txt": "f"})
@@ -478,7 +508,7 @@ async def test_merge_into_journals_before_moving_the_ref(repo: Path) -> None:
     ]
 
 
-async def test_merge_into_retries_when_the_branch_moves_underneath(repo: Path) -> None:
+async def test_merge_into_retries_when_the_branch_moves_underneath(repo: Path, run: Git, commit_on: CommitOn) -> None:
     run(repo, "branch", "target")
     target_tip = commit_on(repo, "target", {"t.txt": "t"})
     feature_tip = commit_on(repo, "feature", {"f.txt": "f"})
@@ -515,7 +545,9 @@ def gate_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-async def test_run_gate_runs_in_a_detached_worktree_of_the_commit(repo: Path, gate_tmp: Path) -> None:
+async def test_run_gate_runs_in_a_detached_worktree_of_the_commit(
+    repo: Path, gate_tmp: Path, commit_on: CommitOn, worktree_paths: WorktreePaths
+) -> None:
     tip = commit_on(repo, "feature", {"feature.txt": "from the candidate"})
     script = (
         "import pathlib, subprocess;"
@@ -532,7 +564,9 @@ async def test_run_gate_runs_in_a_detached_worktree_of_the_commit(repo: Path, ga
     assert list(gate_tmp.iterdir()) == []
 
 
-async def test_run_gate_failure_keeps_stderr(repo: Path, gate_tmp: Path) -> None:
+async def test_run_gate_failure_keeps_stderr(
+    repo: Path, gate_tmp: Path, run: Git, worktree_paths: WorktreePaths
+) -> None:
     head = run(repo, "rev-parse", "HEAD")
     verdict = await run_gate(repo, head, [sys.executable, "-c", "import sys; sys.exit('broken build')"])
     assert verdict.ok is False
@@ -542,7 +576,7 @@ async def test_run_gate_failure_keeps_stderr(repo: Path, gate_tmp: Path) -> None
     assert list(gate_tmp.iterdir()) == []
 
 
-async def test_run_gate_timeout(repo: Path, gate_tmp: Path) -> None:
+async def test_run_gate_timeout(repo: Path, gate_tmp: Path, run: Git, worktree_paths: WorktreePaths) -> None:
     head = run(repo, "rev-parse", "HEAD")
     verdict = await run_gate(repo, head, [sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.5)
     assert verdict.ok is False
@@ -552,7 +586,9 @@ async def test_run_gate_timeout(repo: Path, gate_tmp: Path) -> None:
     assert list(gate_tmp.iterdir()) == []
 
 
-async def test_run_gate_with_a_missing_command(repo: Path, gate_tmp: Path) -> None:
+async def test_run_gate_with_a_missing_command(
+    repo: Path, gate_tmp: Path, run: Git, worktree_paths: WorktreePaths
+) -> None:
     head = run(repo, "rev-parse", "HEAD")
     verdict = await run_gate(repo, head, [str(gate_tmp / "no-such-gate")])
     assert verdict.ok is False
@@ -560,7 +596,9 @@ async def test_run_gate_with_a_missing_command(repo: Path, gate_tmp: Path) -> No
     assert worktree_paths(repo) == [repo.resolve()]
 
 
-async def test_worktrees_in_a_second_repo_are_independent(tmp_path: Path) -> None:
+async def test_worktrees_in_a_second_repo_are_independent(
+    tmp_path: Path, make_repo: Callable[[Path], Path], worktree_paths: WorktreePaths
+) -> None:
     one, two = make_repo(tmp_path / "one"), make_repo(tmp_path / "two")
     async with anyio.create_task_group() as tg:
         tg.start_soon(functools.partial(add_worktree, one, tmp_path / "wt-one", commit="HEAD"))
