@@ -15,8 +15,10 @@ import pytest
 from claudecluster_mcp.agent_spec import AgentSpec
 from claudecluster_mcp.claude_cli import ClaudeBinary, find_claude
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
+from claudecluster_mcp.models import Plan, Task
 from claudecluster_mcp.scenario import load_scenario
 from claudecluster_mcp.settings import EngineSettings
+from claudecluster_mcp.store import now
 
 
 @pytest.fixture
@@ -166,3 +168,49 @@ def cli() -> Callable[..., subprocess.CompletedProcess[str]]:
         )  # fmt: skip
 
     return run
+
+
+# -- stored objects for store-level tests --------------------------------------------------
+
+
+def _plan(plan_id: str = "p1", repo: Path = Path("/repo"), **fields: Any) -> Plan:
+    stamp = now()
+    values: dict[str, Any] = {
+        "id": plan_id,
+        "repo": repo,
+        "goal": "make it better",
+        "base_ref": "main",
+        "base_commit": "a" * 40,
+        "target_branch": "main",
+        "integration_branch": f"claudecluster/{plan_id}",
+        "created_at": stamp,
+        "updated_at": stamp,
+        **fields,
+    }
+    return Plan(**values)
+
+
+def _task(task_id: str, plan_id: str = "p1", **fields: Any) -> Task:
+    stamp = now()
+    values: dict[str, Any] = {
+        "id": task_id,
+        "plan_id": plan_id,
+        "prompt": f"do {task_id}",
+        "run_id": f"run-{task_id}",
+        "created_at": stamp,
+        "updated_at": stamp,
+        **fields,
+    }
+    return Task(**values)
+
+
+@pytest.fixture
+def make_plan() -> Callable[..., Plan]:
+    """``make_plan(plan_id="p1", **fields)``: a Plan with sensible fields."""
+    return _plan
+
+
+@pytest.fixture
+def make_task() -> Callable[..., Task]:
+    """``make_task(task_id, plan_id="p1", **fields)``: a Task with sensible fields."""
+    return _task

@@ -111,31 +111,15 @@ async def test_final_merge_commit_needs_no_git_identity_and_is_journalled(
     assert (None, f"refs/heads/{target}", "done") in journal(repo)
 
 
-async def test_cancel_stops_a_running_gate_within_seconds_and_moves_no_ref(
-    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings, tmp_path: Path, git: Git
-) -> None:
-    server = model_server({"rules": [marker_rule("A", write_turn("a.txt", "from A\n"))]})
-    pid_file = tmp_path / "gate.pid"
-    settings = engine_settings(server, gate=slow_gate(pid_file))
-
-    async with Cluster.open(repo, workers=1, settings=settings, claude=claude) as cluster:
-        plan = (await cluster.plan("add a", [spec("A")])).plan
-        await cluster.dispatch(plan.id)
-        await wait_for(pid_file.exists)
-        await wait_for(lambda: pid_file.read_text() != "")
-        started = time.monotonic()
-        status = await cluster.cancel(plan.id)
-        took = time.monotonic() - started
-
-    assert took < 5, f"cancel took {took:.1f}s while the gate ran"
-    assert status.task("A").state is TaskState.CANCELLED, status.task("A").reason
-    assert git(repo, "rev-parse", plan.integration_branch).strip() == plan.base_commit
-    assert gone(int(pid_file.read_text()))
-    assert all(state != "started" for _, _, state in journal(repo))
-
-
-async def test_cancelling_the_task_being_merged_leaves_store_and_refs_agreeing(
-    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings, tmp_path: Path, git: Git
+@pytest.mark.parametrize("whole_plan", [True, False], ids=["cancel-plan", "cancel-task"])
+async def test_cancel_during_a_gate_stops_it_within_seconds_and_store_and_refs_agree(
+    claude: ClaudeBinary,
+    repo: Path,
+    model_server: StartServer,
+    engine_settings: Settings,
+    tmp_path: Path,
+    git: Git,
+    whole_plan: bool,
 ) -> None:
     server = model_server({"rules": [marker_rule("A", write_turn("a.txt", "from A\n"))]})
     pid_file = tmp_path / "gate.pid"
@@ -145,14 +129,18 @@ async def test_cancelling_the_task_being_merged_leaves_store_and_refs_agreeing(
         plan = (await cluster.plan("add a", [spec("A")])).plan
         await cluster.dispatch(plan.id)
         await wait_for(lambda: pid_file.exists() and pid_file.read_text() != "")
-        await cluster.cancel(plan.id, "A")
+        started = time.monotonic()
+        await cluster.cancel(plan.id, None if whole_plan else "A")
+        took = time.monotonic() - started
         task = await cluster.task(plan.id, "A")
         with anyio.fail_after(10):
             await cluster.wait(plan.id)
 
-    assert task.state is TaskState.CANCELLED
+    assert took < 5, f"cancel took {took:.1f}s while the gate ran"
+    assert task.state is TaskState.CANCELLED, task.reason
     assert git(repo, "rev-parse", plan.integration_branch).strip() == plan.base_commit
     assert gone(int(pid_file.read_text()))
+    assert all(state != "started" for _, _, state in journal(repo))
 
 
 async def test_leaving_the_engine_during_a_gate_stops_it_and_keeps_the_task_for_the_next_engine(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,36 +32,8 @@ from claudecluster_mcp.store import Store, now
 
 pytestmark = pytest.mark.anyio
 
-
-def make_plan(plan_id: str = "p1", repo: Path = Path("/repo"), **fields: Any) -> Plan:
-    stamp = now()
-    values: dict[str, Any] = {
-        "id": plan_id,
-        "repo": repo,
-        "goal": "make it better",
-        "base_ref": "main",
-        "base_commit": "a" * 40,
-        "target_branch": "main",
-        "integration_branch": f"claudecluster/{plan_id}",
-        "created_at": stamp,
-        "updated_at": stamp,
-        **fields,
-    }
-    return Plan(**values)
-
-
-def make_task(task_id: str, plan_id: str = "p1", **fields: Any) -> Task:
-    stamp = now()
-    values: dict[str, Any] = {
-        "id": task_id,
-        "plan_id": plan_id,
-        "prompt": f"do {task_id}",
-        "run_id": f"run-{task_id}",
-        "created_at": stamp,
-        "updated_at": stamp,
-        **fields,
-    }
-    return Task(**values)
+PlanFactory = Callable[..., Plan]
+TaskFactory = Callable[..., Task]
 
 
 @pytest.fixture
@@ -72,7 +45,9 @@ async def store(tmp_path: Path) -> Any:
 # -- plans and tasks ------------------------------------------------------------------------
 
 
-async def test_a_plan_and_its_tasks_read_back_equal(store: Store, tmp_path: Path) -> None:
+async def test_a_plan_and_its_tasks_read_back_equal(
+    store: Store, tmp_path: Path, make_plan: PlanFactory, make_task: TaskFactory
+) -> None:
     plan = make_plan(
         repo=tmp_path / "repo",
         merge_policy=MergePolicy.REPORT,
@@ -105,20 +80,24 @@ async def test_a_plan_and_its_tasks_read_back_equal(store: Store, tmp_path: Path
     assert await store.plans([PlanState.RUNNING, PlanState.DONE]) == []
 
 
-async def test_tasks_keep_insertion_order_and_add_task_appends(store: Store) -> None:
+async def test_tasks_keep_insertion_order_and_add_task_appends(
+    store: Store, make_plan: PlanFactory, make_task: TaskFactory
+) -> None:
     await store.create_plan(make_plan(), [make_task(t) for t in ("z", "m", "a")])
     await store.add_task(make_task("a.resolve", kind=TaskKind.RESOLVE, resolves="a"))
     assert [t.id for t in await store.tasks("p1")] == ["z", "m", "a", "a.resolve"]
 
 
-async def test_create_plan_is_atomic(store: Store) -> None:
+async def test_create_plan_is_atomic(store: Store, make_plan: PlanFactory, make_task: TaskFactory) -> None:
     with pytest.raises(StoreError, match="UNIQUE"):
         await store.create_plan(make_plan(), [make_task("a"), make_task("a")])
     assert await store.plans() == []
     assert await store.tasks("p1") == []
 
 
-async def test_unknown_plan_lists_existing_plan_ids(store: Store) -> None:
+async def test_unknown_plan_lists_existing_plan_ids(
+    store: Store, make_plan: PlanFactory, make_task: TaskFactory
+) -> None:
     with pytest.raises(NotFoundError, match=r"no plan 'nope' .*\(plans: none\)"):
         await store.plan("nope")
     await store.create_plan(make_plan("p1"), [make_task("a")])
@@ -127,13 +106,13 @@ async def test_unknown_plan_lists_existing_plan_ids(store: Store) -> None:
         await store.plan("nope")
 
 
-async def test_unknown_task_lists_the_plans_tasks(store: Store) -> None:
+async def test_unknown_task_lists_the_plans_tasks(store: Store, make_plan: PlanFactory, make_task: TaskFactory) -> None:
     await store.create_plan(make_plan(), [make_task("a"), make_task("b")])
     with pytest.raises(NotFoundError, match=r"plan 'p1' has no task 'c' \(tasks: a, b\)"):
         await store.task("p1", "c")
 
 
-async def test_update_plan(store: Store) -> None:
+async def test_update_plan(store: Store, make_plan: PlanFactory, make_task: TaskFactory) -> None:
     await store.create_plan(make_plan(), [make_task("a")])
     before = await store.plan("p1")
     await store.update_plan("p1", state=PlanState.RUNNING, final_merge={"kind": "fast-forward"})
@@ -145,7 +124,9 @@ async def test_update_plan(store: Store) -> None:
         await store.update_plan("ghost", state=PlanState.DONE)
 
 
-async def test_update_task_sets_fields_but_refuses_state(store: Store, tmp_path: Path) -> None:
+async def test_update_task_sets_fields_but_refuses_state(
+    store: Store, tmp_path: Path, make_plan: PlanFactory, make_task: TaskFactory
+) -> None:
     await store.create_plan(make_plan(), [make_task("a")])
     await store.update_task("p1", "a", pid=4242, worktree=tmp_path / "wt", changed_files=["f.py"], turns=3)
     task = await store.task("p1", "a")
@@ -155,7 +136,7 @@ async def test_update_task_sets_fields_but_refuses_state(store: Store, tmp_path:
     assert (await store.task("p1", "a")).state is TaskState.PENDING
 
 
-async def test_running_tasks_need_a_run_id(store: Store) -> None:
+async def test_running_tasks_need_a_run_id(store: Store, make_plan: PlanFactory, make_task: TaskFactory) -> None:
     with pytest.raises(StoreError, match="CHECK"):
         await store.create_plan(make_plan(), [make_task("a", state=TaskState.RUNNING, run_id=None)])
 
@@ -166,7 +147,9 @@ ALL_PAIRS = list(itertools.product(TaskState, TaskState))
 
 
 @pytest.mark.parametrize(("start", "to"), ALL_PAIRS, ids=[f"{a.value}->{b.value}" for a, b in ALL_PAIRS])
-async def test_move_follows_the_transition_table(store: Store, start: TaskState, to: TaskState) -> None:
+async def test_move_follows_the_transition_table(
+    store: Store, start: TaskState, to: TaskState, make_plan: PlanFactory, make_task: TaskFactory
+) -> None:
     await store.create_plan(make_plan(), [make_task("t", state=start)])
     if to in TRANSITIONS[start]:
         moved = await store.move("p1", "t", to, reason="because")
@@ -188,7 +171,7 @@ async def test_move_follows_the_transition_table(store: Store, start: TaskState,
         assert await store.events("p1") == []
 
 
-async def test_move_of_an_unknown_task(store: Store) -> None:
+async def test_move_of_an_unknown_task(store: Store, make_plan: PlanFactory, make_task: TaskFactory) -> None:
     await store.create_plan(make_plan(), [make_task("a")])
     with pytest.raises(NotFoundError, match="has no task 'ghost'"):
         await store.move("p1", "ghost", TaskState.READY)
@@ -196,7 +179,9 @@ async def test_move_of_an_unknown_task(store: Store) -> None:
         await store.move("other-plan", "a", TaskState.READY)
 
 
-async def test_move_writes_extra_fields_in_the_same_step(store: Store) -> None:
+async def test_move_writes_extra_fields_in_the_same_step(
+    store: Store, make_plan: PlanFactory, make_task: TaskFactory
+) -> None:
     await store.create_plan(make_plan(), [make_task("a", run_id=None)])
     await store.move("p1", "a", TaskState.READY)
     task = await store.move("p1", "a", TaskState.RUNNING, run_id="r1", attempts=1, started_at=now())
@@ -204,7 +189,9 @@ async def test_move_writes_extra_fields_in_the_same_step(store: Store) -> None:
     assert task.started_at is not None
 
 
-async def test_every_move_appends_a_state_event_in_order(store: Store) -> None:
+async def test_every_move_appends_a_state_event_in_order(
+    store: Store, make_plan: PlanFactory, make_task: TaskFactory
+) -> None:
     await store.create_plan(make_plan(), [make_task("a"), make_task("b")])
     path = [TaskState.READY, TaskState.RUNNING, TaskState.WAITING, TaskState.RUNNING, TaskState.SUCCEEDED]
     for state in path:
@@ -224,7 +211,7 @@ async def test_every_move_appends_a_state_event_in_order(store: Store) -> None:
     assert [e["task_id"] for e in everything] == ["a"] * 5 + ["b", "a"]
 
 
-async def test_events_limit_and_after(store: Store) -> None:
+async def test_events_limit_and_after(store: Store, make_plan: PlanFactory, make_task: TaskFactory) -> None:
     await store.create_plan(make_plan(), [make_task("a")])
     for n in range(10):
         await store.append_event("p1", "a" if n % 2 else None, "note", {"n": n})
@@ -244,7 +231,7 @@ async def test_events_limit_and_after(store: Store) -> None:
     assert await store.events("other") == []
 
 
-async def test_concurrent_moves_all_land(store: Store) -> None:
+async def test_concurrent_moves_all_land(store: Store, make_plan: PlanFactory, make_task: TaskFactory) -> None:
     ids = [f"t{n}" for n in range(50)]
     await store.create_plan(make_plan(), [make_task(t) for t in ids])
 
@@ -268,7 +255,9 @@ async def test_concurrent_moves_all_land(store: Store) -> None:
         assert kinds == [("state", "ready"), ("note", None), ("state", "running")]
 
 
-async def test_concurrent_conflicting_moves_let_exactly_one_win(store: Store) -> None:
+async def test_concurrent_conflicting_moves_let_exactly_one_win(
+    store: Store, make_plan: PlanFactory, make_task: TaskFactory
+) -> None:
     await store.create_plan(make_plan(), [make_task("a", state=TaskState.RUNNING)])
     outcomes: list[str] = []
 
@@ -333,7 +322,7 @@ async def test_database_is_in_wal_mode(tmp_path: Path) -> None:
     db.close()
 
 
-async def test_state_survives_reopening(tmp_path: Path) -> None:
+async def test_state_survives_reopening(tmp_path: Path, make_plan: PlanFactory, make_task: TaskFactory) -> None:
     path = tmp_path / "state.db"
     async with Store.open(path) as first:
         await first.create_plan(make_plan(), [make_task("a")])
@@ -346,7 +335,9 @@ async def test_state_survives_reopening(tmp_path: Path) -> None:
         assert [m["seq"] for m in await second.open_merges()] == [seq]
 
 
-async def test_two_stores_on_one_file_see_each_others_writes(tmp_path: Path) -> None:
+async def test_two_stores_on_one_file_see_each_others_writes(
+    tmp_path: Path, make_plan: PlanFactory, make_task: TaskFactory
+) -> None:
     path = tmp_path / "state.db"
     async with Store.open(path) as one, Store.open(path) as two:
         await one.create_plan(make_plan(), [make_task("a")])
@@ -435,7 +426,9 @@ def test_registry_on_an_unwritable_path_is_a_store_error(tmp_path: Path) -> None
         Registry(tmp_path / "registry.db").register("p", tmp_path)
 
 
-async def test_a_gate_retry_is_one_move_and_gate_failed_is_final(store: Store) -> None:
+async def test_a_gate_retry_is_one_move_and_gate_failed_is_final(
+    store: Store, make_plan: PlanFactory, make_task: TaskFactory
+) -> None:
     await store.create_plan(make_plan(), [make_task("a", state=TaskState.SUCCEEDED)])
     retried = await store.move("p1", "a", TaskState.PENDING, reason="gate failed (exit 1)")
     assert retried.state is TaskState.PENDING

@@ -7,14 +7,13 @@ from __future__ import annotations
 import inspect
 import sqlite3
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_store import make_plan, make_task
 
 from claudecluster_mcp.errors import StoreError
-from claudecluster_mcp.models import PlanState
+from claudecluster_mcp.models import Plan, PlanState, Task
 from claudecluster_mcp.registry import Registry
 from claudecluster_mcp.store import Store
 
@@ -23,9 +22,15 @@ pytestmark = pytest.mark.anyio
 GARBAGE = b"this is not a SQLite file \x00\xff" * 500
 
 
-async def make_store(path: Path, tasks: int = 1) -> None:
-    async with Store.open(path) as store:
-        await store.create_plan(make_plan(), [make_task(f"t{n}") for n in range(tasks)])
+@pytest.fixture
+def make_store(make_plan: Callable[..., Plan], make_task: Callable[..., Task]) -> Callable[..., Awaitable[None]]:
+    """``await make_store(path, tasks=n)``: a state database holding one plan of n tasks."""
+
+    async def make(path: Path, tasks: int = 1) -> None:
+        async with Store.open(path) as store:
+            await store.create_plan(make_plan(), [make_task(f"t{n}") for n in range(tasks)])
+
+    return make
 
 
 @pytest.fixture
@@ -58,7 +63,9 @@ async def test_a_garbage_file_is_not_a_database_and_should_be_moved_aside(tmp_pa
     assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
 
 
-async def test_a_destroyed_page_fails_a_later_read_as_a_store_error(tmp_path: Path) -> None:
+async def test_a_destroyed_page_fails_a_later_read_as_a_store_error(
+    tmp_path: Path, make_store: Callable[..., Awaitable[None]]
+) -> None:
     path = tmp_path / "state.db"
     await make_store(path, tasks=300)
     with sqlite3.connect(path) as db:
@@ -76,7 +83,7 @@ async def test_a_destroyed_page_fails_a_later_read_as_a_store_error(tmp_path: Pa
 
 
 async def test_writing_a_read_only_database_is_a_store_error_saying_to_check_permissions(
-    tmp_path: Path, immutable: Callable[[Path], None]
+    tmp_path: Path, immutable: Callable[[Path], None], make_store: Callable[..., Awaitable[None]]
 ) -> None:
     path = tmp_path / "state.db"
     await make_store(path)
