@@ -55,8 +55,8 @@ def _cmd_model_server(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .settings import EngineSettings
     from .server import ServerSettings, serve_http, serve_stdio, token_from
+    from .settings import EngineSettings
 
     # Like `run`: flags > CLAUDECLUSTER_* environment > claudecluster.toml > defaults. Only the
     # flags are fixed here; the hub merges them over each repository's own configuration.

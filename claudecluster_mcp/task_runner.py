@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 
 from .agent_spec import AgentSpec
-from .errors import NotFoundError, StateError
+from .errors import ClusterError, NotFoundError, StateError
 from .events import AgentEvent, ApiRetry, AssistantText, ResultEvent, StderrLine, ToolResult, ToolUse
 from .merge_queue import MergeQueue
 from .models import ACTIVE_STATES, Plan, Task, TaskKind, TaskState
@@ -69,8 +69,12 @@ class TaskRunner:
 
     async def run(self, plan_id: str, task_id: str) -> None:
         """Run one task to its next state; never raises for a failure of the task itself."""
-        plan = await self.store.plan(plan_id)
-        task = await self.store.task(plan_id, task_id)
+        try:
+            plan = await self.store.plan(plan_id)
+            task = await self.store.task(plan_id, task_id)
+        except ClusterError:  # gone or unreadable: the scheduler's next pass sees to the plan
+            logger.exception("cannot start task %s/%s", plan_id, task_id)
+            return
         try:
             await self._attempt(plan, task)
         except anyio.get_cancelled_exc_class():
