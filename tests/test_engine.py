@@ -289,7 +289,9 @@ async def test_kill_9_mid_plan_then_reopen_finishes_every_task_exactly_once(
                 marker_rule("A", write_turn("a.txt", "a\n")),
                 marker_rule("B", bash_turn(slow.format(name="b"))),
                 marker_rule("C", bash_turn(slow.format(name="c"))),
-                marker_rule("D", write_turn("d.txt", "d\n")),
+                # D may be killed after its last turn, before its commit: then it is resumed
+                # and asked once more ("D done" answers that).
+                marker_rule("D", write_turn("d.txt", "d\n"), {"text": "wrote d"}),
                 # E makes progress (a file) before its long Bash call: it is resumed, not restarted.
                 marker_rule("E", write_turn("e.txt", "e\n"), bash_turn("python3 -c 'import time; time.sleep(10)'")),
             ]
