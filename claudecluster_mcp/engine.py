@@ -143,9 +143,9 @@ class Cluster:
         merge_policy: MergePolicy | None = None,
         gate: Sequence[str] | None = None,
     ) -> PlanStatus:
-        """Validate and store a plan. The base is ``base_ref`` (default: the branch checked
-        out now); an integration branch is created there; ``target`` (default: that branch)
-        is where :meth:`merge` puts the result. Without ``tasks``, a read-only Claude Code
+        """Validate and store a plan. The base is ``base_ref`` (any commit-ish; default: the
+        branch checked out now); an integration branch is created there; ``target`` (default:
+        the branch checked out now) is where :meth:`merge` puts the result. Without ``tasks``, a read-only Claude Code
         planning run splits the goal into tasks."""
         if not goal.strip():
             raise ConfigError("the goal is empty")
@@ -159,7 +159,8 @@ class Cluster:
         branch_now = await current_branch(self.repo)
         base_ref = base_ref or branch_now or "HEAD"
         base_commit = await rev_parse(self.repo, base_ref)
-        target = target or (base_ref if base_ref != "HEAD" else branch_now)
+        # The base may be any commit-ish (origin/main, a tag, a SHA): never a branch to create.
+        target = target or branch_now
         if target is None:
             raise ConfigError("HEAD is detached: name the target branch for the final merge")
         await check_branch_name(self.repo, target)

@@ -305,3 +305,22 @@ async def test_a_linked_worktree_keeps_its_state_in_the_common_git_directory(
     with sqlite3.connect(repo / ".git" / "claudecluster" / "state.db") as db:
         assert db.execute("SELECT target_branch FROM plans WHERE id = ?", [plan.id]).fetchone() == ("feature",)
     assert json.loads(json.dumps(plan.warnings)) == []
+
+
+@pytest.mark.parametrize("base", ["origin/main", "v1.0", "sha", "refs/heads/main"])
+async def test_a_base_that_is_not_a_branch_name_merges_into_the_current_branch(
+    claude: ClaudeBinary, repo: Path, tmp_path: Path, git: Git, base: str
+) -> None:
+    tip = git(repo, "rev-parse", "HEAD").strip()
+    git(repo, "update-ref", "refs/remotes/origin/main", tip)
+    git(repo, "tag", "v1.0")
+    base_ref = tip if base == "sha" else base
+
+    async with Cluster.open(repo, settings=EngineSettings(state_dir=tmp_path / "state"), claude=claude) as cluster:
+        plan = (await cluster.plan("from elsewhere", [spec("A")], base_ref=base_ref)).plan
+        await cluster.cancel(plan.id)
+        report = await cluster.merge(plan.id)
+
+    assert plan.target_branch == "main" and report.target == "main"
+    branches = git(repo, "for-each-ref", "--format=%(refname)", "refs/heads/").split()
+    assert [b for b in branches if not b.startswith("refs/heads/claudecluster/")] == ["refs/heads/main"]
