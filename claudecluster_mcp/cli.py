@@ -134,6 +134,12 @@ def _cmd_logs(args: argparse.Namespace) -> int:
     return _run_async(logs_command, _console(), args.task, repo=args.repo, tail=args.tail, follow=args.follow)
 
 
+def _cmd_approve(args: argparse.Namespace) -> int:
+    from .commands import approve_command
+
+    return _run_async(approve_command, _console(), args.task, repo=args.repo, reject=args.reject)
+
+
 def _cmd_cancel(args: argparse.Namespace) -> int:
     from .commands import cancel_command
 
@@ -291,6 +297,14 @@ def _add_readers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     logs.add_argument("--tail", type=int, default=200, help="how many of the last events (default 200)")
     _repo_option(logs)
     logs.set_defaults(handler=_cmd_logs)
+
+    approve = commands.add_parser(
+        "approve", help="approve (or --reject) a task held because it changes protected paths"
+    )
+    approve.add_argument("task", help="<plan_id>:<task id>")
+    approve.add_argument("--reject", action="store_true", help="reject it instead: cancelled, dependents blocked")
+    _repo_option(approve)
+    approve.set_defaults(handler=_cmd_approve)
 
     cancel = commands.add_parser("cancel", help="cancel a plan or a task (<plan_id>:<task id>)")
     cancel.add_argument("id")

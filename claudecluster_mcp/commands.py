@@ -37,6 +37,7 @@ from .store import Store, state_db_path
 from .workspace import repo_root
 
 __all__ = [
+    "approve_command",
     "cancel_command",
     "export_command",
     "follow",
@@ -141,6 +142,9 @@ async def run_command(
         status = await cluster.status(plan_id)
     _print_status(console, status, as_json=as_json)
     if not as_json:
+        for task in status.tasks:
+            if task.state is TaskState.HELD:
+                console.print(f"[yellow]held:[/] {escape(task.id)} {escape(task.reason)}")
         if report is not None:
             console.print(f"merged into [bold]{report.target}[/] ({report.kind}); undo: {report.undo}")
         elif _exit_code(status) == EXIT_OK:
@@ -149,7 +153,8 @@ async def run_command(
 
 
 async def follow(console: Console, cluster: Cluster, plan_id: str, *, live: bool) -> PlanStatus:
-    """Show the live table and overall bar until every task of the plan is final."""
+    """Show the live table and overall bar until every task of the plan is final (or the
+    plan waits for the user to approve held tasks)."""
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(), console=console
     )
@@ -163,7 +168,7 @@ async def follow(console: Console, cluster: Cluster, plan_id: str, *, live: bool
             done = sum(n for s, n in status.counts.items() if TaskState(s) in FINAL_STATES)
             progress.update(bar, total=total, completed=done, description=f"{done}/{total} final")
             screen.update(Group(status_table(status), progress))
-            if status.finished:
+            if status.finished or await cluster.held_up(plan_id):
                 return await cluster.wait(plan_id)
             await cluster.changed(0.5)
 
@@ -268,6 +273,20 @@ async def cancel_command(console: Console, target: str, *, repo: Path | None) ->
         async with _store(root) as store:
             await store.update_plan(plan_id, state=PlanState.CANCELLED)
         console.print(f"plan {plan_id} marked cancelled; the engine running it stops its agents within seconds")
+    return EXIT_OK
+
+
+async def approve_command(console: Console, target: str, *, repo: Path | None, reject: bool) -> int:
+    """Approve (or reject) a task held because its changes touch protected paths."""
+    plan_id, local = split_task_ref(target)
+    config = load_config(None)
+    root, _ = await _plan_repo(plan_id, repo, config)
+    claude = await anyio.to_thread.run_sync(find_claude, config.claude_bin)
+    async with Cluster.open(root, settings=load_config(root).engine(), claude=claude) as cluster:
+        await cluster.approve(plan_id, local, reject=reject)
+        status = await cluster.wait(plan_id) if not reject else await cluster.status(plan_id)
+    verb = "rejected" if reject else "approved"
+    console.print(f"{verb} {plan_id}:{local}; plan: {_tally(status)}")
     return EXIT_OK
 
 

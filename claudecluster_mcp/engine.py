@@ -42,7 +42,7 @@ from .preflight import check_model
 from .recovery import EngineLease, recover
 from .registry import Registry
 from .retry import RateLimitPause
-from .scheduler import Scheduler
+from .scheduler import Scheduler, held_up
 from .settings import MAX_WORKERS, EngineSettings, default_state_dir
 from .signals import Pulse
 from .store import Store, StoredEvent, now, state_db_path
@@ -291,14 +291,15 @@ class Cluster:
         return path if path.exists() else None
 
     async def wait(self, plan_id: str, timeout: float | None = None) -> PlanStatus:
-        """Wait until every task of the plan is final (or ``timeout`` s); returns the status."""
+        """Wait until every task of the plan is final, or the plan waits for the user to
+        approve held tasks (see :meth:`held_up`), or ``timeout`` s; returns the status."""
         await self.store.plan(plan_id)  # NotFoundError for an unknown id
         with anyio.move_on_after(timeout):
             while True:
                 if await self.store.unfinished(plan_id) == 0:
                     await self.scheduler.settle(plan_id)
                     break
-                if (await self.store.plan(plan_id)).state in _ENDED:
+                if (await self.store.plan(plan_id)).state in _ENDED or await self.held_up(plan_id):
                     break
                 await self.changed(1.0)
         return await self.status(plan_id)
@@ -326,6 +327,25 @@ class Cluster:
         with anyio.move_on_after(self.settings.cancel_grace + 10):
             while self.merges.merging(plan_id, task_id) or (task_id is None and self.scheduler.running(plan_id)):
                 await self.pulse.changed(0.05)
+        self.pulse.notify()
+        return await self.status(plan_id, focus=STATUS_FOCUS)
+
+    async def held_up(self, plan_id: str) -> list[str]:
+        """The held tasks the plan waits for, when nothing else can move without the user."""
+        return held_up(await self.store.task_rows(plan_id))
+
+    async def approve(self, plan_id: str, task_id: str, *, reject: bool = False) -> PlanStatus:
+        """Decide on a task held because its changes touch protected paths: approved, it goes
+        back to the merge queue (and will merge like any other); rejected, it is cancelled and
+        its dependents are blocked."""
+        task = await self.store.task(plan_id, task_id)
+        if task.state is not TaskState.HELD:
+            raise StateError(f"task {plan_id}:{task_id} is {task.state.value}, not held for approval")
+        if reject:
+            await self.store.move(plan_id, task_id, TaskState.CANCELLED, reason="rejected: touches protected paths")
+        else:
+            await self.store.move(plan_id, task_id, TaskState.SUCCEEDED, approved=True, reason="approved")
+            await self.merges.enqueue(plan_id, task_id)
         self.pulse.notify()
         return await self.status(plan_id, focus=STATUS_FOCUS)
 

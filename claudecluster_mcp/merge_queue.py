@@ -26,7 +26,7 @@ from .errors import StateError
 from .merge import MergeOutcome, MergeResult, merge_into
 from .models import FINAL_STATES, MergePolicy, Plan, PlanState, PlanStatus, Task, TaskKind, TaskState
 from .prompts import GATE_FAILED_PREFIX, merge_message, resolve_prompt
-from .settings import EngineSettings
+from .settings import EngineSettings, protected
 from .signals import Pulse
 from .store import Store, now
 from .workspace import (
@@ -121,6 +121,10 @@ class MergeQueue:
         plan = await self.store.plan(plan_id)
         task = await self.store.task(plan_id, task_id)
         if task.state is not TaskState.SUCCEEDED or task.commit is None:
+            return
+        touched = [] if task.approved else protected(task.changed_files, self.settings.protected_paths)
+        if touched:
+            await self.store.move(plan.id, task.id, TaskState.HELD, reason=_held_reason(plan, task, touched))
             return
         result: MergeResult | None = None
         with scope:
@@ -266,6 +270,13 @@ class MergeQueue:
         report = report.model_copy(update={"undo": f"git branch -D {report.target}"})
         await self.store.update_plan(plan.id, state=PlanState.MERGED, final_merge=report.model_dump(mode="json"))
         return report
+
+
+def _held_reason(plan: Plan, task: Task, touched: list[str]) -> str:
+    return (
+        f"changes protected paths ({', '.join(touched)}): approve to merge "
+        f"(claudecluster approve {plan.id}:{task.id}, or the MCP approve tool) or reject it (--reject)"
+    )
 
 
 def _free_id(existing: set[str], wanted: str) -> str:

@@ -6,6 +6,7 @@ allowed transitions (:data:`TRANSITIONS`); the store refuses any other move::
     pending → ready → running ⇄ waiting
     running → succeeded | failed | timed_out | cancelled | pending (retry)
     succeeded → merged | conflicted | gate_failed | pending (gate retry) | failed (merge error)
+    succeeded → held (touches protected paths) → succeeded (approved) | cancelled (rejected)
     pending/ready → blocked (a dependency failed) | cancelled
 """
 
@@ -96,6 +97,7 @@ class TaskState(enum.StrEnum):
     MERGED = "merged"  #: its work is on the plan's integration branch
     CONFLICTED = "conflicted"  #: its branch conflicts with the integration branch
     GATE_FAILED = "gate_failed"  #: the gate command failed on the merge candidate
+    HELD = "held"  #: its changes touch protected paths: merged only once the user approves
 
 
 FINAL_STATES = frozenset(
@@ -119,7 +121,9 @@ TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     _S.WAITING: frozenset({_S.RUNNING, _S.SUCCEEDED, _S.FAILED, _S.TIMED_OUT, _S.CANCELLED, _S.PENDING}),
     # A succeeded task's branch waits in the merge queue. A failed gate sends it back to its
     # agent (pending) while retries last; an unexpected merge error fails it.
-    _S.SUCCEEDED: frozenset({_S.MERGED, _S.CONFLICTED, _S.GATE_FAILED, _S.CANCELLED, _S.PENDING, _S.FAILED}),
+    _S.SUCCEEDED: frozenset({_S.MERGED, _S.CONFLICTED, _S.GATE_FAILED, _S.CANCELLED, _S.PENDING, _S.FAILED, _S.HELD}),
+    # Held for approval: approved goes back to the merge queue, rejected is cancelled.
+    _S.HELD: frozenset({_S.SUCCEEDED, _S.CANCELLED}),
     _S.GATE_FAILED: frozenset(),
     # A conflict is merged once its resolve task is.
     _S.CONFLICTED: frozenset({_S.MERGED}),
@@ -196,6 +200,7 @@ class Task(TaskSpec):
     resume: bool = False
     last_activity: str = ""
     not_before: float | None = None
+    approved: bool = False
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None

@@ -45,6 +45,7 @@ STATE_COLOURS = {
     TaskState.TIMED_OUT: "#d64545",
     TaskState.CANCELLED: "#7b8794",
     TaskState.BLOCKED: "#a0a0a0",
+    TaskState.HELD: "#b8860b",
 }
 
 
@@ -124,9 +125,8 @@ def status_table(status: PlanStatus) -> Table:
     table.add_column("cost", justify="right")
     table.add_column("last activity", overflow="ellipsis", no_wrap=True, max_width=60)
     for task in status.tasks:
-        activity = (
-            task.reason if task.state in FINAL_STATES and task.state is not TaskState.MERGED else task.last_activity
-        )
+        explained = (task.state in FINAL_STATES and task.state is not TaskState.MERGED) or task.state is TaskState.HELD
+        activity = task.reason if explained else task.last_activity
         table.add_row(
             escape(task.id) + (" (resolve)" if task.kind.value == "resolve" else ""),
             f"[{state_colour(task.state)}]{task.state.value}[/]",

@@ -22,7 +22,7 @@ from .signals import Pulse
 from .store import Store
 from .task_runner import TaskRunner
 
-__all__ = ["Scheduler", "is_dead"]
+__all__ = ["Scheduler", "held_up", "is_dead"]
 
 logger = logging.getLogger(__name__)
 
@@ -193,3 +193,22 @@ def is_dead(state: TaskState | None, policy: MergePolicy, resolution: TaskState 
             return True
         return resolution is not None and resolution in FINAL_STATES and resolution is not TaskState.MERGED
     return state in FINAL_STATES and state is not TaskState.MERGED
+
+
+_MOVING = frozenset({TaskState.READY, TaskState.RUNNING, TaskState.WAITING, TaskState.SUCCEEDED})
+
+
+def held_up(rows: Sequence[Any]) -> list[str]:
+    """The held tasks a plan waits for, when nothing else can move without the user: no task
+    ready, running or awaiting its merge, and every pending task behind a held one. Empty
+    when the plan can still progress on its own (or holds nothing)."""
+    state = {r.id: r.state for r in rows}
+    held = [r.id for r in rows if r.state is TaskState.HELD]
+    if not held or any(s in _MOVING for s in state.values()):
+        return []
+    behind = set(held)
+    for row in rows:  # stored in topological order: dependencies come first
+        if row.state is TaskState.PENDING and any(d in behind for d in row.deps):
+            behind.add(row.id)
+    stuck = all(r.id in behind for r in rows if r.state is TaskState.PENDING)
+    return held if stuck else []

@@ -22,11 +22,19 @@ _TASK_STATES = (
     "'pending', 'ready', 'running', 'waiting', 'succeeded', 'failed', 'timed_out', "
     "'cancelled', 'blocked', 'merged', 'conflicted', 'gate_failed'"
 )
+_TASK_STATES_3 = _TASK_STATES + ", 'held'"
 _PLAN_STATES_1 = "'planned', 'running', 'done', 'cancelled', 'merged'"
 _PLAN_STATES_2 = _PLAN_STATES_1 + ", 'failed'"
 _PLAN_COLUMNS = (
     "id, repo, goal, state, base_ref, base_commit, target_branch, integration_branch, "
     "merge_policy, gate, warnings, final_merge, created_at, updated_at"
+)
+
+_TASK_COLUMNS = (
+    "plan_id, id, seq, kind, title, prompt, deps, priority, category, files, state, attempts, reason, branch, "
+    'base_commit, "commit", merge_commit, worktree, session_id, run_id, pid, pid_started, turns, cost_usd, '
+    "input_tokens, output_tokens, changed_files, resolves, resume, last_activity, not_before, created_at, "
+    "started_at, finished_at, updated_at"
 )
 
 #: Ordered schema migrations; each runs in one transaction with its version bump.
@@ -129,6 +137,52 @@ MIGRATIONS: list[str] = [
     INSERT INTO plans_v2 ({_PLAN_COLUMNS}) SELECT {_PLAN_COLUMNS} FROM plans;
     DROP TABLE plans;
     ALTER TABLE plans_v2 RENAME TO plans;
+    """,
+    # 3: a task whose changes touch protected paths is held for the user's approval.
+    f"""
+    CREATE TABLE tasks_v3 (
+        plan_id TEXT NOT NULL REFERENCES plans(id),
+        id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('task', 'resolve')),
+        title TEXT NOT NULL DEFAULT '',
+        prompt TEXT NOT NULL CHECK (length(trim(prompt)) > 0),
+        deps TEXT NOT NULL DEFAULT '[]',
+        priority TEXT NOT NULL CHECK (priority IN ('low', 'medium', 'high', 'critical')),
+        category TEXT NOT NULL CHECK (category IN ('code', 'test', 'refactor', 'analyze', 'document')),
+        files TEXT NOT NULL DEFAULT '[]',
+        state TEXT NOT NULL CHECK (state IN ({_TASK_STATES_3})),
+        attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+        reason TEXT NOT NULL DEFAULT '',
+        branch TEXT,
+        base_commit TEXT,
+        "commit" TEXT,
+        merge_commit TEXT,
+        worktree TEXT,
+        session_id TEXT,
+        run_id TEXT,
+        pid INTEGER,
+        pid_started REAL,
+        turns INTEGER NOT NULL DEFAULT 0,
+        cost_usd REAL NOT NULL DEFAULT 0,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        changed_files TEXT NOT NULL DEFAULT '[]',
+        resolves TEXT,
+        resume INTEGER NOT NULL DEFAULT 0,
+        last_activity TEXT NOT NULL DEFAULT '',
+        not_before REAL,
+        approved INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL,
+        started_at TEXT,
+        finished_at TEXT,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (plan_id, id),
+        CHECK (state NOT IN ('running', 'waiting') OR run_id IS NOT NULL)
+    );
+    INSERT INTO tasks_v3 ({_TASK_COLUMNS}) SELECT {_TASK_COLUMNS} FROM tasks;
+    DROP TABLE tasks;
+    ALTER TABLE tasks_v3 RENAME TO tasks;
     """,
 ]
 

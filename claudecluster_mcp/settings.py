@@ -8,7 +8,9 @@ agent's :class:`~claudecluster_mcp.agent.AgentSpec` takes its agent fields from 
 
 from __future__ import annotations
 
+import fnmatch
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from .agent_spec import PermissionMode
 from .models import MergePolicy
 
-__all__ = ["MAX_WORKERS", "EngineSettings", "default_state_dir"]
+__all__ = ["MAX_WORKERS", "PROTECTED_PATHS", "EngineSettings", "default_state_dir", "protected"]
 
 MAX_WORKERS = 64
+#: The orchestrator's and the agents' own control files: changing them changes what runs next.
+PROTECTED_PATHS = ("claudecluster.toml", ".mcp.json", ".claude/**")
 
 # EngineSettings field → AgentSpec field, for every setting an agent run takes as is.
 _AGENT_FIELDS = {
@@ -74,7 +78,17 @@ class EngineSettings(BaseModel):
     claude_bin: str | None = Field(default=None, description="path of the claude executable")
     state_dir: Path = Field(default_factory=default_state_dir, description="worktrees, agent logs, plan registry")
     serialize_overlaps: bool = Field(default=False, description="make tasks touching the same files sequential")
+    protected_paths: list[str] = Field(
+        default_factory=lambda: list(PROTECTED_PATHS),
+        description="globs of control files a task may change only with the user's approval",
+    )
 
     def agent_options(self) -> dict[str, Any]:
         """The :class:`~claudecluster_mcp.agent.AgentSpec` fields these settings decide."""
         return {spec_field: getattr(self, field) for field, spec_field in _AGENT_FIELDS.items()}
+
+
+def protected(files: Iterable[str], globs: Iterable[str]) -> list[str]:
+    """The ``files`` (repository-relative) that match a protected glob (``*`` spans ``/``)."""
+    patterns = list(globs)
+    return sorted(f for f in files if any(fnmatch.fnmatchcase(f, g) for g in patterns))

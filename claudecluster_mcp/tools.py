@@ -41,6 +41,7 @@ __all__ = [
     "TOOLS",
     "HubDep",
     "ToolSpec",
+    "approve",
     "cancel",
     "current_hub",
     "dispatch",
@@ -246,6 +247,21 @@ async def cancel(
         return StatusView.of(cancelled, workers=cluster.workers, agents_running=cluster.running)
 
 
+async def approve(
+    hub: HubDep,
+    task_id: Annotated[str, Field(description="The held task, '<plan_id>:<task>'.")],
+    reject: Annotated[
+        bool, Field(description="Reject it instead: it is cancelled and its dependents blocked.")
+    ] = False,
+) -> StatusView:
+    """Approve a task held because its changes touch protected paths (claudecluster.toml,
+    .mcp.json, .claude/**, …): it is merged like any other. Or reject it."""
+    plan_id, local = split_task_ref(task_id)
+    async with hub.cluster_of_plan(plan_id) as cluster:
+        decided = await cluster.approve(plan_id, local, reject=reject)
+        return StatusView.of(decided, workers=cluster.workers, agents_running=cluster.running)
+
+
 async def logs(
     hub: HubDep,
     task_id: Annotated[str, Field(description="The task, '<plan_id>:<task>'.")],
@@ -310,6 +326,11 @@ TOOLS: tuple[ToolSpec, ...] = (
         ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True),
     ),
     ToolSpec(logs, "What an agent did", _READ_ONLY),
+    ToolSpec(
+        approve,
+        "Approve or reject a task held for changing protected paths",
+        ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False),
+    ),
     ToolSpec(
         workers,
         "Agent pool size",

@@ -40,4 +40,4 @@ async def test_every_tool_argument_resource_template_and_prompt_is_in_the_readme
     assert not missing_args, f"tool arguments missing from README's tool table: {missing_args}"
     assert [t for t in templates if f"`{t}`" not in section] == []
     assert [p for p in prompts if f"`{p}`" not in section] == []
-    assert len(tools) == 7 and len(templates) == 2 and prompts
+    assert len(tools) == 8 and len(templates) == 2 and prompts

@@ -67,7 +67,7 @@ async def test_every_tool_is_listed_with_annotations_and_schemas(connected: Conn
         templates = {t.uri_template for t in (await client.list_resource_templates()).resource_templates}
         prompts = {p.name for p in (await client.list_prompts()).prompts}
 
-    assert set(tools) == {"plan", "dispatch", "status", "merge", "cancel", "logs", "workers"}
+    assert set(tools) == {"plan", "dispatch", "status", "merge", "cancel", "approve", "logs", "workers"}
     assert tools["status"].annotations.read_only_hint and tools["logs"].annotations.read_only_hint
     assert tools["merge"].annotations.destructive_hint and tools["cancel"].annotations.destructive_hint
     for tool in tools.values():
