@@ -90,6 +90,7 @@ async def run(n_tasks: int, calls: int, clients: int) -> dict[str, Any]:
         env = {
             **os.environ,
             "XDG_STATE_HOME": str(Path(tmp) / "state"),
+            "CLAUDECLUSTER_TOKEN": TOKEN,  # not --token: that would be visible in ps (and warned about)
             "CLAUDECLUSTER_CLAUDE_BIN": str(ROOT / "bench" / "standin_claude.sh"),
             # The stand-in agent needs no model: no pre-flight model check.
             "CLAUDECLUSTER_SKIP_MODEL_CHECK": "1",
@@ -104,8 +105,6 @@ async def run(n_tasks: int, calls: int, clients: int) -> dict[str, Any]:
                 "http",
                 "--port",
                 str(port),
-                "--token",
-                TOKEN,
                 "--root",
                 tmp,
                 "--workers",

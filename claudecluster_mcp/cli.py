@@ -55,9 +55,15 @@ def _cmd_model_server(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .server import ServerSettings, serve_http, serve_stdio, token_from
+    from .server import ServerSettings, prepare_http, serve_http, serve_stdio, token_from
     from .settings import EngineSettings
 
+    if args.token:
+        print(
+            "claudecluster: warning: a --token on the command line is visible to every user of this machine "
+            "(ps); use --token-file FILE or CLAUDECLUSTER_TOKEN instead",
+            file=sys.stderr,
+        )
     # Like `run`: flags > CLAUDECLUSTER_* environment > claudecluster.toml > defaults. Only the
     # flags are fixed here; the hub merges them over each repository's own configuration.
     flags = {k: v for k, v in {"workers": args.workers}.items() if v is not None}
@@ -68,16 +74,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         claude_bin=args.claude or None,
         host=args.host,
         port=args.port,
-        token=token_from(args.token, args.token_file),
+        token=None if args.no_auth else token_from(args.token, args.token_file),
+        no_auth=args.no_auth,
         allowed_hosts=args.allowed_host or [],
         allowed_origins=args.allowed_origin or [],
     )
     if args.transport == "stdio":
         # stdout carries the protocol only: every log line goes to stderr.
         anyio.run(serve_stdio, settings)
-    else:
-        with contextlib.suppress(KeyboardInterrupt):
-            serve_http(settings, args.transport)
+        return EXIT_OK
+    print(prepare_http(settings, args.transport), file=sys.stderr)
+    with contextlib.suppress(KeyboardInterrupt):
+        serve_http(settings, args.transport)
     return EXIT_OK
 
 
@@ -252,8 +260,19 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument("--transport", choices=["stdio", "sse", "http"], default="stdio")
     serve.add_argument("--host", default="127.0.0.1", help="bind address for sse/http (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8765, help="port for sse/http (default 8765)")
-    serve.add_argument("--token", help="bearer token clients must send (or --token-file, or $CLAUDECLUSTER_TOKEN)")
-    serve.add_argument("--token-file", type=Path, help="file holding the bearer token")
+    auth = serve.add_mutually_exclusive_group()
+    auth.add_argument(
+        "--token-file",
+        type=Path,
+        help="file holding the bearer token sse/http clients must send (or $CLAUDECLUSTER_TOKEN)",
+    )
+    auth.add_argument("--token", help="the bearer token itself (visible in ps: prefer --token-file)")
+    auth.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="serve sse/http without a token, on a loopback address only "
+        "(default: a token generated on first start into the state directory)",
+    )
     serve.add_argument(
         "--root", type=Path, action="append", help="allow repositories below this path (repeatable; default: cwd)"
     )

@@ -38,7 +38,7 @@ from .models import PlanState
 from .registry import Registry
 from .settings import EngineSettings
 from .store import Store, state_db_path
-from .workspace import repo_root
+from .workspace import git, repo_root
 
 __all__ = ["Hub", "HubRef"]
 
@@ -46,6 +46,14 @@ logger = logging.getLogger(__name__)
 
 #: EngineSettings fields a repository's ``claudecluster.toml`` (or the environment) may set.
 CONFIGURABLE = frozenset(ClusterConfig.model_fields) - {"claude_bin"}
+
+
+def _owner(git_dir: Path) -> Path:
+    """The directory whose ``.git`` holds ``git_dir`` (``/r/.git/worktrees/x`` → ``/r``)."""
+    for path in (git_dir, *git_dir.parents):
+        if path.name == ".git":
+            return path.parent
+    return git_dir
 
 
 class _Hosted:
@@ -165,19 +173,46 @@ class Hub:
     def _inside_roots(self, path: Path) -> bool:
         return any(path == root or root in path.parents for root in self.roots)
 
+    def _roots_text(self) -> str:
+        return ", ".join(str(r) for r in self.roots)
+
     async def _root(self, repo: str | None) -> Path:
         path = Path(repo).expanduser() if repo else self.roots[0]
         if not path.is_absolute():
             path = self.roots[0] / path
         path = path.resolve()
         if not self._inside_roots(path):
-            roots = ", ".join(str(r) for r in self.roots)
             raise RepositoryError(
-                f"{path} is outside the allowed roots ({roots}); start the server with --root {path} to allow it"
+                f"{path} is outside the allowed roots ({self._roots_text()}); "
+                f"start the server with --root {path} to allow it"
             )
-        if path in self._hosted:  # a repository root already open: no git needed
+        if path in self._hosted:  # a repository root already open (and checked): no git needed
             return path
-        return await repo_root(path)
+        root = await repo_root(path)
+        await self._confine(path, root)
+        return root
+
+    async def _confine(self, asked: Path, root: Path) -> None:
+        """Defense in depth: what the engine opens, writes and merges is the repository's
+        toplevel and its git directories, not the path asked for. A path inside a root may
+        belong to a repository above every root, and a ``.git`` file (or link) inside a root
+        may point to another repository's git directory: both would let a caller reach
+        outside the roots. Each is checked resolved (symlinks too)."""
+        if not self._inside_roots(root):
+            raise RepositoryError(
+                f"{asked} belongs to the git repository {root}, which lies above the allowed roots "
+                f"({self._roots_text()}); the server would open and merge {root} itself. "
+                f"Start the server with --root {root} to allow it"
+            )
+        dirs = await git(root, "rev-parse", "--path-format=absolute", "--git-dir", "--git-common-dir")
+        for raw in dict.fromkeys(dirs.stdout.splitlines()):
+            git_dir = Path(raw).resolve()
+            if not self._inside_roots(git_dir):
+                raise RepositoryError(
+                    f"the repository {root} keeps its git data in {git_dir} (its .git points there), "
+                    f"outside the allowed roots ({self._roots_text()}). Start the server with "
+                    f"--root {_owner(git_dir)} to allow it"
+                )
 
     @asynccontextmanager
     async def cluster(self, repo: str | None) -> AsyncIterator[Cluster]:

@@ -26,9 +26,11 @@ from .transports import (
     Metrics,
     auth_options,
     check_exposure,
+    default_token,
     http_app,
     run_stdio,
     run_uvicorn,
+    token_banner,
     token_from,
     transport_security,
 )
@@ -44,6 +46,7 @@ __all__ = [
     "TaskView",
     "build_http_app",
     "build_server",
+    "prepare_http",
     "serve_http",
     "serve_stdio",
     "token_from",
@@ -60,6 +63,9 @@ INSTRUCTIONS = (
 class ServerSettings(BaseModel):
     """How the server runs: where repositories may be, how agents run, how HTTP is secured.
 
+    HTTP needs ``token`` (the CLI generates one on first start when none is given) unless
+    ``no_auth`` is set, which only a loopback ``host`` allows.
+
     Fields of ``engine`` that are set explicitly are the server's flags: they override each
     repository's ``CLAUDECLUSTER_*`` environment and ``claudecluster.toml``; every other
     configurable setting comes from the repository's configuration."""
@@ -69,7 +75,11 @@ class ServerSettings(BaseModel):
     claude_bin: str | None = Field(default=None, description="the agents' `claude` (default: per repository)")
     host: str = "127.0.0.1"
     port: int = 8765
-    token: str | None = None
+    token: str | None = Field(default=None, description="the bearer token HTTP clients must send")
+    no_auth: bool = Field(default=False, description="serve HTTP without a token (loopback addresses only)")
+    max_request_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="larger HTTP request bodies are refused with 413"
+    )
     allowed_hosts: list[str] = Field(default_factory=list, description="extra Host header values to accept")
     allowed_origins: list[str] = Field(default_factory=list, description="extra Origin header values to accept")
 
@@ -107,7 +117,7 @@ async def serve_stdio(settings: ServerSettings, *, claude: ClaudeBinary | None =
 def build_http_app(settings: ServerSettings, *, claude: ClaudeBinary | None = None) -> Starlette:
     """One Starlette app: Streamable HTTP at /mcp, legacy SSE at /sse + /messages/, /health and
     /metrics. The hub is created in the app's lifespan and shared by every session."""
-    check_exposure(settings.host, settings.token)
+    check_exposure(settings.host, settings.token, settings.no_auth)
     mcp, ref, metrics = build_server(token=settings.token, public_url=f"http://{settings.host}:{settings.port}")
     return http_app(
         mcp,
@@ -117,7 +127,24 @@ def build_http_app(settings: ServerSettings, *, claude: ClaudeBinary | None = No
         security=transport_security(settings.host, settings.allowed_hosts, settings.allowed_origins),
         token=settings.token,
         metrics=metrics,
+        max_request_bytes=settings.max_request_bytes,
     )
+
+
+def prepare_http(settings: ServerSettings, transport: Literal["sse", "http"]) -> str:
+    """Secure ``settings`` for HTTP before serving: HTTP is never open by default, so without
+    a token (and without ``no_auth``, refused off loopback) the server's own token is used,
+    generated on first start. Returns what to tell the user on stderr (how to connect; the
+    token itself only right after generating it)."""
+    url = f"http://{settings.host}:{settings.port}/{'sse' if transport == 'sse' else 'mcp'}"
+    if settings.no_auth:
+        check_exposure(settings.host, settings.token, no_auth=True)
+        return f"claudecluster: serving {url} WITHOUT authentication (--no-auth; loopback only)"
+    if settings.token:
+        return f'claudecluster: clients must send the bearer token: -H "Authorization: Bearer <token>" ({url})'
+    default = default_token(settings.engine.state_dir)
+    settings.token = default.token
+    return token_banner(default, url)
 
 
 def serve_http(

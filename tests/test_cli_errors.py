@@ -74,7 +74,7 @@ ERROR_PATHS: list[tuple[list[str], Callable[[Path, dict[str, str]], dict[str, st
     (["demo"], no_claude, "The Claude Code CLI (`claude`) was not found"),
     (["bench", "--only", "runner"], bench_outside_a_checkout, "run `claudecluster bench` from a source checkout"),
     (["model-server", "--scenario", "{tmp}/bad.yaml"], None, "bad.yaml is invalid: rules.0.turns"),
-    (["serve", "--transport", "http", "--host", "0.0.0.0"], None, "refusing to listen on 0.0.0.0 without a bearer"),
+    (["serve", "--transport", "http", "--host", "0.0.0.0", "--no-auth"], None, "--no-auth is allowed only on a loop"),
     (["serve", "--token-file", "{tmp}/missing-token"], None, "cannot read the token file"),
 ]
 

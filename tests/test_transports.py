@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +21,12 @@ from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 
+from claudecluster_mcp import __version__
+from claudecluster_mcp.errors import ConfigError
+from claudecluster_mcp.transports import default_token
+
 ROOT = Path(__file__).parent.parent
 INSPECTOR = ROOT / "node_modules" / ".bin" / "mcp-inspector"
-TOKEN = "test-token-0123456789"
 SERVE = [sys.executable, "-m", "claudecluster_mcp.cli", "serve"]
 
 MakeRepo = Callable[[Path], Path]
@@ -36,18 +40,26 @@ def server_env(tmp_path: Path) -> dict[str, str]:
 @dataclass
 class HttpServer:
     url: str
-    repo: Path
     process: subprocess.Popen[bytes]
+    log: Path  # its stderr
+    token: str = ""
+
+    @property
+    def stderr(self) -> str:
+        return self.log.read_text()
 
 
-@pytest.fixture
-def http_server(tmp_path: Path, repo: Path, free_port: FreePort) -> Iterator[HttpServer]:
-    port = free_port()
-    process = subprocess.Popen(
-        [*SERVE, "--transport", "http", "--port", str(port), "--token", TOKEN, "--root", str(tmp_path)],
-        env=server_env(tmp_path),
-        stdin=subprocess.DEVNULL,
-    )
+@contextmanager
+def serving(tmp_path: Path, port: int, *flags: str, env: dict[str, str] | None = None) -> Iterator[HttpServer]:
+    """`claudecluster serve --transport http` over tmp_path, until the block ends."""
+    log = tmp_path / f"serve-{port}-{time.monotonic_ns()}.log"
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(
+            [*SERVE, "--transport", "http", "--port", str(port), "--root", str(tmp_path), *flags],
+            env=env or server_env(tmp_path),
+            stdin=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -57,16 +69,28 @@ def http_server(tmp_path: Path, repo: Path, free_port: FreePort) -> Iterator[Htt
                     break
             except httpx.TransportError:
                 pass
-            assert process.poll() is None, "the server exited"
+            assert process.poll() is None, f"the server exited: {log.read_text()}"
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.1)
-        yield HttpServer(url, repo, process)
+        yield HttpServer(url, process, log)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=20)
 
 
-def with_token(token: str = TOKEN) -> httpx2.AsyncClient:
+@pytest.fixture
+def http_server(tmp_path: Path, repo: Path, free_port: FreePort) -> Iterator[HttpServer]:
+    """A server started as a user would, with no token given: it makes its own."""
+    with serving(tmp_path, free_port()) as server:
+        server.token = server_token(tmp_path)
+        yield server
+
+
+def server_token(tmp_path: Path) -> str:
+    return (tmp_path / "state" / "claudecluster" / "server-token").read_text().strip()
+
+
+def with_token(token: str) -> httpx2.AsyncClient:
     return httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30)
 
 
@@ -131,11 +155,12 @@ def test_serve_rejects_bad_settings_before_serving(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_streamable_http_and_sse_clients_share_one_engine(http_server: HttpServer) -> None:
-    async with with_token() as http, Client(streamable_http_client(http_server.url + "/mcp", http_client=http)) as a:
-        planned = await a.call_tool("plan", plan_args(http_server.repo))
+async def test_streamable_http_and_sse_clients_share_one_engine(http_server: HttpServer, repo: Path) -> None:
+    mcp_url = http_server.url + "/mcp"
+    async with with_token(http_server.token) as http, Client(streamable_http_client(mcp_url, http_client=http)) as a:
+        planned = await a.call_tool("plan", plan_args(repo))
         plan_id = planned.structured_content["plan_id"]
-        sse = sse_client(http_server.url + "/sse", headers={"Authorization": f"Bearer {TOKEN}"})
+        sse = sse_client(http_server.url + "/sse", headers={"Authorization": f"Bearer {http_server.token}"})
         async with Client(sse) as b:
             seen_by_b = await b.call_tool("status", {"plan_id": plan_id})
             listed_by_b = await b.call_tool("status", {})
@@ -160,9 +185,8 @@ def test_http_requires_the_bearer_token(http_server: HttpServer) -> None:
         http_server.url + "/mcp", json=init, headers={**headers, "Authorization": "Bearer nope"}, timeout=10
     )
     sse = httpx.get(http_server.url + "/sse", timeout=10)
-    good = httpx.post(
-        http_server.url + "/mcp", json=init, headers={**headers, "Authorization": f"Bearer {TOKEN}"}, timeout=10
-    )
+    auth = {"Authorization": f"Bearer {http_server.token}"}
+    good = httpx.post(http_server.url + "/mcp", json=init, headers={**headers, **auth}, timeout=10)
 
     assert no_token.status_code == wrong.status_code == sse.status_code == 401
     assert good.status_code == 200
@@ -172,7 +196,7 @@ def test_http_rejects_foreign_origin_and_host(http_server: HttpServer) -> None:
     headers = {
         "Accept": "application/json, text/event-stream",
         "Content-Type": "application/json",
-        "Authorization": f"Bearer {TOKEN}",
+        "Authorization": f"Bearer {http_server.token}",
     }
     init = {
         "jsonrpc": "2.0",
@@ -190,13 +214,16 @@ def test_http_rejects_foreign_origin_and_host(http_server: HttpServer) -> None:
     assert evil_host.status_code == 421
 
 
-def test_health_and_metrics(http_server: HttpServer) -> None:
-    health = httpx.get(http_server.url + "/health", timeout=10)
-    anonymous = httpx.get(http_server.url + "/metrics", timeout=10)
-    metrics = httpx.get(http_server.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+def test_health_and_metrics_tell_details_only_with_the_token(http_server: HttpServer) -> None:
+    auth = {"Authorization": f"Bearer {http_server.token}"}
+    with httpx.Client(base_url=http_server.url, timeout=10) as http:
+        anonymous_health = http.get("/health").json()
+        wrong_health = http.get("/health", headers={"Authorization": "Bearer nope"}).json()
+        anonymous_metrics = http.get("/metrics")
+        metrics = http.get("/metrics", headers=auth)
 
-    assert health.json()["status"] == "ok"
-    assert anonymous.status_code == 401
+    assert anonymous_health == wrong_health == {"status": "ok", "version": __version__}
+    assert anonymous_metrics.status_code == 401
     assert metrics.status_code == 200
     for name in (
         "claudecluster_tasks",
@@ -208,9 +235,50 @@ def test_health_and_metrics(http_server: HttpServer) -> None:
         assert name in metrics.text
 
 
-def test_refuses_a_public_address_without_a_token(tmp_path: Path, free_port: FreePort) -> None:
+@pytest.mark.anyio
+async def test_health_with_the_token_lists_the_open_repositories(http_server: HttpServer, repo: Path) -> None:
+    async with with_token(http_server.token) as http:
+        async with Client(streamable_http_client(http_server.url + "/mcp", http_client=http)) as client:
+            assert not (await client.call_tool("plan", plan_args(repo))).is_error
+        anonymous = (await http.get(http_server.url + "/health", headers={"Authorization": ""})).json()
+        detailed = (await http.get(http_server.url + "/health")).json()
+
+    assert str(repo) not in json.dumps(anonymous) and set(anonymous) == {"status", "version"}
+    assert detailed["repositories"] == [str(repo)] and detailed["agents_running"] == 0
+
+
+def test_a_generated_token_is_private_shown_once_and_reused(
+    http_server: HttpServer, tmp_path: Path, free_port: FreePort
+) -> None:
+    token_file = tmp_path / "state" / "claudecluster" / "server-token"
+    first_banner = http_server.stderr
+    http_server.process.send_signal(signal.SIGTERM)
+    http_server.process.wait(timeout=20)
+
+    with serving(tmp_path, free_port()) as again:
+        second_banner = again.stderr
+        with_it = httpx.get(again.url + "/metrics", headers={"Authorization": f"Bearer {http_server.token}"})
+
+    assert len(http_server.token) >= 40 and oct(token_file.stat().st_mode & 0o777) == "0o600"
+    assert http_server.token in first_banner and str(token_file) in first_banner
+    assert f"Authorization: Bearer $(cat {token_file})" in first_banner
+    assert http_server.token not in second_banner and str(token_file) in second_banner
+    assert with_it.status_code == 200 and server_token(tmp_path) == http_server.token
+
+
+def test_a_token_on_the_command_line_works_but_warns(tmp_path: Path, free_port: FreePort) -> None:
+    with serving(tmp_path, free_port(), "--token", "cli-token-0123456789") as server:
+        accepted = httpx.get(server.url + "/metrics", headers={"Authorization": "Bearer cli-token-0123456789"})
+        warning = server.stderr
+
+    assert accepted.status_code == 200
+    assert "visible to every user of this machine (ps)" in warning and "--token-file" in warning
+    assert not (tmp_path / "state" / "claudecluster" / "server-token").exists()
+
+
+def test_no_auth_is_refused_off_loopback(tmp_path: Path, free_port: FreePort) -> None:
     done = subprocess.run(
-        [*SERVE, "--transport", "http", "--host", "0.0.0.0", "--port", str(free_port())],
+        [*SERVE, "--transport", "http", "--host", "0.0.0.0", "--no-auth", "--port", str(free_port())],
         env=server_env(tmp_path),
         capture_output=True,
         text=True,
@@ -218,8 +286,44 @@ def test_refuses_a_public_address_without_a_token(tmp_path: Path, free_port: Fre
         stdin=subprocess.DEVNULL,
     )
 
-    assert done.returncode == 2
-    assert "without a bearer token" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--no-auth is allowed only on a loopback address (127.0.0.1, localhost, ::1), not 0.0.0.0" in done.stderr
+
+
+@pytest.mark.anyio
+async def test_no_auth_on_loopback_needs_no_token(tmp_path: Path, repo: Path, free_port: FreePort) -> None:
+    with serving(tmp_path, free_port(), "--no-auth") as server:
+        async with Client(server.url + "/mcp") as client:  # no token at all
+            planned = await client.call_tool("plan", plan_args(repo))
+        async with httpx2.AsyncClient() as http:
+            health = (await http.get(server.url + "/health")).json()
+
+    assert not planned.is_error and health["repositories"] == [str(repo)]
+    assert "WITHOUT authentication" in server.stderr
+    assert not (tmp_path / "state" / "claudecluster" / "server-token").exists()
+
+
+def test_oversized_requests_get_413_before_auth(http_server: HttpServer) -> None:
+    headers = {
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+        "Authorization": f"Bearer {http_server.token}",
+    }
+    big = b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"pad": "' + b"x" * (5 << 20) + b'"}}'
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer encoding
+        for start in range(0, len(big), 1 << 16):
+            yield big[start : start + (1 << 16)]
+
+    with httpx.Client(base_url=http_server.url, timeout=30) as http:
+        declared = http.post("/mcp", content=big, headers=headers)
+        chunked = http.post("/mcp", content=chunks(), headers=headers)
+        anonymous = http.post("/messages/?session_id=x", content=big, headers={"Content-Type": "application/json"})
+        small = http.post("/mcp", content=b"{not json", headers=headers)
+
+    assert declared.status_code == chunked.status_code == anonymous.status_code == 413
+    assert "larger than 4194304 bytes" in declared.json()["error_description"]
+    assert small.status_code == 400  # a small body still reaches the MCP transport
 
 
 def inspector(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -247,10 +351,10 @@ def test_inspector_cli_over_stdio(tmp_path: Path) -> None:
     assert json.loads(called.stdout)["result"]["isError"] is False
 
 
-def test_inspector_cli_over_http_and_sse_with_a_token(http_server: HttpServer, tmp_path: Path) -> None:
+def test_inspector_cli_over_http_and_sse_with_a_token(http_server: HttpServer, tmp_path: Path, repo: Path) -> None:
     env = {**os.environ, "HOME": str(tmp_path)}
-    auth = ["--header", f"Authorization: Bearer {TOKEN}"]
-    args = json.dumps(plan_args(http_server.repo))
+    auth = ["--header", f"Authorization: Bearer {http_server.token}"]
+    args = json.dumps(plan_args(repo))
 
     planned = inspector(
         http_server.url + "/mcp",
@@ -281,3 +385,12 @@ def test_inspector_cli_over_http_and_sse_with_a_token(http_server: HttpServer, t
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["result"]["structuredContent"]["counts"] == {"pending": 1}
     assert denied.returncode != 0
+
+
+def test_a_server_token_readable_by_others_is_refused(tmp_path: Path) -> None:
+    token_file = tmp_path / "server-token"
+    token_file.write_text("leaked-token\n")
+    token_file.chmod(0o644)
+
+    with pytest.raises(ConfigError, match=f"readable by other users \\(mode 0644\\): run `chmod 600 {token_file}`"):
+        default_token(tmp_path)
