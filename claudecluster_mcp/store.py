@@ -128,18 +128,18 @@ class Store:
 
     async def create_plan(self, plan: Plan, tasks: Sequence[Task]) -> None:
         """Store a plan and its tasks atomically."""
+        # Encoding thousands of tasks takes a while: off the event loop.
+        columns, values = await anyio.to_thread.run_sync(_task_rows, tasks)
         async with self.transaction() as db:
             row = plan.model_dump()
             await db.execute(
                 f"INSERT INTO plans ({', '.join(map(quote, row))}) VALUES ({', '.join('?' * len(row))})",
                 [encode(k, v) for k, v in row.items()],
             )
-            rows = [{**task.model_dump(), "seq": seq} for seq, task in enumerate(tasks)]
-            if rows:
-                columns = list(rows[0])
+            if values:
                 await db.executemany(
                     f"INSERT INTO tasks ({', '.join(map(quote, columns))}) VALUES ({', '.join('?' * len(columns))})",
-                    [[encode(k, row[k]) for k in columns] for row in rows],
+                    values,
                 )
 
     async def _insert_task(self, db: aiosqlite.Connection, task: Task, seq: int) -> None:
@@ -386,6 +386,13 @@ class Store:
 def _brief(fields: Mapping[str, Any]) -> dict[str, Any]:
     keep = ("attempts", "reason", "commit", "merge_commit", "turns", "cost_usd")
     return {k: encode(k, v) for k, v in fields.items() if k in keep and v not in (None, "")}
+
+
+def _task_rows(tasks: Sequence[Task]) -> tuple[list[str], list[list[Any]]]:
+    """(columns, encoded values) of ``tasks`` in order, ``seq`` numbering them."""
+    rows = [{**task.model_dump(), "seq": seq} for seq, task in enumerate(tasks)]
+    columns = list(rows[0]) if rows else []
+    return columns, [[encode(k, row[k]) for k in columns] for row in rows]
 
 
 # Task columns holding what agents and tools said (as opposed to what the user asked).
