@@ -387,5 +387,5 @@ def checked_plan(specs: list[TaskSpec], *, serialize: bool) -> tuple[list[TaskSp
         )
     if serialize and found.pairs:
         specs = serialize_overlaps(specs, [(a, b, "") for a, b in found.pairs])
-        warnings = [w + " (serialized by added dependencies)" for w in warnings]
+        warnings = [w + " (serialized by an added dependency)" for w in warnings]
     return specs, warnings
