@@ -48,7 +48,7 @@ from .events import (
 )
 from .outcome import AgentOutcome, OutcomeStatus, RunState, decide_outcome, ended_on_api_error
 from .proctree import ProcessTree, become_subreaper
-from .redact import private_dir, redactor
+from .redact import redactor
 
 __all__ = ["AgentRun", "run_agent"]
 
@@ -246,11 +246,10 @@ class AgentRun:
     async def _pump(self, proc: Any, log: BinaryIO) -> None:
         """Read the pty until the CLI has exited and its output is drained. The transcript
         gets the bytes with secrets redacted (a secret split across reads included), in a
-        0600 file in a 0700 directory."""
+        0600 file (its directory is the caller's: the engine makes its own 0700)."""
         fd = proc.fd
         os.set_blocking(fd, False)
         parser = StreamParser()
-        private_dir(self.log_path.parent)
         os.fchmod(log.fileno(), 0o600)
         transcript = redactor(self.spec.env).stream()
         exited_at: float | None = None

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from .models import Plan, Task, TaskKind
 from .outcome import AgentOutcome
+from .redact import redact
 
 __all__ = [
     "GATE_FAILED_PREFIX",
@@ -63,9 +64,10 @@ def resolve_prompt(task: Task, files: Sequence[str], merged: Sequence[Task]) -> 
 
 
 def commit_message(plan: Plan, task: Task, outcome: AgentOutcome) -> str:
-    """The message of the commit holding a task's work: its title and the agent's summary."""
+    """The message of the commit holding a task's work: its title and the agent's summary
+    (secrets redacted: it goes into the repository's history)."""
     title = task.title or task.id
-    summary = (outcome.final_text or "").strip()[:1000]
+    summary = redact((outcome.final_text or "").strip())[:1000]
     return f"{title}\n\n{summary}\n\nclaudecluster plan {plan.id}, task {task.id}".replace("\n\n\n", "\n\n")
 
 

@@ -179,7 +179,7 @@ class Store:
 
     async def update_plan(self, plan_id: str, **fields: Any) -> None:
         """Set plan columns (``state``, ``final_merge``, …)."""
-        fields["updated_at"] = now()
+        fields = {**_redacted(fields), "updated_at": now()}
         sets = ", ".join(f"{quote(k)} = ?" for k in fields)
         async with self.transaction() as db:
             cursor = await db.execute(

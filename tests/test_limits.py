@@ -235,9 +235,11 @@ async def test_planning_the_largest_plan_with_files_does_not_stall_the_event_loo
     ):
         tg.start_soon(ticker)
         started = time.perf_counter()
-        status = await cluster.plan("big", big_plan(MAX_TASKS_PER_PLAN))
-        elapsed = time.perf_counter() - started
-        planned.set()
+        try:
+            status = await cluster.plan("big", big_plan(MAX_TASKS_PER_PLAN))
+        finally:
+            elapsed = time.perf_counter() - started
+            planned.set()
     assert len(status.tasks) == MAX_TASKS_PER_PLAN
     pairs = MAX_TASKS_PER_PLAN * (MAX_TASKS_PER_PLAN - 1) // 2 - MAX_TASKS_PER_PLAN // 10 * 45
     assert status.plan.warnings[-1] == f"… and {pairs - 50} more pairs of tasks with overlapping files"

@@ -23,7 +23,7 @@ from claudecluster_mcp.model_server import ScriptedModelServer
 from claudecluster_mcp.models import TaskSpec, TaskState
 from claudecluster_mcp.redact import Redactor, is_secret_name, redact, redactor, register_secrets
 from claudecluster_mcp.report import diffstats, to_html, to_json, to_markdown
-from claudecluster_mcp.scenario import bash_turn, marker_rule
+from claudecluster_mcp.scenario import bash_turn, marker_rule, write_turn
 from claudecluster_mcp.settings import EngineSettings
 from claudecluster_mcp.store import state_db_path
 
@@ -48,20 +48,17 @@ async def test_a_key_in_an_agents_tool_calls_is_written_nowhere_and_the_state_is
     repo: Path,
     model_server: StartServer,
     engine_settings: Settings,
-    tmp_path: Path,
+    git: Callable[..., str],
 ) -> None:
     key = "fake-anthropic-key-" + secrets.token_hex(12)  # no well-known shape: the env rule must catch it
-    server = model_server(
-        {
-            "rules": [
-                marker_rule(
-                    "A",
-                    {"text": f"I will check the key {key} first", **bash_turn(f"echo {key} | wc -c")},
-                    bash_turn("echo the key is $ANTHROPIC_API_KEY"),
-                )
-            ]
-        }
+    rule = marker_rule(
+        "A",
+        {"text": f"I will check the key {key} first", **bash_turn(f"echo {key} | wc -c")},
+        bash_turn("echo the key is $ANTHROPIC_API_KEY"),
+        write_turn("a.txt", "from A\n"),  # a change, so that a commit is made
     )
+    rule["turns"][-1] = {"text": f"A done: the key {key} works"}  # the summary in the commit message
+    server = model_server({"rules": [rule]})
     base = engine_settings(server)
     settings = base.model_copy(update={"agent_env": {**base.agent_env, "ANTHROPIC_API_KEY": key}})
 
@@ -90,6 +87,9 @@ async def test_a_key_in_an_agents_tool_calls_is_written_nowhere_and_the_state_is
     assert {p.name for p in written} >= {"state.db", "registry.db", "report.json", "report.md", "report.html"}
     leaks = [str(p) for p in written if key.encode() in p.read_bytes()]
     assert leaks == [], f"the key was written to {leaks}"
+    history = git(repo, "log", "--all", "--format=%B")
+    assert "the key [redacted:ANTHROPIC_API_KEY] works" in history
+    assert key not in history
 
     # Private: 0700 directories, 0600 files for the state db, the registry and transcripts.
     state = settings.state_dir
