@@ -240,6 +240,7 @@ def _redact_record(record: logging.LogRecord) -> None:
 
 
 _PACKAGE = __name__.rpartition(".")[0]
+logger = logging.getLogger(__name__)
 
 
 def install_log_redaction() -> None:
@@ -269,17 +270,29 @@ install_log_redaction()
 def private_dir(path: Path) -> Path:
     """Create ``path`` (and missing parents) and make it 0700: only its owner may enter."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_mode & 0o777 != 0o700:
-        path.chmod(0o700)
+    _tighten(path, 0o700)
     return path
 
 
-def private_file(path: Path) -> Path:
-    """Create ``path`` if missing and make it 0600 (before anything secret is written)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+def private_file(path: Path, *, create: bool = True) -> Path:
+    """Create ``path`` if missing (and ``create``) as an empty 0600 file, or make an existing
+    one 0600. Not a regular file, or not ours to change: left as is, for whoever opens it to
+    report."""
     try:
-        if os.fstat(fd).st_mode & 0o777 != 0o600:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
+        if not create:
+            raise FileExistsError(path)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        if path.is_file():
+            _tighten(path, 0o600)
     return path
+
+
+def _tighten(path: Path, mode: int) -> None:
+    try:
+        if path.stat().st_mode & 0o777 != mode:
+            path.chmod(mode)
+    except FileNotFoundError:
+        pass
+    except PermissionError as exc:  # immutable, or someone else's: not fatal, but said
+        logger.warning("cannot make %s private (mode %o): %s", path, mode, exc)

@@ -410,5 +410,4 @@ def _make_private(path: Path) -> None:
     private_dir(path.parent)
     private_file(path)
     for sibling in path.parent.iterdir():
-        if sibling.is_file() and sibling.stat().st_mode & 0o077:
-            sibling.chmod(0o600)
+        private_file(sibling, create=False)
