@@ -48,6 +48,7 @@ from .events import (
 )
 from .outcome import AgentOutcome, OutcomeStatus, RunState, decide_outcome, ended_on_api_error
 from .proctree import ProcessTree, become_subreaper
+from .redact import redactor
 
 __all__ = ["AgentRun", "run_agent"]
 
@@ -243,37 +244,45 @@ class AgentRun:
         )
 
     async def _pump(self, proc: Any, log: BinaryIO) -> None:
-        """Read the pty until the CLI has exited and its output is drained."""
+        """Read the pty until the CLI has exited and its output is drained. The transcript
+        gets the bytes with secrets redacted (a secret split across reads included), in a
+        0600 file (its directory is the caller's: the engine makes its own 0700)."""
         fd = proc.fd
         os.set_blocking(fd, False)
         parser = StreamParser()
+        os.fchmod(log.fileno(), 0o600)
+        transcript = redactor(self.spec.env).stream()
         exited_at: float | None = None
-        while True:
-            data = b""
-            with anyio.move_on_after(0.25):
-                await anyio.wait_readable(fd)
-            try:
-                data = os.read(fd, 65536)
-                eof = not data
-            except BlockingIOError:
-                eof = False
-            except OSError as exc:  # EIO: every holder of the pty's other end has closed it
-                if exc.errno not in (errno.EIO, errno.EBADF):
-                    raise
-                eof = True
-            if data:
-                log.write(data)
-                for event in parser.feed(data):
-                    self._handle(event)
-                continue
-            if eof:
-                break
-            if exited_at is None:
-                if not proc.isalive():
-                    exited_at = time.monotonic()
-            elif time.monotonic() - exited_at > 0.5:
-                # The CLI is gone but an escaped process still holds the pty: stop reading.
-                break
+        try:
+            while True:
+                data = b""
+                with anyio.move_on_after(0.25):
+                    await anyio.wait_readable(fd)
+                try:
+                    data = os.read(fd, 65536)
+                    eof = not data
+                except BlockingIOError:
+                    eof = False
+                except OSError as exc:  # EIO: every holder of the pty's other end has closed it
+                    if exc.errno not in (errno.EIO, errno.EBADF):
+                        raise
+                    eof = True
+                if data:
+                    log.write(transcript.feed(data))
+                    for event in parser.feed(data):
+                        self._handle(event)
+                    continue
+                if eof:
+                    break
+                if exited_at is None:
+                    if not proc.isalive():
+                        exited_at = time.monotonic()
+                elif time.monotonic() - exited_at > 0.5:
+                    # The CLI is gone but an escaped process still holds the pty: stop reading.
+                    break
+        finally:
+            # What was held back (a possible secret head) is written, redacted, even on cancel.
+            log.write(transcript.close())
         log.flush()
         for event in parser.close():
             self._handle(event)

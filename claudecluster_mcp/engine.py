@@ -32,13 +32,26 @@ from typing import Any
 import anyio
 
 from .claude_cli import ClaudeBinary, find_claude
-from .errors import ConfigError, NotFoundError, StateError
-from .graph import TaskGraph, file_overlap_warnings, parse_tasks, serialize_overlaps, validate_tasks
+from .errors import ConfigError, NotFoundError, PlanValidationError, StateError
+from .graph import TaskGraph, checked_plan, parse_tasks
 from .merge_queue import FinalMerge, MergeQueue
-from .models import ACTIVE_STATES, FINAL_STATES, MergePolicy, Plan, PlanState, PlanStatus, Task, TaskSpec, TaskState
+from .models import (
+    ACTIVE_STATES,
+    FINAL_STATES,
+    MAX_ARG_STRLEN,
+    MAX_GOAL_BYTES,
+    MergePolicy,
+    Plan,
+    PlanState,
+    PlanStatus,
+    Task,
+    TaskSpec,
+    TaskState,
+)
 from .placement import AgentPlacement, LocalPlacement
 from .planner import plan_with_claude
 from .preflight import check_model
+from .prompts import task_prompt
 from .recovery import EngineLease, recover
 from .registry import Registry
 from .retry import RateLimitPause
@@ -149,13 +162,16 @@ class Cluster:
         planning run splits the goal into tasks."""
         if not goal.strip():
             raise ConfigError("the goal is empty")
-        specs = await self._planned(goal) if tasks is None else parse_tasks(tasks)
-        validate_tasks(specs)
-        overlaps = file_overlap_warnings(specs)
-        warnings = [message for _, _, message in overlaps]
-        if self.settings.serialize_overlaps and overlaps:
-            specs = serialize_overlaps(specs, overlaps)
-            warnings = [w + " (serialized by an added dependency)" for w in warnings]
+        if len(goal.encode("utf-8", "surrogatepass")) > MAX_GOAL_BYTES:
+            raise ConfigError(
+                f"the goal is {len(goal.encode('utf-8', 'surrogatepass')) / 1024:.1f} KiB; the limit is "
+                f"{MAX_GOAL_BYTES // 1024} KiB (MAX_GOAL_BYTES): put the details in the tasks' prompts"
+            )
+        # Validation is CPU-bound on big plans: off the event loop, so other sessions go on.
+        specs = await self._planned(goal) if tasks is None else await anyio.to_thread.run_sync(parse_tasks, tasks)
+        specs, warnings = await anyio.to_thread.run_sync(
+            lambda: checked_plan(specs, serialize=self.settings.serialize_overlaps)
+        )
         branch_now = await current_branch(self.repo)
         base_ref = base_ref or branch_now or "HEAD"
         base_commit = await rev_parse(self.repo, base_ref)
@@ -180,17 +196,14 @@ class Cluster:
             created_at=stamp,
             updated_at=stamp,
         )
-        by_id = {s.id: s for s in specs}
-        stored = [
-            Task(**by_id[tid].model_dump(), plan_id=plan_id, created_at=stamp, updated_at=stamp)
-            for tid in TaskGraph(specs).topological_order()
-        ]
+        stored = await anyio.to_thread.run_sync(_stored_tasks, plan, specs)
         ref = f"refs/heads/{plan.integration_branch}"
         if not await update_ref(self.repo, ref, base_commit, None, "claudecluster: plan"):
             raise StateError(f"branch {plan.integration_branch} already exists")
         await self.store.create_plan(plan, stored)
         await anyio.to_thread.run_sync(self.registry.register, plan_id, self.repo)
-        return await self.status(plan_id)
+        # What status() would read back, without re-reading thousands of rows on the loop.
+        return PlanStatus(plan=plan, tasks=stored, counts={TaskState.PENDING.value: len(stored)})
 
     async def _check_model(self) -> None:
         """Say once, before the first agent starts, if the model cannot be used (not logged in,
@@ -376,6 +389,30 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     for exc in group.exceptions:
         found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
     return found
+
+
+# What one agent prompt, as the engine builds it, may take of the OS's single-argument limit:
+# the rest is room for a failed gate's output added on a retry (at most ~6 KiB).
+_PROMPT_BUDGET = MAX_ARG_STRLEN - 16 * 1024
+
+
+def _stored_tasks(plan: Plan, specs: list[TaskSpec]) -> list[Task]:
+    """The plan's tasks in topological order, each checked to fit the agent's command line
+    with the text the engine adds around its prompt."""
+    by_id = {s.id: s for s in specs}
+    stamp = plan.created_at
+    stored = [
+        Task(**by_id[tid].model_dump(), plan_id=plan.id, created_at=stamp, updated_at=stamp)
+        for tid in TaskGraph(specs).topological_order()
+    ]
+    for task in stored:
+        size = len(task_prompt(plan, task).encode("utf-8", "surrogatepass"))
+        if size > _PROMPT_BUDGET:
+            raise PlanValidationError(
+                f"invalid plan: task {task.id!r}'s prompt with the goal is {size / 1024:.1f} KiB; the limit is "
+                f"{_PROMPT_BUDGET // 1024} KiB (MAX_ARG_STRLEN {MAX_ARG_STRLEN // 1024} KiB minus room for gate output)"
+            )
+    return stored
 
 
 def _check_workers(count: int) -> int:

@@ -18,7 +18,8 @@ from .agent_spec import AgentSpec
 from .claude_cli import ClaudeBinary
 from .errors import PlanValidationError
 from .graph import parse_tasks, validate_tasks
-from .models import TaskSpec
+from .models import TASK_ID_PATTERN, TaskSpec
+from .prompts import clip
 
 __all__ = ["PLANNER_MARKER", "PLAN_SCHEMA", "plan_with_claude"]
 
@@ -33,7 +34,7 @@ PLAN_SCHEMA: dict[str, Any] = {
             "items": {
                 "type": "object",
                 "properties": {
-                    "id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+                    "id": {"type": "string", "pattern": f"^{TASK_ID_PATTERN}$"},
                     "title": {"type": "string"},
                     "prompt": {"type": "string"},
                     "deps": {"type": "array", "items": {"type": "string"}},
@@ -123,6 +124,6 @@ async def plan_with_claude(
             last_error = str(exc)
         prompt = (
             _INSTRUCTIONS.format(marker=PLANNER_MARKER, goal=goal)
-            + f"\n\nYour previous plan was rejected: {last_error}\nFix these problems and answer again."
+            + f"\n\nYour previous plan was rejected: {clip(last_error, 16384)}\nFix these problems and answer again."
         )
     raise PlanValidationError(f"the planning agent's plan was invalid twice; last problem: {last_error}")

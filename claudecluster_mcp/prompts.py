@@ -7,8 +7,17 @@ from collections.abc import Sequence
 
 from .models import Plan, Task, TaskKind
 from .outcome import AgentOutcome
+from .redact import redact
 
-__all__ = ["GATE_FAILED_PREFIX", "RESUME_PROMPT", "commit_message", "merge_message", "resolve_prompt", "task_prompt"]
+__all__ = [
+    "GATE_FAILED_PREFIX",
+    "RESUME_PROMPT",
+    "clip",
+    "commit_message",
+    "merge_message",
+    "resolve_prompt",
+    "task_prompt",
+]
 
 RESUME_PROMPT = "You were interrupted. Continue the task where you left off."
 GATE_FAILED_PREFIX = "gate failed"
@@ -29,14 +38,23 @@ def task_prompt(plan: Plan, task: Task) -> str:
     )
 
 
+def clip(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` UTF-8 bytes (on a character boundary), with "…"."""
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= max_bytes:
+        return text
+    return data[: max_bytes - 3].decode("utf-8", "ignore") + "…"
+
+
 def resolve_prompt(task: Task, files: Sequence[str], merged: Sequence[Task]) -> str:
     """The prompt of the agent resolving ``task``'s conflicts in ``files`` with the work of
-    the ``merged`` tasks already on the integration branch."""
-    others = "\n".join(f"- {t.id} ({t.title or t.id}): {t.prompt}" for t in merged[-5:])
+    the ``merged`` tasks already on the integration branch. Others' prompts and the file list
+    are clipped, so that it stays as far below the OS's argument limit as a task prompt."""
+    others = "\n".join(f"- {t.id} ({clip(t.title or t.id, 200)}): {clip(t.prompt, 1000)}" for t in merged[-5:])
     return (
         f"[claudecluster:resolve] {task.id}\n"
         f"This worktree holds an unfinished git merge of task {task.id!r} into the plan's "
-        f"integration branch. These files have conflicts: {', '.join(files)}.\n\n"
+        f"integration branch. These files have conflicts: {clip(', '.join(files), 4096)}.\n\n"
         f"Task {task.id!r} ({task.title or task.id}) was asked to:\n{task.prompt}\n\n"
         f"The integration branch already holds the work of:\n{others or '- (nothing else)'}\n\n"
         "Edit the conflicted files so that both intents are kept and every conflict marker "
@@ -46,9 +64,10 @@ def resolve_prompt(task: Task, files: Sequence[str], merged: Sequence[Task]) -> 
 
 
 def commit_message(plan: Plan, task: Task, outcome: AgentOutcome) -> str:
-    """The message of the commit holding a task's work: its title and the agent's summary."""
+    """The message of the commit holding a task's work: its title and the agent's summary
+    (secrets redacted: it goes into the repository's history)."""
     title = task.title or task.id
-    summary = (outcome.final_text or "").strip()[:1000]
+    summary = redact((outcome.final_text or "").strip())[:1000]
     return f"{title}\n\n{summary}\n\nclaudecluster plan {plan.id}, task {task.id}".replace("\n\n\n", "\n\n")
 
 

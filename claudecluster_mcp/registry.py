@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 
 from .errors import NotFoundError
+from .redact import private_dir, private_file
 from .sqlite_errors import sqlite_errors
 from .store import now
 
@@ -24,7 +25,8 @@ class Registry:
         self.path = path
 
     def _connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)  # the state dir: worktrees, transcripts, this registry
+        private_file(self.path)
         db = sqlite3.connect(self.path, timeout=10)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(

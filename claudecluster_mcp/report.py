@@ -17,6 +17,7 @@ from rich.table import Table
 
 from .graph import TaskGraph
 from .models import FINAL_STATES, PlanStatus, Task, TaskState
+from .redact import redact, redact_data
 from .workspace import git
 
 __all__ = [
@@ -91,7 +92,7 @@ async def diffstats(repo: Path, tasks: list[Task]) -> dict[str, Diffstat]:
 
 
 def event_line(event: dict[str, Any]) -> str:
-    """One line for an agent event from the store (for logs)."""
+    """One line for an agent event from the store (for logs), secrets redacted."""
     data = event["data"]
     at = event["at"][11:19]
     kind = event["kind"]
@@ -107,11 +108,11 @@ def event_line(event: dict[str, Any]) -> str:
         detail = f"{data.get('subtype')} turns={data.get('num_turns')} cost=${data.get('total_cost_usd', 0):.4f}"
     else:
         detail = _short(data)
-    return f"{at} {kind:<12} {' '.join(str(detail).split())[:400]}"
+    return f"{at} {kind:<12} {' '.join(redact(str(detail)).split())[:400]}"
 
 
 def _short(value: Any) -> str:
-    text = str(value)
+    text = redact(str(value))
     return text if len(text) <= 200 else text[:200] + "…"
 
 
@@ -153,25 +154,30 @@ def _task_dict(task: Task, stat: Diffstat | None) -> dict[str, Any]:
     return data
 
 
+def _redacted(status: PlanStatus) -> PlanStatus:
+    """``status`` with secrets redacted from every string (goal, prompts, reasons, …)."""
+    return PlanStatus.model_validate(redact_data(status.model_dump(mode="json")))
+
+
 def to_json(status: PlanStatus, stats: dict[str, Diffstat] | None = None) -> str:
-    """The whole plan as JSON."""
+    """The whole plan as JSON (secrets redacted)."""
     stats = stats or {}
     plan = status.plan.model_dump(mode="json")
-    return json.dumps(
-        {
-            "plan": plan,
-            "counts": status.counts,
-            "total_cost_usd": round(status.total_cost_usd, 6),
-            "total_tokens": status.total_tokens,
-            "tasks": [_task_dict(t, stats.get(t.id)) for t in status.tasks],
-        },
-        indent=2,
-    )
+    report = {
+        "plan": plan,
+        "counts": status.counts,
+        "total_cost_usd": round(status.total_cost_usd, 6),
+        "total_tokens": status.total_tokens,
+        "tasks": [_task_dict(t, stats.get(t.id)) for t in status.tasks],
+    }
+    return json.dumps(redact_data(report), indent=2)
 
 
 def to_markdown(status: PlanStatus, stats: dict[str, Diffstat] | None = None) -> str:
-    """A Markdown report: summary, a task table, failures, and the merge result."""
+    """A Markdown report: summary, a task table, failures, and the merge result (secrets
+    redacted)."""
     stats = stats or {}
+    status = _redacted(status)
     plan = status.plan
     lines = [
         f"# Plan {plan.id}: {plan.goal}",
@@ -317,8 +323,10 @@ svg text.label{fill:#fff;font-size:12px} svg text.axis{fill:#52606d;font-size:11
 
 
 def to_html(status: PlanStatus, stats: dict[str, Diffstat] | None = None) -> str:
-    """One self-contained HTML page (inline CSS and SVG, no scripts, nothing fetched)."""
+    """One self-contained HTML page (inline CSS and SVG, no scripts, nothing fetched;
+    secrets redacted)."""
     stats = stats or {}
+    status = _redacted(status)
     plan = status.plan
     e = html.escape
     rows = []

@@ -30,6 +30,7 @@ import anyio
 
 from .errors import NotFoundError, StateError, StoreError
 from .models import FINAL_STATES, TRANSITIONS, Plan, PlanState, PlanStatus, Priority, Task, TaskState
+from .redact import private_dir, private_file, redact, redact_data
 from .schema import decode, encode, migrate, quote
 from .sqlite_errors import sqlite_errors, translate_sqlite_errors
 from .workspace import git_common_dir
@@ -88,7 +89,7 @@ class Store:
     async def open(cls, path: Path) -> AsyncIterator[Store]:
         """Open (creating and migrating as needed) the database at ``path``."""
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _make_private(path)
         except OSError as exc:
             raise StoreError(f"cannot open the state database {path}: {exc}") from exc
         with sqlite_errors(_STATE_DB, path):
@@ -127,18 +128,18 @@ class Store:
 
     async def create_plan(self, plan: Plan, tasks: Sequence[Task]) -> None:
         """Store a plan and its tasks atomically."""
+        # Encoding thousands of tasks takes a while: off the event loop.
+        columns, values = await anyio.to_thread.run_sync(_task_rows, tasks)
         async with self.transaction() as db:
             row = plan.model_dump()
             await db.execute(
                 f"INSERT INTO plans ({', '.join(map(quote, row))}) VALUES ({', '.join('?' * len(row))})",
                 [encode(k, v) for k, v in row.items()],
             )
-            rows = [{**task.model_dump(), "seq": seq} for seq, task in enumerate(tasks)]
-            if rows:
-                columns = list(rows[0])
+            if values:
                 await db.executemany(
                     f"INSERT INTO tasks ({', '.join(map(quote, columns))}) VALUES ({', '.join('?' * len(columns))})",
-                    [[encode(k, row[k]) for k in columns] for row in rows],
+                    values,
                 )
 
     async def _insert_task(self, db: aiosqlite.Connection, task: Task, seq: int) -> None:
@@ -178,7 +179,7 @@ class Store:
 
     async def update_plan(self, plan_id: str, **fields: Any) -> None:
         """Set plan columns (``state``, ``final_merge``, …)."""
-        fields["updated_at"] = now()
+        fields = {**_redacted(fields), "updated_at": now()}
         sets = ", ".join(f"{quote(k)} = ?" for k in fields)
         async with self.transaction() as db:
             cursor = await db.execute(
@@ -287,7 +288,7 @@ class Store:
         """Guarded state transition; raises :class:`StateError` if ``to`` is not allowed from
         the task's current state. Extra ``fields`` are written in the same statement."""
         allowed_from = [s.value for s, targets in TRANSITIONS.items() if to in targets]
-        fields = {**fields, "state": to, "updated_at": now()}
+        fields = {**_redacted(fields), "state": to, "updated_at": now()}
         sets = ", ".join(f"{quote(k)} = ?" for k in fields)
         async with self.transaction() as db:
             cursor = await db.execute(
@@ -308,7 +309,7 @@ class Store:
         """Set non-state task columns (progress, pid, worktree, …)."""
         if "state" in fields:
             raise ValueError("use move() to change a task's state")
-        fields["updated_at"] = now()
+        fields = {**_redacted(fields), "updated_at": now()}
         sets = ", ".join(f"{quote(k)} = ?" for k in fields)
         async with self.transaction() as db:
             await db.execute(
@@ -328,7 +329,7 @@ class Store:
     ) -> None:
         await db.execute(
             "INSERT INTO events (plan_id, task_id, at, kind, data) VALUES (?, ?, ?, ?, ?)",
-            [plan_id, task_id, now().isoformat(), kind, json.dumps(data, default=str)],
+            [plan_id, task_id, now().isoformat(), kind, json.dumps(redact_data(data), default=str)],
         )
 
     async def append_event(self, plan_id: str, task_id: str | None, kind: str, data: Mapping[str, Any]) -> None:
@@ -385,3 +386,28 @@ class Store:
 def _brief(fields: Mapping[str, Any]) -> dict[str, Any]:
     keep = ("attempts", "reason", "commit", "merge_commit", "turns", "cost_usd")
     return {k: encode(k, v) for k, v in fields.items() if k in keep and v not in (None, "")}
+
+
+def _task_rows(tasks: Sequence[Task]) -> tuple[list[str], list[list[Any]]]:
+    """(columns, encoded values) of ``tasks`` in order, ``seq`` numbering them."""
+    rows = [{**task.model_dump(), "seq": seq} for seq, task in enumerate(tasks)]
+    columns = list(rows[0]) if rows else []
+    return columns, [[encode(k, row[k]) for k in columns] for row in rows]
+
+
+# Task columns holding what agents and tools said (as opposed to what the user asked).
+_REDACTED_COLUMNS = ("reason", "last_activity")
+
+
+def _redacted(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``fields`` with secrets redacted from the columns that hold agents' output."""
+    return {k: redact(v) if k in _REDACTED_COLUMNS and isinstance(v, str) else v for k, v in fields.items()}
+
+
+def _make_private(path: Path) -> None:
+    """The database's directory 0700 and its files (database, WAL, shared memory, lock) 0600;
+    SQLite gives the WAL and shm files the database file's mode, so it is created first."""
+    private_dir(path.parent)
+    private_file(path)
+    for sibling in path.parent.iterdir():
+        private_file(sibling, create=False)

@@ -23,6 +23,7 @@ from .models import ACTIVE_STATES, Plan, Task, TaskKind, TaskState
 from .outcome import AgentOutcome, OutcomeStatus
 from .placement import AgentHandle, AgentPlacement
 from .prompts import RESUME_PROMPT, commit_message, task_prompt
+from .redact import private_dir, redact, redactor, register_secrets
 from .retry import RateLimitPause, decide_retry
 from .settings import EngineSettings
 from .signals import Pulse
@@ -150,12 +151,18 @@ class TaskRunner:
         return worktree, tip, False
 
     async def _record(self, plan: Plan, task: Task, handle: AgentHandle, receive: Any) -> None:
-        """Store the agent's events and live progress as they come."""
+        """Store the agent's events and live progress as they come, secrets redacted (before
+        any truncation, so that a cut never leaves half a secret)."""
+        register_secrets(self.settings.agent_env)
+        state = self.settings.state_dir
+        for directory in (state, state / "logs", state / "logs" / plan.id, state / "worktrees"):
+            private_dir(directory)
+        secrets = redactor(self.settings.agent_env)
         async with receive:
             async for event in receive:
                 if isinstance(event, StderrLine):
                     continue
-                data = event.model_dump(mode="json", exclude={"raw"})
+                data = secrets.data(event.model_dump(mode="json", exclude={"raw"}))
                 for key in ("text", "content"):
                     if isinstance(data.get(key), str) and len(data[key]) > 2000:
                         data[key] = data[key][:2000] + "…"
@@ -244,12 +251,12 @@ class TaskRunner:
 
 
 def summary(event: AgentEvent) -> str:
-    """One line of what an agent event says (the task's last activity)."""
+    """One line of what an agent event says (the task's last activity), secrets redacted."""
     if isinstance(event, ToolUse):
         detail = event.input.get("file_path") or event.input.get("command") or event.input.get("pattern") or ""
-        return f"{event.name} {str(detail)[:120]}".strip()
+        return f"{event.name} {redact(str(detail))[:120]}".strip()
     if isinstance(event, AssistantText):
-        return event.text.strip().splitlines()[0][:160] if event.text.strip() else "…"
+        return redact(event.text.strip().splitlines()[0])[:160] if event.text.strip() else "…"
     if isinstance(event, ApiRetry):
         return f"waiting to retry the model API ({event.error or event.error_status})"
     if isinstance(event, ResultEvent):
