@@ -6,7 +6,9 @@ returns an :class:`~claudecluster_mcp.outcome.AgentOutcome`.
 
 Nothing is ever typed into the pty (the prompt goes on argv after ``--``), no shell is
 involved, and every process of the run, including Bash-tool children in their own
-sessions, is gone when :meth:`AgentRun.run` returns.
+sessions, is gone when :meth:`AgentRun.run` returns. On Linux ``claude`` runs under a
+per-run reaper (:mod:`~claudecluster_mcp.reaper`) that owns every orphan of the run, even
+one that cleared its environment tag and left its session.
 
 Finding ``claude`` is :mod:`~claudecluster_mcp.claude_cli`; what to run,
 :mod:`~claudecluster_mcp.agent_spec`; what happened, :mod:`~claudecluster_mcp.outcome`.
@@ -20,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import time
 import uuid
 from collections import deque
@@ -47,7 +50,7 @@ from .events import (
     Usage,
 )
 from .outcome import AgentOutcome, OutcomeStatus, RunState, decide_outcome, ended_on_api_error
-from .proctree import ProcessTree, become_subreaper
+from .proctree import REAPER_SCRIPT, ProcessTree, become_subreaper
 from .redact import redactor
 
 __all__ = ["AgentRun", "run_agent"]
@@ -165,7 +168,7 @@ class AgentRun:
         tmpdir = self.tmpdir = run_tmpdir(self.run_id)
         tmpdir.mkdir(mode=0o700)
         env = agent_env(spec, tmpdir=tmpdir, run_tag=self.run_id)
-        argv = build_argv(spec, claude.path, self.session_id)
+        argv = _under_reaper(build_argv(spec, claude.path, self.session_id))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         started_at = datetime.now(UTC)
         t0 = time.monotonic()
@@ -173,12 +176,15 @@ class AgentRun:
         log = self.log_path.open("ab")
         try:
             try:
+                # The reaper would only report a missing claude on the pty: check first.
+                if not os.access(claude.path, os.X_OK) or claude.path.is_dir():
+                    raise FileNotFoundError(errno.ENOENT, "no such executable", str(claude.path))
                 proc = PtyProcess.spawn(argv, cwd=str(spec.cwd), env=env, echo=False, dimensions=(50, 250))
             except (OSError, FileNotFoundError) as exc:
                 raise ClaudeNotFoundError(f"cannot start {claude.path}: {exc}. {INSTALL_HINT}") from exc
             self.pid = proc.pid
             self._tree = ProcessTree(proc.pid, self.run_id)
-            self._tree.seen[proc.pid] = time.time()
+            self._tree.seen[proc.pid] = _create_time(proc.pid)
             self.state = RunState.RUNNING
             try:
                 if self._on_start is not None:
@@ -323,20 +329,30 @@ class AgentRun:
         await self._terminate(proc)
 
     async def _terminate(self, proc: Any) -> None:
-        """SIGINT (the CLI stops its tools and may emit a result), then SIGTERM, then SIGKILL."""
+        """SIGINT (the CLI stops its tools and may emit a result), then SIGTERM (both passed
+        on by the reaper), then the whole run frozen and SIGKILLed."""
         self.state = RunState.STOPPING
-        assert self._tree is not None
-        await anyio.to_thread.run_sync(self._tree.scan)
-        for sig, wait in (
-            (signal.SIGINT, self.spec.cancel_grace),
-            (signal.SIGTERM, 3.0),
-            (signal.SIGKILL, 2.0),
-        ):
+        tree = self._tree
+        assert tree is not None
+        await anyio.to_thread.run_sync(tree.scan)
+        for sig, wait in ((signal.SIGINT, self.spec.cancel_grace), (signal.SIGTERM, 3.0)):
             if not proc.isalive():
                 return
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, sig)
-            await _wait_exit(proc, wait)
+            if await _wait_exit(proc, wait):
+                return
+        # Not the reaper alone: its orphans would be re-parented out of the run's subtree.
+        await anyio.to_thread.run_sync(tree.kill_all)
+        await _wait_exit(proc, 2.0)
+
+
+def _under_reaper(argv: list[str]) -> list[str]:
+    """``argv`` run by the per-run reaper (Linux; elsewhere ``argv`` itself)."""
+    if not sys.platform.startswith("linux"):
+        return argv
+    # -I: no PYTHON* variables or user site; -S: the reaper needs the standard library only.
+    return [sys.executable, "-I", "-S", REAPER_SCRIPT, "--", *argv]
 
 
 def _create_time(pid: int) -> float:

@@ -212,5 +212,6 @@ async def _advance(repo: Path, ref: str, new: str, old: str, message: str, check
         return await update_ref(repo, ref, new, old, message)
     if await rev_parse(checkout, "HEAD") != old:
         return False
-    await git(checkout, "merge", "--ff-only", "--quiet", new)
+    # The user's own checkout: their hooks run as for any merge they make (see workspace).
+    await git(checkout, "merge", "--ff-only", "--quiet", new, user_hooks=True)
     return True

@@ -95,16 +95,18 @@ class LocalPlacement:
 
 
 def _kill_leftovers(record: RunRecord) -> list[int]:
-    tree = ProcessTree(root=record.pid or -1, tag=record.run_id, everywhere=True)
+    # The recorded pid is the run's reaper (whose subtree is the whole run) or claude; it
+    # is the tree's root only while it is still that process (not a recycled pid).
+    tree = ProcessTree(root=-1, tag=record.run_id, everywhere=True)
     if record.pid and record.pid_started:
         with contextlib.suppress(psutil.Error):
             proc = psutil.Process(record.pid)
             if abs(proc.create_time() - record.pid_started) < 1.0:
+                tree.root = record.pid
                 tree.seen[record.pid] = proc.create_time()
                 for child in proc.children(recursive=True):
                     with contextlib.suppress(psutil.Error):
                         tree.seen[child.pid] = child.create_time()
-    tree.root = -1  # we are not its parent: nothing of ours to leave for ptyprocess
     killed = tree.kill_all()
     shutil.rmtree(run_tmpdir(record.run_id), ignore_errors=True)
     return killed

@@ -2,15 +2,21 @@
 
 Claude Code starts each Bash-tool command in a **new session**, and a command may
 double-fork, so neither the CLI's process group nor its child list reaches everything.
-Two mechanisms make the tree findable:
+Three mechanisms make the tree findable:
 
-* this process becomes a *child subreaper* (Linux ``PR_SET_CHILD_SUBREAPER``), so orphaned
-  descendants are re-parented to us instead of PID 1 and stay in our process tree;
+* each run's ``claude`` runs under its own **per-run reaper** (:mod:`~claudecluster_mcp.reaper`),
+  a child subreaper: an orphan of the run is re-parented to it, so while it lives the
+  run's processes are exactly its process subtree, even those that cleared their
+  environment and left the session (``(env -i setsid sleep 1000 &)``);
+* the engine process is a child subreaper too (Linux ``PR_SET_CHILD_SUBREAPER``), so what
+  escapes a reaper that was killed stays in our process tree instead of going to PID 1;
 * each run's processes carry a unique environment tag (``CLAUDECLUSTER_RUN=<id>``) that
-  children inherit, so a sweep can find them by ``/proc/<pid>/environ``.
+  children inherit, so a sweep can find them by ``/proc/<pid>/environ`` (and crash
+  recovery can find them after the engine died).
 
-A :class:`ProcessTree` records every (pid, start time) seen for a run and kills them all,
-re-checking start times so that a recycled pid is never hit.
+A :class:`ProcessTree` records every (pid, start time) seen for a run and kills them all:
+first it **freezes** them (SIGSTOP, so none can fork a child past the sweep), then
+SIGKILLs them, re-checking start times so that a recycled pid is never hit.
 """
 
 from __future__ import annotations
@@ -27,12 +33,15 @@ from dataclasses import dataclass, field
 
 import psutil
 
-__all__ = ["RUN_TAG_VAR", "ProcessTree", "become_subreaper"]
+from . import reaper
+
+__all__ = ["REAPER_SCRIPT", "RUN_TAG_VAR", "ProcessTree", "become_subreaper"]
 
 logger = logging.getLogger(__name__)
 
 RUN_TAG_VAR = "CLAUDECLUSTER_RUN"
 _PR_SET_CHILD_SUBREAPER = 36
+REAPER_SCRIPT = reaper.__file__
 _subreaper: bool | None = None
 
 
@@ -109,7 +118,8 @@ class ProcessTree:
         return [p for p in candidates if p.pid != os.getpid() and _has_tag(p, self.tag)]
 
     def survivors(self) -> list[psutil.Process]:
-        """Processes of this run still alive (recorded ones that kept their identity, or tagged)."""
+        """Processes of this run still alive: recorded ones that kept their identity, every
+        process below them (a reaper's whole subtree), and tagged ones."""
         alive: dict[int, psutil.Process] = {}
         for pid, started in list(self.seen.items()):
             with contextlib.suppress(psutil.Error):
@@ -119,31 +129,69 @@ class ProcessTree:
         for proc in self._tagged_anywhere():
             if _alive(proc):
                 alive.setdefault(proc.pid, proc)
-                self._remember(proc)
+        for proc in _descendants(list(alive)):
+            if proc.pid != os.getpid() and _alive(proc):
+                alive.setdefault(proc.pid, proc)
+        for proc in alive.values():
+            self._remember(proc)
         return list(alive.values())
 
-    def kill_all(self, *, exclude_root: bool = False, timeout: float = 3.0) -> list[int]:
-        """SIGKILL every process of the run until none is left; reap our orphaned zombies.
+    def kill_all(self, *, timeout: float = 3.0) -> list[int]:
+        """Freeze, then SIGKILL every process of the run until none is left; reap our
+        orphaned zombies.
 
+        Freezing first (SIGSTOP, repeated until no new process shows up) means no process
+        can fork between the last look and the kill, and none is orphaned out of sight by
+        the death of its parent before it is hit itself. A per-run reaper at the root is
+        killed last: it is resumed once everything below it is dead, reaps those zombies
+        itself and exits (as its ``claude`` did); only if it does not, it is killed too.
         Blocking (call from a worker thread). Returns the pids that were killed.
         """
-        killed: list[int] = []
+        killed: set[int] = set()
         deadline = time.monotonic() + timeout
-        while True:
-            targets = [p for p in self.survivors() if not (exclude_root and p.pid == self.root)]
-            if not targets:
-                break
-            for proc in targets:
+        reaper = self._root_reaper()
+        self._freeze(deadline)
+        resumed_at: float | None = None
+        while targets := self.survivors():
+            below = [p for p in targets if p.pid != reaper]
+            if below or reaper is None:
+                hit = below or targets
+            elif resumed_at is None:
+                hit, resumed_at = [], time.monotonic()
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(reaper, signal.SIGCONT)
+            else:
+                hit = targets if time.monotonic() - resumed_at > 1.0 else []
+            for proc in hit:
                 with contextlib.suppress(psutil.Error):
                     proc.send_signal(signal.SIGKILL)
-                    killed.append(proc.pid)
+                    killed.add(proc.pid)
             self._reap()
             if time.monotonic() > deadline:
                 logger.error("processes of run %s survived SIGKILL: %s", self.tag, [p.pid for p in targets])
                 break
             time.sleep(0.02)
         self._reap()
-        return sorted(set(killed))
+        return sorted(killed)
+
+    def _freeze(self, deadline: float) -> None:
+        frozen: set[int] = set()
+        while time.monotonic() < deadline:
+            fresh = [p for p in self.survivors() if p.pid not in frozen]
+            if not fresh:
+                return
+            for proc in fresh:
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(signal.SIGSTOP)
+                frozen.add(proc.pid)
+
+    def _root_reaper(self) -> int | None:
+        """The root's pid if it is a living per-run reaper (:mod:`~claudecluster_mcp.reaper`)."""
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(self.root)
+            if _alive(proc) and REAPER_SCRIPT in proc.cmdline()[1:5]:
+                return proc.pid
+        return None
 
     def _reap(self) -> None:
         """waitpid() only our own zombie children that belong to this run (never the root:
@@ -165,6 +213,25 @@ class ProcessTree:
             except OSError as exc:  # pragma: no cover - defensive
                 if exc.errno != errno.ECHILD:
                     raise
+
+
+def _descendants(roots: list[int]) -> list[psutil.Process]:
+    """Every process below the given pids (one pass over the process table)."""
+    children: dict[int, list[int]] = {}
+    for proc in psutil.process_iter(["ppid"]):
+        children.setdefault(proc.info["ppid"], []).append(proc.pid)
+    found: list[psutil.Process] = []
+    queue = [child for root in roots for child in children.get(root, [])]
+    seen: set[int] = set()
+    while queue:
+        pid = queue.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        with contextlib.suppress(psutil.Error):
+            found.append(psutil.Process(pid))
+        queue.extend(children.get(pid, []))
+    return found
 
 
 def _alive(proc: psutil.Process) -> bool:

@@ -3,8 +3,22 @@ list (never a shell), and every user-supplied ref or path checked first.
 
 This is the one place git failures are translated: a failed command raises
 :class:`~claudecluster_mcp.errors.GitError` carrying git's own message, and a command that
-outlives its timeout (a hanging hook, a lock, a network remote) is killed with everything
+outlives its timeout (a hanging lock, a remote, a slow filesystem) is killed with everything
 it started and reported as a :class:`GitError` that says what to check.
+
+Two kinds of git command, chosen by :func:`git`'s ``user_hooks`` flag:
+
+* **engine git** (the default; every function of this module, the merge queue, the task
+  runner, recovery, reports): runs *only git*. Repository hooks, ``core.fsmonitor``,
+  repository-defined filter/merge/diff drivers, pagers, editors, transports and inherited
+  ``GIT_*`` variables are all switched off (:mod:`~claudecluster_mcp.githarden` lists what
+  is and is not covered). Agents can write to the shared ``.git``; nothing they plant there
+  runs when the engine creates worktrees, commits, merges or moves refs.
+* **user git** (``user_hooks=True``): the user's own action in the user's own checkout,
+  i.e. the final fast-forward of their checked-out branch (``merge.py`` ``_advance``). It
+  runs the repository's hooks and honours its configuration like a ``git merge`` typed by
+  the user would; only the inherited ``GIT_*`` variables are still dropped (a stray
+  ``GIT_DIR`` must not redirect it).
 """
 
 from __future__ import annotations
@@ -22,6 +36,7 @@ import anyio
 from anyio.abc import ByteReceiveStream, Process
 
 from .errors import DirtyWorktreeError, GitError, RepositoryError
+from .githarden import DRIVER_SCAN_ARGS, driver_overrides, git_environment, needs_driver_scan
 
 __all__ = [
     "DEFAULT_GIT_TIMEOUT",
@@ -51,13 +66,6 @@ DEFAULT_GIT_TIMEOUT = 120.0
 """Seconds a git command may run before it is killed, unless :func:`set_git_timeout` says otherwise."""
 _git_timeout = DEFAULT_GIT_TIMEOUT
 _FALLBACK_IDENTITY = ["-c", "user.name=claudecluster", "-c", "user.email=claudecluster@localhost"]
-# No prompts, no pagers, no locale surprises in parsed output, no user hooks for our commits.
-_GIT_ENV = {
-    "GIT_TERMINAL_PROMPT": "0",
-    "GIT_PAGER": "cat",
-    "LC_ALL": "C",
-    "GIT_OPTIONAL_LOCKS": "0",
-}
 
 
 @dataclass(frozen=True)
@@ -85,8 +93,14 @@ async def git(
     check: bool = True,
     ok_codes: tuple[int, ...] = (0,),
     timeout: float | None = None,
+    user_hooks: bool = False,
 ) -> GitResult:
     """Run ``git -C repo args…``; raise :class:`GitError` unless the exit code is in ``ok_codes``.
+
+    Engine git by default: no hook, fsmonitor, repository-defined driver or inherited
+    ``GIT_*`` variable takes part (see the module docstring). ``user_hooks=True`` is for
+    the user's own action in their own checkout: the repository's hooks and configuration
+    apply as they would to the user's git.
 
     ``timeout`` (seconds; None: the module's, see :func:`set_git_timeout`) bounds the whole
     command including its hooks; on expiry, or when the caller is cancelled, git and every
@@ -96,12 +110,13 @@ async def git(
     argv = ["git", "-C", str(repo), *args]
     try:
         with anyio.fail_after(None if math.isinf(limit) else limit):
-            returncode, stdout, stderr = await _run(argv)
+            env = await _environment(repo, args, hardened=not user_hooks)
+            returncode, stdout, stderr = await _run(argv, env)
     except TimeoutError:
         raise GitError(
-            f"git {_describe(args)} timed out after {limit:g}s in {repo} and was killed. Check for a hook "
-            "that hangs (.git/hooks, or core.hooksPath), a lock held by another git process "
-            "(e.g. .git/index.lock), or a remote that does not answer."
+            f"git {_describe(args)} timed out after {limit:g}s in {repo} and was killed. Check for a lock "
+            "held by another git process (e.g. .git/index.lock), a remote that does not answer, "
+            "a slow or stuck filesystem, or (for the user's own merge) a hook that hangs."
         ) from None
     except OSError as exc:
         raise GitError(f"cannot run git: {exc}") from exc
@@ -124,13 +139,23 @@ def _describe(args: tuple[str, ...]) -> str:
     return " ".join(words[:3])
 
 
-async def _run(argv: list[str]) -> tuple[int, bytes, bytes]:
+async def _environment(repo: Path, args: tuple[str, ...], *, hardened: bool) -> dict[str, str]:
+    """The command's environment; for engine git that reads file contents, with every
+    command-running driver the repository's own config defines switched off."""
+    if not (hardened and needs_driver_scan(args)):
+        return git_environment(hardened=hardened)
+    returncode, listing, _ = await _run(["git", "-C", str(repo), *DRIVER_SCAN_ARGS], git_environment())
+    overrides = driver_overrides(listing.decode(errors="surrogateescape")) if returncode == 0 else []
+    return git_environment(overrides=overrides)
+
+
+async def _run(argv: list[str], env: dict[str, str]) -> tuple[int, bytes, bytes]:
     # Its own session (process group) so that hooks and other children of git can be
     # killed with it, and so that nothing can read from our terminal.
     process = await anyio.open_process(
         argv,
         stdin=subprocess.DEVNULL,
-        env={**os.environ, **_GIT_ENV},
+        env=env,
         start_new_session=True,
     )
     output = [BytesIO(), BytesIO()]

@@ -70,10 +70,14 @@ async def test_final_merge_commit_needs_no_git_identity_and_is_journalled(
     monkeypatch: pytest.MonkeyPatch,
     checked_out: bool,
     git: Git,
+    tmp_path: Path,
 ) -> None:
     # A machine where git knows nobody: no global config, no guessing from the hostname.
+    # (Engine git drops inherited GIT_CONFIG_* variables, so the global config goes with HOME.)
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", "/dev/null")
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.setenv("HOME", str(tmp_path / "nobody"))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
     for name in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL", "EMAIL"):
         monkeypatch.delenv(name, raising=False)
     git(repo, "config", "user.useConfigOnly", "true")
