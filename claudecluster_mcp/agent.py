@@ -180,7 +180,13 @@ class AgentRun:
                 if not os.access(claude.path, os.X_OK) or claude.path.is_dir():
                     raise FileNotFoundError(errno.ENOENT, "no such executable", str(claude.path))
                 proc = PtyProcess.spawn(argv, cwd=str(spec.cwd), env=env, echo=False, dimensions=(50, 250))
-            except (OSError, FileNotFoundError) as exc:
+            except OSError as exc:
+                if exc.errno == errno.E2BIG:
+                    size = sum(len(a.encode()) for a in argv)
+                    raise AgentError(
+                        f"cannot start the agent: its command line ({size:,} bytes, mostly the prompt) is longer "
+                        "than the system allows; shorten the task's prompt"
+                    ) from exc
                 raise ClaudeNotFoundError(f"cannot start {claude.path}: {exc}. {INSTALL_HINT}") from exc
             self.pid = proc.pid
             self._tree = ProcessTree(proc.pid, self.run_id)

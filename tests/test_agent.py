@@ -15,7 +15,7 @@ import pytest
 from claudecluster_mcp.agent import AgentRun, run_agent
 from claudecluster_mcp.agent_spec import AgentSpec
 from claudecluster_mcp.claude_cli import ClaudeBinary
-from claudecluster_mcp.errors import ClaudeNotFoundError
+from claudecluster_mcp.errors import AgentError, ClaudeNotFoundError
 from claudecluster_mcp.events import AgentEvent, ApiRetry, InitEvent, ToolUse
 from claudecluster_mcp.model_server import ScriptedModelServer
 from claudecluster_mcp.outcome import OutcomeStatus, RunState
@@ -409,3 +409,13 @@ async def test_background_task_run_waits_for_the_last_result(
     assert outcome.final_text == "background finished"
     assert outcome.num_turns == 3  # 2 before the first result + 1 after
     assert (repo / "bg-done.txt").read_text() == "finished\n"
+
+
+async def test_a_prompt_too_long_for_the_command_line_says_so(
+    claude: ClaudeBinary, repo: Path, spec_for: SpecFor, model_server: StartServer
+) -> None:
+    server = model_server({"rules": [marker_rule("LONG")]})
+    # Linux refuses any single argument over 128 KiB (MAX_ARG_STRLEN) with E2BIG.
+    spec = spec_for(server, "[LONG] " + "x" * 200_000, repo)
+    with pytest.raises(AgentError, match="longer than the system allows; shorten"):
+        await run_agent(spec, claude=claude)
