@@ -12,9 +12,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .agent_spec import PermissionMode
+from .isolation import Isolation, SandboxPolicy
 from .models import MergePolicy
 
 __all__ = ["MAX_WORKERS", "EngineSettings", "default_state_dir"]
@@ -74,7 +75,30 @@ class EngineSettings(BaseModel):
     claude_bin: str | None = Field(default=None, description="path of the claude executable")
     state_dir: Path = Field(default_factory=default_state_dir, description="worktrees, agent logs, plan registry")
     serialize_overlaps: bool = Field(default=False, description="make tasks touching the same files sequential")
+    isolation: Isolation = Field(
+        default="sandbox",
+        description="sandbox: agents' commands and the gate write only their worktree (bwrap+socat on Linux); "
+        "none: unconfined",
+    )
+    sandbox_write_paths: list[Path] = Field(
+        default_factory=list, description="more paths sandboxed commands may write (e.g. package caches)"
+    )
+    sandbox_allowed_domains: list[str] = Field(
+        default_factory=list, description="domains sandboxed commands may reach (default none: no network)"
+    )
+
+    @field_validator("sandbox_write_paths")
+    @classmethod
+    def _expand_home(cls, value: list[Path]) -> list[Path]:
+        return [path.expanduser() for path in value]
+
+    def sandbox_policy(self) -> SandboxPolicy | None:
+        """What sandboxed commands may touch; None when ``isolation`` is ``none``."""
+        if self.isolation == "none":
+            return None
+        return SandboxPolicy(write_paths=self.sandbox_write_paths, allowed_domains=self.sandbox_allowed_domains)
 
     def agent_options(self) -> dict[str, Any]:
         """The :class:`~claudecluster_mcp.agent.AgentSpec` fields these settings decide."""
-        return {spec_field: getattr(self, field) for field, spec_field in _AGENT_FIELDS.items()}
+        options = {spec_field: getattr(self, field) for field, spec_field in _AGENT_FIELDS.items()}
+        return {**options, "sandbox": self.sandbox_policy()}

@@ -14,11 +14,24 @@ import pytest
 
 from claudecluster_mcp.agent_spec import AgentSpec
 from claudecluster_mcp.claude_cli import ClaudeBinary, find_claude
+from claudecluster_mcp.isolation import sandbox_support
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
 from claudecluster_mcp.models import Plan, Task
 from claudecluster_mcp.scenario import load_scenario
 from claudecluster_mcp.settings import EngineSettings
 from claudecluster_mcp.store import now
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked ``sandbox`` need Claude Code's sandbox: skipped with the reason where it
+    is missing, except in CI (``CI=true``), where nothing may be skipped silently."""
+    if item.get_closest_marker("sandbox") is None:
+        return
+    support = sandbox_support()
+    if not support.available:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI=true but {support.describe()}")
+        pytest.skip(support.describe())
 
 
 @pytest.fixture
