@@ -94,7 +94,8 @@ def build_argv(spec: AgentSpec, claude: Path, session_id: str, *, tmpdir: Path |
     otherwise ``.claude/settings*.json`` in the worktree (hooks, permissions, an env), which
     an earlier agent may have written and merged, would run with this agent. With
     ``spec.sandbox``, ``--settings`` puts Bash in Claude Code's sandbox, writable only in
-    ``spec.cwd``, ``tmpdir`` (the run's TMPDIR) and the policy's paths.
+    ``spec.cwd``, ``tmpdir`` (the run's TMPDIR) and the policy's paths, and Bash is allowed
+    (``disallowed_tools`` still forbids commands).
     """
     argv = [
         str(claude),
@@ -115,8 +116,13 @@ def build_argv(spec: AgentSpec, claude: Path, session_id: str, *, tmpdir: Path |
         argv.append(f"--session-id={session_id}")
     if spec.model:
         argv.append(f"--model={spec.model}")
-    if spec.allowed_tools:
-        argv.append("--allowedTools=" + ",".join(spec.allowed_tools))
+    allowed = list(spec.allowed_tools)
+    if spec.sandbox is not None and "Bash" not in allowed:
+        # Every Bash command runs in the sandbox (none may leave it), so all of them may run:
+        # auto-allow alone still refuses commands the CLI cannot analyse (e.g. `{ …; }`).
+        allowed.append("Bash")
+    if allowed:
+        argv.append("--allowedTools=" + ",".join(allowed))
     if spec.disallowed_tools:
         argv.append("--disallowedTools=" + ",".join(spec.disallowed_tools))
     if spec.max_turns is not None:

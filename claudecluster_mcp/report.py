@@ -114,8 +114,16 @@ def _short(value: Any) -> str:
     return text if len(text) <= 200 else text[:200] + "…"
 
 
-def status_table(status: PlanStatus) -> Table:
-    """The live table: task, state, elapsed, turns, cost, last activity."""
+def isolation_text(isolation: str | None) -> str:
+    """How agents were confined, for reports ("" when unknown)."""
+    if isolation == "none":
+        return "isolation none: agents and the gate ran unconfined"
+    return f"isolation {isolation}" if isolation else ""
+
+
+def status_table(status: PlanStatus, isolation: str | None = None) -> Table:
+    """The live table: task, state, elapsed, turns, cost, last activity (and the isolation
+    level in its caption)."""
     table = Table(expand=False, title=escape(f"plan {status.plan.id}: {status.plan.goal[:60]}"), title_justify="left")
     table.add_column("task", no_wrap=True)
     table.add_column("state", no_wrap=True)
@@ -135,8 +143,9 @@ def status_table(status: PlanStatus) -> Table:
             f"${task.cost_usd:.4f}" if task.cost_usd else "",
             escape(activity),
         )
-    if status.omitted:
-        table.caption = f"{status.omitted} more tasks pending or merged"
+    caption = [f"{status.omitted} more tasks pending or merged"] if status.omitted else []
+    caption += [isolation_text(isolation)] if isolation else []
+    table.caption = "; ".join(caption) or None
     return table
 
 
@@ -153,13 +162,14 @@ def _task_dict(task: Task, stat: Diffstat | None) -> dict[str, Any]:
     return data
 
 
-def to_json(status: PlanStatus, stats: dict[str, Diffstat] | None = None) -> str:
+def to_json(status: PlanStatus, stats: dict[str, Diffstat] | None = None, isolation: str | None = None) -> str:
     """The whole plan as JSON."""
     stats = stats or {}
     plan = status.plan.model_dump(mode="json")
     return json.dumps(
         {
             "plan": plan,
+            "isolation": isolation,
             "counts": status.counts,
             "total_cost_usd": round(status.total_cost_usd, 6),
             "total_tokens": status.total_tokens,
@@ -169,7 +179,7 @@ def to_json(status: PlanStatus, stats: dict[str, Diffstat] | None = None) -> str
     )
 
 
-def to_markdown(status: PlanStatus, stats: dict[str, Diffstat] | None = None) -> str:
+def to_markdown(status: PlanStatus, stats: dict[str, Diffstat] | None = None, isolation: str | None = None) -> str:
     """A Markdown report: summary, a task table, failures, and the merge result."""
     stats = stats or {}
     plan = status.plan
@@ -180,6 +190,11 @@ def to_markdown(status: PlanStatus, stats: dict[str, Diffstat] | None = None) ->
         f"integration branch `{plan.integration_branch}`, target `{plan.target_branch}`",
         f"- State: **{plan.state.value}**; tasks: " + ", ".join(f"{n} {s}" for s, n in sorted(status.counts.items())),
         f"- Cost: ${status.total_cost_usd:.4f}; tokens: {status.total_tokens:,}",
+        *(
+            [f"- Isolation: **{isolation}**" + (" (agents and the gate ran unconfined)" if isolation == "none" else "")]
+            if isolation
+            else []
+        ),
         "",
         "| task | state | attempts | turns | time | cost | tokens | diff | depends on |",
         "|---|---|---:|---:|---:|---:|---:|---|---|",
@@ -316,7 +331,7 @@ svg text.label{fill:#fff;font-size:12px} svg text.axis{fill:#52606d;font-size:11
 """
 
 
-def to_html(status: PlanStatus, stats: dict[str, Diffstat] | None = None) -> str:
+def to_html(status: PlanStatus, stats: dict[str, Diffstat] | None = None, isolation: str | None = None) -> str:
     """One self-contained HTML page (inline CSS and SVG, no scripts, nothing fetched)."""
     stats = stats or {}
     plan = status.plan
@@ -364,7 +379,7 @@ def to_html(status: PlanStatus, stats: dict[str, Diffstat] | None = None) -> str
 <h1>Plan {e(plan.id)}: {e(plan.goal)}</h1>
 <p class="meta">{e(str(plan.repo))} · base {e(plan.base_commit[:10])} ({e(plan.base_ref)}) ·
 integration branch {e(plan.integration_branch)} · target {e(plan.target_branch)} ·
-state <b>{e(plan.state.value)}</b></p>
+state <b>{e(plan.state.value)}</b>{f' · <b id="isolation">{e(isolation_text(isolation))}</b>' if isolation else ""}</p>
 <div class="cards">{cards}</div>
 <h2>Timeline on worker slots</h2>
 <section id="timeline">{_gantt(status.tasks)}</section>

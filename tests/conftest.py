@@ -138,7 +138,12 @@ def home(tmp_path: Path) -> Path:
 def engine_settings(tmp_path: Path) -> Callable[..., EngineSettings]:
     """EngineSettings factory for agents against a scripted model server: isolated state,
     Claude config and HOME under tmp_path, Bash allowed, short retry delays and timeouts.
-    ``engine_settings()`` without a server: the same, for engines that run no agent."""
+    ``engine_settings()`` without a server: the same, for engines that run no agent.
+
+    Isolation is ``none`` unless a test asks for ``sandbox``: these tests are about
+    scheduling, merging and recovery, must run where bubblewrap is missing, and their
+    probes (a gate writing its pid to tmp_path) write outside the worktree on purpose. The
+    sandbox has its own tests (marked ``sandbox``); the whole suite was also run under it."""
 
     def make(server: ScriptedModelServer | None = None, **overrides: Any) -> EngineSettings:
         model_env = scripted_env(server.url) if server is not None else {}
@@ -147,6 +152,7 @@ def engine_settings(tmp_path: Path) -> Callable[..., EngineSettings]:
             "claude_config_dir": tmp_path / "claude-config",
             "agent_env": {**model_env, "HOME": str(agent_home(tmp_path))},
             "allowed_tools": ["Bash"],
+            "isolation": "none",
             "retry_backoff": 0.2,
             "rate_limit_pause": 1.0,
             "restart_stagger": 0.2,
@@ -162,9 +168,16 @@ def engine_settings(tmp_path: Path) -> Callable[..., EngineSettings]:
 @pytest.fixture
 def user_env(tmp_path: Path, claude: ClaudeBinary) -> dict[str, str]:
     """The environment a user runs ``claudecluster`` in: no claudecluster settings, the
-    hermetic HOME (see :func:`agent_home`; the CLI keeps its state under it), the pinned claude."""
+    hermetic HOME (see :func:`agent_home`; the CLI keeps its state under it), the pinned
+    claude, and ``isolation = "none"`` (as in :func:`engine_settings`; a test of the default
+    removes ``CLAUDECLUSTER_ISOLATION``)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDECLUSTER_")}
-    return {**clean, "HOME": str(agent_home(tmp_path)), "CLAUDECLUSTER_CLAUDE_BIN": str(claude.path)}
+    return {
+        **clean,
+        "HOME": str(agent_home(tmp_path)),
+        "CLAUDECLUSTER_CLAUDE_BIN": str(claude.path),
+        "CLAUDECLUSTER_ISOLATION": "none",
+    }
 
 
 @pytest.fixture

@@ -86,6 +86,7 @@ def test_agents_load_only_user_settings_and_get_the_sandbox_on_argv(tmp_path: Pa
     spec = AgentSpec(prompt="p", cwd=tmp_path, sandbox=policy)
     argv = build_argv(spec, Path("/bin/claude"), "s", tmpdir=Path("/tmp/ccrun-1"))
     assert "--setting-sources=user" in argv
+    assert "--allowedTools=Bash" in argv  # inside the sandbox, every command may run
     settings = json.loads(next(a for a in argv if a.startswith("--settings="))[len("--settings=") :])
     assert settings == claude_sandbox_settings(policy, [tmp_path, Path("/tmp/ccrun-1")])
     sandbox = settings["sandbox"]
