@@ -89,8 +89,11 @@ class EngineSettings(BaseModel):
 
     @field_validator("sandbox_write_paths")
     @classmethod
-    def _expand_home(cls, value: list[Path]) -> list[Path]:
-        return [path.expanduser() for path in value]
+    def _absolute(cls, value: list[Path]) -> list[Path]:
+        paths = [path.expanduser() for path in value]
+        if relative := [str(p) for p in paths if not p.is_absolute()]:
+            raise ValueError(f"sandbox_write_paths must be absolute (or start with ~): {', '.join(relative)}")
+        return paths
 
     def sandbox_policy(self) -> SandboxPolicy | None:
         """What sandboxed commands may touch; None when ``isolation`` is ``none``."""

@@ -74,11 +74,13 @@ def test_the_default_is_sandbox_and_none_is_chosen_explicitly(tmp_path: Path, mo
         load_config(tmp_path)
 
 
-def test_sandbox_write_paths_expand_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_sandbox_write_paths_are_absolute_or_start_with_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     settings = EngineSettings(sandbox_write_paths=[Path("~/.cache/pip")], sandbox_allowed_domains=["pypi.org"])
     policy = settings.sandbox_policy()
     assert policy == SandboxPolicy(write_paths=[tmp_path / ".cache/pip"], allowed_domains=["pypi.org"])
+    with pytest.raises(ValueError, match="absolute"):
+        EngineSettings(sandbox_write_paths=[Path("cache")])
 
 
 def test_agents_load_only_user_settings_and_get_the_sandbox_on_argv(tmp_path: Path) -> None:
