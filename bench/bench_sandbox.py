@@ -2,7 +2,10 @@
 under Claude Code's sandbox vs the same run unconfined, alternating, same process, same
 scripted model (no latency). Wall time and CPU per run; median of the pairs.
 
-    .venv/bin/python bench/bench_sandbox.py [--pairs 8] [--json FILE]
+    .venv/bin/python bench/bench_sandbox.py [--pairs 8] [--commands 1] [--json FILE]
+
+``--commands N`` makes the run N Bash commands (one per turn) instead of one, which splits
+the sandbox's cost into a per-run and a per-command part.
 
 CPU is `getrusage(RUSAGE_CHILDREN)` per run: claude and every process it (or we, as the
 subreaper, after each run) reaped — bubblewrap and socat included.
@@ -83,13 +86,20 @@ async def one_run(claude: ClaudeBinary, url: str, base: Path, level: str, index:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--commands", type=int, default=1, help="Bash commands per run")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     require_isolation("sandbox")
     claude = find_claude()
     scenario = {
         "default_latency": 0,
-        "rules": [marker_rule("bench", bash_turn("python3 -c 'print(6 * 7)' > built.txt"), write_turn("b.txt", "b\n"))],
+        "rules": [
+            marker_rule(
+                "bench",
+                *[bash_turn(f"python3 -c 'print(6 * {i})' > built.txt") for i in range(args.commands)],
+                write_turn("b.txt", "b\n"),
+            )
+        ],
     }
     runs: list[dict[str, Any]] = []
     async with ScriptedModelServer(load_scenario(scenario)) as server:
@@ -98,7 +108,7 @@ async def main() -> None:
             for i in range(args.pairs):
                 for level in LEVELS if i % 2 == 0 else LEVELS[::-1]:
                     runs.append(await one_run(claude, server.url, Path(tmp), level, len(runs) + 1))
-    summary: dict[str, Any] = {"pairs": args.pairs, "cores": os.cpu_count()}
+    summary: dict[str, Any] = {"pairs": args.pairs, "bash_commands_per_run": args.commands, "cores": os.cpu_count()}
     for level in LEVELS:
         mine = [r for r in runs if r["level"] == level]
         summary[level] = {

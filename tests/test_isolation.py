@@ -22,7 +22,10 @@ from claudecluster_mcp.isolation import (
     sandbox_support,
 )
 from claudecluster_mcp.merge import run_gate
+from claudecluster_mcp.models import Plan, PlanStatus, Task
+from claudecluster_mcp.report import to_html, to_json, to_markdown
 from claudecluster_mcp.settings import EngineSettings
+from claudecluster_mcp.views import StatusView
 
 pytestmark = pytest.mark.anyio
 
@@ -177,3 +180,17 @@ async def test_a_sandboxed_gate_where_the_sandbox_is_missing_is_refused(
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(ConfigError, match='isolation "sandbox"'):
         await run_gate(repo, commit, ["true"], sandbox=SandboxPolicy())
+
+
+def test_reports_and_status_say_when_agents_ran_unconfined(
+    make_plan: Callable[..., Plan], make_task: Callable[..., Task]
+) -> None:
+    status = PlanStatus(plan=make_plan(), tasks=[make_task("a")], counts={"pending": 1})
+    view = StatusView.of(status, workers=2, agents_running=0, isolation="none")
+    assert view.isolation == "none" and "isolation none: agents run unconfined" in view.summary()
+    assert "unconfined" not in StatusView.of(status, workers=2, agents_running=0, isolation="sandbox").summary()
+    assert json.loads(to_json(status, isolation="none"))["isolation"] == "none"
+    assert "- Isolation: **none** (agents and the gate ran unconfined)" in to_markdown(status, isolation="none")
+    page = to_html(status, isolation="none")
+    assert '<b id="isolation">isolation none: agents and the gate ran unconfined</b>' in page
+    assert "- Isolation: **sandbox**" in to_markdown(status, isolation="sandbox")
