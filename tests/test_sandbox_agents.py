@@ -222,3 +222,5 @@ def test_the_cli_runs_agents_sandboxed_by_default_and_says_so(
 
     unconfined = cli("status", status["plan"]["id"], cwd=repo, env={**env, "CLAUDECLUSTER_ISOLATION": "none"})
     assert "isolation none: agents and the gate ran unconfined" in unconfined.stdout
+    initialised = cli("init", "--yes", cwd=repo, env=env)
+    assert "isolation: sandbox available (bubblewrap)" in initialised.stdout, initialised.stdout + initialised.stderr
