@@ -168,7 +168,7 @@ class AgentRun:
         tmpdir = self.tmpdir = run_tmpdir(self.run_id)
         tmpdir.mkdir(mode=0o700)
         env = agent_env(spec, tmpdir=tmpdir, run_tag=self.run_id)
-        argv = _under_reaper(build_argv(spec, claude.path, self.session_id))
+        argv = _under_reaper(build_argv(spec, claude.path, self.session_id, tmpdir=tmpdir))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         started_at = datetime.now(UTC)
         t0 = time.monotonic()

@@ -3,6 +3,9 @@
 The spec is validated and never passed through a shell: every option carries its value
 with ``=``, the prompt goes after ``--``, and the environment is an allow-list of the
 parent's (minus a parent Claude Code session's own variables) plus the run's settings.
+Agents load only the user's Claude Code settings (never a worktree's project or local
+settings, which an earlier agent could have written) plus, with a :class:`SandboxPolicy`,
+the sandbox settings on argv.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .isolation import SandboxPolicy, claude_sandbox_settings
 from .proctree import RUN_TAG_VAR
 
 __all__ = [
@@ -25,6 +29,7 @@ __all__ = [
     "agent_env",
     "build_argv",
     "run_tmpdir",
+    "scrubbed_env",
 ]
 
 PermissionMode = Literal["acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "manual", "plan"]
@@ -55,6 +60,8 @@ class AgentSpec(BaseModel):
     memory_limit_mb: int | None = Field(default=None, gt=0)
     cancel_grace: float = Field(default=5.0, ge=0)
     log_path: Path | None = None
+    #: None: Bash runs unconfined (isolation "none"); else inside Claude Code's sandbox.
+    sandbox: SandboxPolicy | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -79,11 +86,16 @@ class AgentSpec(BaseModel):
         return value
 
 
-def build_argv(spec: AgentSpec, claude: Path, session_id: str) -> list[str]:
+def build_argv(spec: AgentSpec, claude: Path, session_id: str, *, tmpdir: Path | None = None) -> list[str]:
     """The argv for ``spec``: ``--flag=value`` so no value reads as an option; prompt after ``--``.
 
     ``--strict-mcp-config`` is always passed: otherwise a ``.mcp.json`` in the agent's
-    working tree would start its servers without approval.
+    working tree would start its servers without approval. ``--setting-sources=user`` too:
+    otherwise ``.claude/settings*.json`` in the worktree (hooks, permissions, an env), which
+    an earlier agent may have written and merged, would run with this agent. With
+    ``spec.sandbox``, ``--settings`` puts Bash in Claude Code's sandbox, writable only in
+    ``spec.cwd``, ``tmpdir`` (the run's TMPDIR) and the policy's paths, and Bash is allowed
+    (``disallowed_tools`` still forbids commands).
     """
     argv = [
         str(claude),
@@ -91,16 +103,26 @@ def build_argv(spec: AgentSpec, claude: Path, session_id: str) -> list[str]:
         "--output-format=stream-json",
         "--verbose",
         "--strict-mcp-config",
+        "--setting-sources=user",
         f"--permission-mode={spec.permission_mode}",
     ]
+    if spec.sandbox is not None:
+        writable = [spec.cwd, *([tmpdir] if tmpdir is not None else [])]
+        settings = claude_sandbox_settings(spec.sandbox, writable)
+        argv.append("--settings=" + json.dumps(settings, separators=(",", ":")))
     if spec.resume:
         argv.append(f"--resume={spec.resume}")
     else:
         argv.append(f"--session-id={session_id}")
     if spec.model:
         argv.append(f"--model={spec.model}")
-    if spec.allowed_tools:
-        argv.append("--allowedTools=" + ",".join(spec.allowed_tools))
+    allowed = list(spec.allowed_tools)
+    if spec.sandbox is not None and "Bash" not in allowed:
+        # Every Bash command runs in the sandbox (none may leave it), so all of them may run:
+        # auto-allow alone still refuses commands the CLI cannot analyse (e.g. `{ …; }`).
+        allowed.append("Bash")
+    if allowed:
+        argv.append("--allowedTools=" + ",".join(allowed))
     if spec.disallowed_tools:
         argv.append("--disallowedTools=" + ",".join(spec.disallowed_tools))
     if spec.max_turns is not None:
@@ -153,6 +175,32 @@ _ENV_PARENT_SESSION = frozenset(
 )  # fmt: skip
 
 
+# What an agent needs to reach the model, and nothing else does (the merge gate gets none).
+_ENV_CREDENTIALS = frozenset({"GOOGLE_APPLICATION_CREDENTIALS", "CLOUD_ML_REGION", "IS_SANDBOX"})
+_ENV_CREDENTIAL_PREFIXES = ("ANTHROPIC_", "CLAUDE_CODE_", "AWS_", "VERTEX_REGION_")
+
+
+def scrubbed_env(parent: Mapping[str, str] | None = None, *, credentials: bool = True) -> dict[str, str]:
+    """An allow-list of ``parent`` (default ``os.environ``): basics, locale, TLS and proxies,
+    minus a parent Claude Code session's variables; with ``credentials``, also the model
+    and cloud settings agents need (``ANTHROPIC_*``, ``CLAUDE_CODE_*``, ``AWS_*``, …).
+    Tokens and secrets of the server's own environment never pass."""
+    source = os.environ if parent is None else parent
+    env = {
+        key: value
+        for key, value in source.items()
+        if (key in _ENV_ALLOW or key.startswith(_ENV_ALLOW_PREFIXES)) and key not in _ENV_PARENT_SESSION
+    }
+    if not credentials:
+        env = {
+            key: value
+            for key, value in env.items()
+            if key not in _ENV_CREDENTIALS and not key.startswith(_ENV_CREDENTIAL_PREFIXES)
+        }
+    env.setdefault("PATH", os.defpath)
+    return env
+
+
 def agent_env(
     spec: AgentSpec,
     *,
@@ -160,16 +208,9 @@ def agent_env(
     run_tag: str,
     parent: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The environment for an agent: an allow-list of ``parent`` (default ``os.environ``),
-    minus a parent Claude Code session's variables, plus the run's own settings, then
-    ``spec.env`` (which wins)."""
-    source = os.environ if parent is None else parent
-    env = {
-        key: value
-        for key, value in source.items()
-        if (key in _ENV_ALLOW or key.startswith(_ENV_ALLOW_PREFIXES)) and key not in _ENV_PARENT_SESSION
-    }
-    env.setdefault("PATH", os.defpath)
+    """The environment for an agent: :func:`scrubbed_env` of ``parent`` plus the run's own
+    settings, then ``spec.env`` (which wins)."""
+    env = scrubbed_env(parent)
     env.update(
         {
             "TMPDIR": str(tmpdir),

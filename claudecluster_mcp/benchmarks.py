@@ -23,6 +23,7 @@ BENCHES = {
     "engine": ("bench_engine.py", ["plan1000", "scheduling", "speedup"]),
     "mcp": ("bench_mcp.py", []),
     "race": ("bench_race.py", []),
+    "sandbox": ("bench_sandbox.py", []),
 }
 
 
@@ -87,6 +88,11 @@ def results_table(results: dict[str, Any]) -> Table:
         race = results["race"]
         row("race wall: claudecluster / bare claude -p", race["wall_ratio"], "<= 1.1", race["wall_ratio"] <= 1.1)
         row("race memory: claudecluster / bare", race["memory_ratio"], "<= 1.1", race["memory_ratio"] <= 1.1)
+    if "sandbox" in results:
+        sandbox = results["sandbox"]
+        # A cost to know, not a bar to pass: the sandbox is on by default either way.
+        row("agent run, sandbox / none: wall", sandbox["wall_ratio"], "measured", True, "x")
+        row("agent run, sandbox / none: CPU", sandbox["cpu_ratio"], "measured", True, "x")
     table = Table(title="claudecluster benchmarks (details: BENCHMARKS.md)", title_justify="left")
     for column in ("measurement", "measured", "target", ""):
         table.add_column(column)

@@ -189,9 +189,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from .claude_cli import find_claude
+    from .isolation import sandbox_support
 
     found = find_claude(args.claude)
     print(f"claude {found.version} at {found.path}")
+    print(sandbox_support().describe())
     return EXIT_OK
 
 
@@ -374,7 +376,7 @@ def _add_bench_and_check(commands: argparse._SubParsersAction[argparse.ArgumentP
 
     check = commands.add_parser(
         "check",
-        help="find the claude CLI and print its version",
+        help="find the claude CLI, print its version and the isolation available",
         description="Locate the Claude Code CLI the way agents will, and print its version.",
     )
     check.add_argument("--claude", help="path to a claude executable to check")

@@ -29,6 +29,7 @@ from .claude_cli import find_claude
 from .config import CONFIG_FILE, ClusterConfig, load_config, render_config
 from .engine import STATUS_FOCUS, Cluster
 from .errors import ClusterError, ConfigError, EngineBusyError, NotFoundError, StateError
+from .isolation import sandbox_support
 from .models import FINAL_STATES, PlanState, PlanStatus, TaskState, split_task_ref
 from .preflight import check_model, find_credentials, other_provider
 from .registry import Registry
@@ -140,7 +141,7 @@ async def run_command(
         if merge and _exit_code(status) == EXIT_OK:
             report = await cluster.merge(plan_id)
         status = await cluster.status(plan_id)
-    _print_status(console, status, as_json=as_json)
+    _print_status(console, status, as_json=as_json, isolation=settings.isolation)
     if not as_json:
         for task in status.tasks:
             if task.state is TaskState.HELD:
@@ -167,7 +168,7 @@ async def follow(console: Console, cluster: Cluster, plan_id: str, *, live: bool
             total = sum(status.counts.values())
             done = sum(n for s, n in status.counts.items() if TaskState(s) in FINAL_STATES)
             progress.update(bar, total=total, completed=done, description=f"{done}/{total} final")
-            screen.update(Group(status_table(status), progress))
+            screen.update(Group(status_table(status, cluster.settings.isolation), progress))
             if status.finished or await cluster.held_up(plan_id):
                 return await cluster.wait(plan_id)
             await cluster.changed(0.5)
@@ -193,7 +194,7 @@ async def status_command(console: Console, plan_id: str | None, *, repo: Path | 
             _print_overview(console, root, await store.overview(), as_json=as_json)
             return EXIT_OK
         status = await store.status(plan_id)
-    _print_status(console, status, as_json=as_json)
+    _print_status(console, status, as_json=as_json, isolation=config.isolation)
     return EXIT_OK
 
 
@@ -201,12 +202,12 @@ def _tally(status: PlanStatus) -> str:
     return ", ".join(f"{n} {s}" for s, n in sorted(status.counts.items()))
 
 
-def _print_status(console: Console, status: PlanStatus, *, as_json: bool) -> None:
+def _print_status(console: Console, status: PlanStatus, *, as_json: bool, isolation: str) -> None:
     """A plan as JSON on stdout, or as the task table and a summary line."""
     if as_json:
-        sys.stdout.write(to_json(status) + "\n")
+        sys.stdout.write(to_json(status, isolation=isolation) + "\n")
         return
-    console.print(status_table(status))
+    console.print(status_table(status, isolation))
     totals = f"${status.total_cost_usd:.4f}, {status.total_tokens:,} tokens"
     console.print(f"{sum(status.counts.values())} tasks: {_tally(status)}; {totals}")
 
@@ -342,6 +343,7 @@ async def export_command(
 ) -> int:
     """Write a plan's report as JSON, Markdown or self-contained HTML."""
     root, plan_id = await _plan_repo(plan_id, repo, load_config(None))
+    isolation = load_config(root).isolation  # as configured for the repository
     async with _store(root) as store:
         if plan_id is None:
             plans = await store.plans()
@@ -350,7 +352,7 @@ async def export_command(
             plan_id = plans[-1].id
         status = await store.status(plan_id)
     stats = await diffstats(root, status.tasks)
-    text = {"json": to_json, "md": to_markdown, "html": to_html}[fmt](status, stats)
+    text = {"json": to_json, "md": to_markdown, "html": to_html}[fmt](status, stats, isolation)
     if output is None:
         sys.stdout.write(text)
     else:
@@ -397,6 +399,10 @@ async def init_command(
     )
     found = await anyio.to_thread.run_sync(find_claude, config.claude_bin)
     console.print(f"claude {found.version} at {found.path}")
+    support = sandbox_support()
+    console.print(escape(support.describe()))
+    if config.isolation == "sandbox" and not support.available:
+        console.print('[yellow]agents will not start until the sandbox is installed, or isolation = "none" is set.[/]')
     credentials = find_credentials(os.environ, repo=root)
     source = other_provider(os.environ) or (credentials.source if credentials else None)
     if source is not None:

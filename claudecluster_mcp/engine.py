@@ -34,6 +34,7 @@ import anyio
 from .claude_cli import ClaudeBinary, find_claude
 from .errors import ConfigError, NotFoundError, PlanValidationError, StateError
 from .graph import TaskGraph, checked_plan, parse_tasks
+from .isolation import require_isolation
 from .merge_queue import FinalMerge, MergeQueue
 from .models import (
     ACTIVE_STATES,
@@ -106,6 +107,7 @@ class Cluster:
         if workers is not None:
             settings = settings.model_copy(update={"workers": _check_workers(workers)})
         root = await repo_root(Path(repo))
+        require_isolation(settings.isolation)
         if placement is None:
             if claude is None:
                 claude = await anyio.to_thread.run_sync(find_claude, settings.claude_bin)

@@ -2,7 +2,9 @@
 
 ``git merge-tree --write-tree`` computes the merge (and its conflicts) from objects alone;
 ``git commit-tree`` makes the merge commit; an optional gate command runs on a detached
-worktree of the candidate; ``git update-ref <ref> <new> <old>`` moves the branch only if
+worktree of the candidate (confined like an agent: scrubbed environment, private TMPDIR,
+and under a :class:`~claudecluster_mcp.isolation.SandboxPolicy` a read-only file system
+except its worktree); ``git update-ref <ref> <new> <old>`` moves the branch only if
 nobody moved it meanwhile. A journal callback records the update before it happens, so a
 crash half-way can be completed or undone, never applied twice.
 """
@@ -22,6 +24,8 @@ from pathlib import Path
 
 import anyio
 
+from .agent_spec import scrubbed_env
+from .isolation import SandboxPolicy, confine_argv, require_isolation
 from .workspace import (
     add_worktree,
     git,
@@ -93,16 +97,28 @@ async def merge_tree(repo: Path, ours: str, theirs: str) -> MergeCheck:
     return MergeCheck(clean=result.returncode == 0, tree=parts[0].strip(), conflicts=sorted(set(parts[1:])))
 
 
-async def run_gate(repo: Path, commit: str, argv: Sequence[str], *, timeout: float = 600) -> GateResult:
+async def run_gate(
+    repo: Path, commit: str, argv: Sequence[str], *, timeout: float = 600, sandbox: SandboxPolicy | None = None
+) -> GateResult:
     """Run ``argv`` (no shell) in a detached worktree of ``commit``; keep its output's tail.
-    On timeout or cancellation the gate's whole process group is killed."""
+
+    The gate runs code the agents wrote, so it gets what an agent gets and no more: the
+    agents' environment allow-list without model credentials (never the server's tokens),
+    a private TMPDIR removed afterwards, and with ``sandbox`` a file system read-only except
+    its worktree, its TMPDIR and the policy's paths, and no network unless the policy allows
+    some. On timeout or cancellation the gate's whole process group is killed."""
+    if sandbox is not None:
+        require_isolation("sandbox")
     workdir = Path(tempfile.mkdtemp(prefix="claudecluster-gate-"))
-    tree = workdir / "tree"
+    tree, tmpdir = workdir / "tree", workdir / "tmp"
+    tmpdir.mkdir(mode=0o700)
+    env = {**scrubbed_env(credentials=False), "TMPDIR": str(tmpdir)}
     try:
         await add_worktree(repo, tree, commit=commit)
+        command = list(argv) if sandbox is None else confine_argv(argv, sandbox, [tree, tmpdir])
         try:
             with anyio.fail_after(timeout):
-                returncode, output = await _run_group(argv, tree)
+                returncode, output = await _run_group(command, tree, env)
         except TimeoutError:
             return GateResult(ok=False, returncode=None, output=f"gate command timed out after {timeout:g}s")
         except OSError as exc:
@@ -114,12 +130,12 @@ async def run_gate(repo: Path, commit: str, argv: Sequence[str], *, timeout: flo
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def _run_group(argv: Sequence[str], cwd: Path) -> tuple[int, str]:
+async def _run_group(argv: Sequence[str], cwd: Path, env: dict[str, str]) -> tuple[int, str]:
     """Run ``argv`` in its own session; on cancellation kill the whole group (a test
     runner's children too), then re-raise."""
     chunks: list[bytes] = []
     process = await anyio.open_process(
-        list(argv), cwd=cwd, stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+        list(argv), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
         assert process.stdout is not None
@@ -146,6 +162,7 @@ async def merge_into(
     *,
     gate: Sequence[str] | None = None,
     gate_timeout: float = 600,
+    gate_sandbox: SandboxPolicy | None = None,
     journal: Journal | None = None,
     journal_end: JournalEnd | None = None,
     base: str | None = None,
@@ -154,18 +171,19 @@ async def merge_into(
     dry_run: bool = False,
 ) -> MergeResult:
     """Merge ``commit`` into ``branch`` (a ``refs/heads/…`` name). Fast-forwards when
-    ``commit`` already contains the tip; otherwise makes a two-parent merge commit (with a
-    fallback identity where git has none). Retries if the branch moves under it.
+        ``commit`` already contains the tip; otherwise makes a two-parent merge commit (with a
+        fallback identity where git has none). Retries if the branch moves under it.
 
-    The merge commit and the gate touch no ref, so they can be cancelled at any point; the
-    ref update, with its journal entries, is shielded from cancellation and happens
-    entirely or not at all. Without ``checkout`` no working tree is touched; with it (the
-    worktree that has ``branch`` checked out) the ref moves by ``git merge --ff-only`` to
-    the prepared commit there, which updates its files. ``dry_run`` stops before the gate.
+        The merge commit and the gate touch no ref, so they can be cancelled at any point; the
+        ref update, with its journal entries, is shielded from cancellation and happens
+        entirely or not at all. Without ``checkout`` no working tree is touched; with it (the
+        worktree that has ``branch`` checked out) the ref moves by ``git merge --ff-only`` to
+        the prepared commit there, which updates its files. ``dry_run`` stops before the gate;
+    ``gate_sandbox`` confines the gate (:func:`run_gate`).
 
-    ``base`` (the commit ``commit`` was built on, an ancestor of the branch) and
-    ``tip_hint`` (the branch tip as last seen) let the common cases skip git calls; the
-    compare-and-swap of the final ref update keeps them honest."""
+        ``base`` (the commit ``commit`` was built on, an ancestor of the branch) and
+        ``tip_hint`` (the branch tip as last seen) let the common cases skip git calls; the
+        compare-and-swap of the final ref update keeps them honest."""
     ref = branch if branch.startswith("refs/") else f"refs/heads/{branch}"
     while True:
         tip = tip_hint or await rev_parse(repo, ref)
@@ -183,7 +201,7 @@ async def merge_into(
         if dry_run:
             return MergeResult(MergeOutcome.MERGED, old_tip=tip, new_tip=new, fast_forward=fast_forward)
         if gate:
-            verdict = await run_gate(repo, new, gate, timeout=gate_timeout)
+            verdict = await run_gate(repo, new, gate, timeout=gate_timeout, sandbox=gate_sandbox)
             if not verdict.ok:
                 return MergeResult(MergeOutcome.GATE_FAILED, old_tip=tip, gate=verdict)
         with anyio.CancelScope(shield=True):

@@ -135,6 +135,7 @@ class MergeQueue:
                 merge_message(plan, task),
                 gate=plan.gate,
                 gate_timeout=self.settings.gate_timeout,
+                gate_sandbox=self.settings.sandbox_policy(),
                 journal=lambda ref, old, new: self.store.begin_merge(plan.id, task.id, ref, old, new),
                 journal_end=self.store.end_merge,
                 base=task.base_commit,

@@ -116,8 +116,16 @@ def _short(value: Any) -> str:
     return text if len(text) <= 200 else text[:200] + "…"
 
 
-def status_table(status: PlanStatus) -> Table:
-    """The live table: task, state, elapsed, turns, cost, last activity."""
+def isolation_text(isolation: str | None) -> str:
+    """How agents were confined, for reports ("" when unknown)."""
+    if isolation == "none":
+        return "isolation none: agents and the gate ran unconfined"
+    return f"isolation {isolation}" if isolation else ""
+
+
+def status_table(status: PlanStatus, isolation: str | None = None) -> Table:
+    """The live table: task, state, elapsed, turns, cost, last activity (and the isolation
+    level in its caption)."""
     table = Table(expand=False, title=escape(f"plan {status.plan.id}: {status.plan.goal[:60]}"), title_justify="left")
     table.add_column("task", no_wrap=True)
     table.add_column("state", no_wrap=True)
@@ -136,8 +144,9 @@ def status_table(status: PlanStatus) -> Table:
             f"${task.cost_usd:.4f}" if task.cost_usd else "",
             escape(activity),
         )
-    if status.omitted:
-        table.caption = f"{status.omitted} more tasks pending or merged"
+    caption = [f"{status.omitted} more tasks pending or merged"] if status.omitted else []
+    caption += [isolation_text(isolation)] if isolation else []
+    table.caption = "; ".join(caption) or None
     return table
 
 
@@ -159,12 +168,13 @@ def _redacted(status: PlanStatus) -> PlanStatus:
     return PlanStatus.model_validate(redact_data(status.model_dump(mode="json")))
 
 
-def to_json(status: PlanStatus, stats: dict[str, Diffstat] | None = None) -> str:
+def to_json(status: PlanStatus, stats: dict[str, Diffstat] | None = None, isolation: str | None = None) -> str:
     """The whole plan as JSON (secrets redacted)."""
     stats = stats or {}
     plan = status.plan.model_dump(mode="json")
     report = {
         "plan": plan,
+        "isolation": isolation,
         "counts": status.counts,
         "total_cost_usd": round(status.total_cost_usd, 6),
         "total_tokens": status.total_tokens,
@@ -173,7 +183,7 @@ def to_json(status: PlanStatus, stats: dict[str, Diffstat] | None = None) -> str
     return json.dumps(redact_data(report), indent=2)
 
 
-def to_markdown(status: PlanStatus, stats: dict[str, Diffstat] | None = None) -> str:
+def to_markdown(status: PlanStatus, stats: dict[str, Diffstat] | None = None, isolation: str | None = None) -> str:
     """A Markdown report: summary, a task table, failures, and the merge result (secrets
     redacted)."""
     stats = stats or {}
@@ -186,6 +196,11 @@ def to_markdown(status: PlanStatus, stats: dict[str, Diffstat] | None = None) ->
         f"integration branch `{plan.integration_branch}`, target `{plan.target_branch}`",
         f"- State: **{plan.state.value}**; tasks: " + ", ".join(f"{n} {s}" for s, n in sorted(status.counts.items())),
         f"- Cost: ${status.total_cost_usd:.4f}; tokens: {status.total_tokens:,}",
+        *(
+            [f"- Isolation: **{isolation}**" + (" (agents and the gate ran unconfined)" if isolation == "none" else "")]
+            if isolation
+            else []
+        ),
         "",
         "| task | state | attempts | turns | time | cost | tokens | diff | depends on |",
         "|---|---|---:|---:|---:|---:|---:|---|---|",
@@ -322,7 +337,7 @@ svg text.label{fill:#fff;font-size:12px} svg text.axis{fill:#52606d;font-size:11
 """
 
 
-def to_html(status: PlanStatus, stats: dict[str, Diffstat] | None = None) -> str:
+def to_html(status: PlanStatus, stats: dict[str, Diffstat] | None = None, isolation: str | None = None) -> str:
     """One self-contained HTML page (inline CSS and SVG, no scripts, nothing fetched;
     secrets redacted)."""
     stats = stats or {}
@@ -372,7 +387,7 @@ def to_html(status: PlanStatus, stats: dict[str, Diffstat] | None = None) -> str
 <h1>Plan {e(plan.id)}: {e(plan.goal)}</h1>
 <p class="meta">{e(str(plan.repo))} · base {e(plan.base_commit[:10])} ({e(plan.base_ref)}) ·
 integration branch {e(plan.integration_branch)} · target {e(plan.target_branch)} ·
-state <b>{e(plan.state.value)}</b></p>
+state <b>{e(plan.state.value)}</b>{f' · <b id="isolation">{e(isolation_text(isolation))}</b>' if isolation else ""}</p>
 <div class="cards">{cards}</div>
 <h2>Timeline on worker slots</h2>
 <section id="timeline">{_gantt(status.tasks)}</section>

@@ -14,9 +14,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .agent_spec import PermissionMode
+from .isolation import Isolation, SandboxPolicy
 from .models import MergePolicy
 
 __all__ = ["MAX_WORKERS", "PROTECTED_PATHS", "EngineSettings", "default_state_dir", "protected"]
@@ -82,10 +83,36 @@ class EngineSettings(BaseModel):
         default_factory=lambda: list(PROTECTED_PATHS),
         description="globs of control files a task may change only with the user's approval",
     )
+    isolation: Isolation = Field(
+        default="sandbox",
+        description="sandbox: agents' commands and the gate write only their worktree (bwrap+socat on Linux); "
+        "none: unconfined",
+    )
+    sandbox_write_paths: list[Path] = Field(
+        default_factory=list, description="more paths sandboxed commands may write (e.g. package caches)"
+    )
+    sandbox_allowed_domains: list[str] = Field(
+        default_factory=list, description="domains sandboxed commands may reach (default none: no network)"
+    )
+
+    @field_validator("sandbox_write_paths")
+    @classmethod
+    def _absolute(cls, value: list[Path]) -> list[Path]:
+        paths = [path.expanduser() for path in value]
+        if relative := [str(p) for p in paths if not p.is_absolute()]:
+            raise ValueError(f"sandbox_write_paths must be absolute (or start with ~): {', '.join(relative)}")
+        return paths
+
+    def sandbox_policy(self) -> SandboxPolicy | None:
+        """What sandboxed commands may touch; None when ``isolation`` is ``none``."""
+        if self.isolation == "none":
+            return None
+        return SandboxPolicy(write_paths=self.sandbox_write_paths, allowed_domains=self.sandbox_allowed_domains)
 
     def agent_options(self) -> dict[str, Any]:
         """The :class:`~claudecluster_mcp.agent.AgentSpec` fields these settings decide."""
-        return {spec_field: getattr(self, field) for field, spec_field in _AGENT_FIELDS.items()}
+        options = {spec_field: getattr(self, field) for field, spec_field in _AGENT_FIELDS.items()}
+        return {**options, "sandbox": self.sandbox_policy()}
 
 
 def protected(files: Iterable[str], globs: Iterable[str]) -> list[str]:

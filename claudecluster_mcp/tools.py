@@ -164,7 +164,9 @@ async def dispatch(
         if workers is not None:
             hub.set_workers(workers)
         started = await cluster.dispatch(plan_id, task_ids)
-        return StatusView.of(started, workers=cluster.workers, agents_running=cluster.running)
+        return StatusView.of(
+            started, workers=cluster.workers, agents_running=cluster.running, isolation=cluster.settings.isolation
+        )
 
 
 async def status(
@@ -212,7 +214,9 @@ async def status(
             until_finished=until_finished,
             on_progress=ctx.report_progress if ctx is not None else None,
         )
-        return StatusView.of(found, workers=cluster.workers, agents_running=cluster.running)
+        return StatusView.of(
+            found, workers=cluster.workers, agents_running=cluster.running, isolation=cluster.settings.isolation
+        )
 
 
 async def merge(
@@ -244,7 +248,9 @@ async def cancel(
     assert plan_id is not None
     async with hub.cluster_of_plan(plan_id) as cluster:
         cancelled = await cluster.cancel(plan_id, local)
-        return StatusView.of(cancelled, workers=cluster.workers, agents_running=cluster.running)
+        return StatusView.of(
+            cancelled, workers=cluster.workers, agents_running=cluster.running, isolation=cluster.settings.isolation
+        )
 
 
 async def approve(
@@ -259,7 +265,9 @@ async def approve(
     plan_id, local = split_task_ref(task_id)
     async with hub.cluster_of_plan(plan_id) as cluster:
         decided = await cluster.approve(plan_id, local, reject=reject)
-        return StatusView.of(decided, workers=cluster.workers, agents_running=cluster.running)
+        return StatusView.of(
+            decided, workers=cluster.workers, agents_running=cluster.running, isolation=cluster.settings.isolation
+        )
 
 
 async def logs(
@@ -347,7 +355,9 @@ async def plan_resource(plan_id: str, ctx: Context) -> str:
     with reported("resource"):
         async with _hub_of(ctx).cluster_of_plan(plan_id) as cluster:
             found = await cluster.status(plan_id)
-            view = StatusView.of(found, workers=cluster.workers, agents_running=cluster.running)
+            view = StatusView.of(
+                found, workers=cluster.workers, agents_running=cluster.running, isolation=cluster.settings.isolation
+            )
     return view.model_dump_json(indent=2)
 
 

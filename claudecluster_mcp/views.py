@@ -162,11 +162,13 @@ class StatusView(BaseModel):
     tasks_omitted: int = Field(default=0, description="tasks left out of `tasks` (pending or merged, big plans)")
     final_merge: dict[str, Any] | None = None
     plans: list[PlanSummary] = Field(default_factory=list)
+    isolation: str = Field(default="", description="how the engine confines agents and the gate: sandbox | none")
 
     @classmethod
-    def of(cls, status: PlanStatus, *, workers: int, agents_running: int) -> StatusView:
-        """The view of a plan's status, with its repository's pool."""
+    def of(cls, status: PlanStatus, *, workers: int, agents_running: int, isolation: str = "") -> StatusView:
+        """The view of a plan's status, with its repository's pool and isolation level."""
         return cls(
+            isolation=isolation,
             plan_id=status.plan.id,
             goal=status.plan.goal,
             state=status.plan.state.value,
@@ -198,6 +200,7 @@ class StatusView(BaseModel):
             f"plan {self.plan_id} {self.state}{' (finished)' if self.finished else ''}"
             f"{f' ({self.reason})' if self.reason else ''}: {counts}; "
             f"{self.agents_running} agents running; ${self.total_cost_usd:.4f}, {self.total_tokens:,} tokens"
+            f"{'; isolation none: agents run unconfined' if self.isolation == 'none' else ''}"
         )
 
 

@@ -14,11 +14,24 @@ import pytest
 
 from claudecluster_mcp.agent_spec import AgentSpec
 from claudecluster_mcp.claude_cli import ClaudeBinary, find_claude
+from claudecluster_mcp.isolation import sandbox_support
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
 from claudecluster_mcp.models import Plan, Task
 from claudecluster_mcp.scenario import load_scenario
 from claudecluster_mcp.settings import EngineSettings
 from claudecluster_mcp.store import now
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked ``sandbox`` need Claude Code's sandbox: skipped with the reason where it
+    is missing, except in CI (``CI=true``), where nothing may be skipped silently."""
+    if item.get_closest_marker("sandbox") is None:
+        return
+    support = sandbox_support()
+    if not support.available:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI=true but {support.describe()}")
+        pytest.skip(support.describe())
 
 
 @pytest.fixture
@@ -125,7 +138,12 @@ def home(tmp_path: Path) -> Path:
 def engine_settings(tmp_path: Path) -> Callable[..., EngineSettings]:
     """EngineSettings factory for agents against a scripted model server: isolated state,
     Claude config and HOME under tmp_path, Bash allowed, short retry delays and timeouts.
-    ``engine_settings()`` without a server: the same, for engines that run no agent."""
+    ``engine_settings()`` without a server: the same, for engines that run no agent.
+
+    Isolation is ``none`` unless a test asks for ``sandbox``: these tests are about
+    scheduling, merging and recovery, must run where bubblewrap is missing, and their
+    probes (a gate writing its pid to tmp_path) write outside the worktree on purpose. The
+    sandbox has its own tests (marked ``sandbox``); the whole suite was also run under it."""
 
     def make(server: ScriptedModelServer | None = None, **overrides: Any) -> EngineSettings:
         model_env = scripted_env(server.url) if server is not None else {}
@@ -134,6 +152,7 @@ def engine_settings(tmp_path: Path) -> Callable[..., EngineSettings]:
             "claude_config_dir": tmp_path / "claude-config",
             "agent_env": {**model_env, "HOME": str(agent_home(tmp_path))},
             "allowed_tools": ["Bash"],
+            "isolation": "none",
             "retry_backoff": 0.2,
             "rate_limit_pause": 1.0,
             "restart_stagger": 0.2,
@@ -149,9 +168,16 @@ def engine_settings(tmp_path: Path) -> Callable[..., EngineSettings]:
 @pytest.fixture
 def user_env(tmp_path: Path, claude: ClaudeBinary) -> dict[str, str]:
     """The environment a user runs ``claudecluster`` in: no claudecluster settings, the
-    hermetic HOME (see :func:`agent_home`; the CLI keeps its state under it), the pinned claude."""
+    hermetic HOME (see :func:`agent_home`; the CLI keeps its state under it), the pinned
+    claude, and ``isolation = "none"`` (as in :func:`engine_settings`; a test of the default
+    removes ``CLAUDECLUSTER_ISOLATION``)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDECLUSTER_")}
-    return {**clean, "HOME": str(agent_home(tmp_path)), "CLAUDECLUSTER_CLAUDE_BIN": str(claude.path)}
+    return {
+        **clean,
+        "HOME": str(agent_home(tmp_path)),
+        "CLAUDECLUSTER_CLAUDE_BIN": str(claude.path),
+        "CLAUDECLUSTER_ISOLATION": "none",
+    }
 
 
 @pytest.fixture
