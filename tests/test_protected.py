@@ -115,3 +115,24 @@ async def test_protected_paths_are_a_setting(
             status = await cluster.wait(plan.id)
 
     assert status.task("CI").state is TaskState.HELD and ".github/workflows/ci.yml" in status.task("CI").reason
+
+
+async def test_a_symlink_an_agent_makes_is_committed_as_a_symlink_never_followed(
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings, tmp_path: Path, git: Git
+) -> None:
+    secret = tmp_path / "outside-secret.txt"
+    secret.write_text("the server's secret\n")
+    server = model_server({"rules": [marker_rule("LINK", bash_turn(f"ln -s {secret} leak.txt"))]})
+    async with Cluster.open(repo, settings=engine_settings(server), claude=claude) as cluster:
+        plan = (await cluster.plan("link", [spec("LINK")])).plan
+        await cluster.dispatch(plan.id)
+        with anyio.fail_after(90):
+            status = await cluster.wait(plan.id)
+        await cluster.merge(plan.id)
+
+    assert status.task("LINK").state is TaskState.MERGED, status.task("LINK").reason
+    mode, kind, _ = git(repo, "ls-tree", plan.integration_branch, "leak.txt").split(maxsplit=2)
+    assert (mode, kind) == ("120000", "blob")
+    assert git(repo, "cat-file", "-p", f"{plan.integration_branch}:leak.txt") == str(secret)
+    assert (repo / "leak.txt").is_symlink()
+    assert "the server's secret" not in git(repo, "log", "-p", "--all")
