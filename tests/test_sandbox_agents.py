@@ -168,7 +168,9 @@ async def test_settings_planted_by_an_agent_never_reach_a_later_agent(
     )
     # "none": the planting Bash command must succeed (the sandbox would already refuse to
     # write .claude/); what is tested is that no agent loads a worktree's settings.
-    settings = engine_settings(server, isolation="none")
+    # No protected paths either (as if the user had approved .claude/): even merged, a planted
+    # settings file must not reach a later agent.
+    settings = engine_settings(server, isolation="none", protected_paths=[])
     async with Cluster.open(repo, settings=settings, claude=claude) as cluster:
         status = await run_plan(cluster, [spec("plant"), spec("later", "plant")])
         integration = status.plan.integration_branch
