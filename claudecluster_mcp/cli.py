@@ -21,7 +21,7 @@ from rich.console import Console
 
 from . import __version__
 from .benchmarks import BENCHES
-from .errors import ClusterError
+from .errors import ClusterError, leaves
 
 __all__ = ["build_parser", "main"]
 
@@ -398,13 +398,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    """The exceptions inside (nested) exception groups, or ``[exc]``."""
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
-
-
 def _one_line(error: ClusterError) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return "; ".join(lines) or type(error).__name__
@@ -413,13 +406,13 @@ def _one_line(error: ClusterError) -> str:
 def _exit_for(exc: BaseException) -> int:
     """Say what ended the command and choose the exit code. anyio task groups (the engine's)
     wrap what their body raises in an exception group: a user's error is still one line."""
-    leaves = _leaves(exc)
-    if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+    found = leaves(exc)
+    if any(isinstance(leaf, KeyboardInterrupt) for leaf in found):
         resume = f"; resume with: claudecluster run --plan {_current_plan['id']}" if _current_plan.get("id") else ""
         print(f"claudecluster: interrupted — agents stopped, nothing left running{resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if all(isinstance(leaf, ClusterError) for leaf in leaves):
-        messages = list(dict.fromkeys(_one_line(leaf) for leaf in leaves if isinstance(leaf, ClusterError)))
+    if all(isinstance(leaf, ClusterError) for leaf in found):
+        messages = list(dict.fromkeys(_one_line(leaf) for leaf in found if isinstance(leaf, ClusterError)))
         more = f" (and {len(messages) - 1} more errors)" if len(messages) > 1 else ""
         print(f"claudecluster: error: {messages[0]}{more}", file=sys.stderr)
         return EXIT_USAGE

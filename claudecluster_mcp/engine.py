@@ -32,7 +32,7 @@ from typing import Any
 import anyio
 
 from .claude_cli import ClaudeBinary, find_claude
-from .errors import ConfigError, NotFoundError, PlanValidationError, StateError
+from .errors import ConfigError, NotFoundError, PlanValidationError, StateError, single_errors
 from .graph import TaskGraph, checked_plan, parse_tasks
 from .isolation import require_isolation
 from .merge_queue import FinalMerge, MergeQueue
@@ -113,7 +113,7 @@ class Cluster:
                 claude = await anyio.to_thread.run_sync(find_claude, settings.claude_bin)
             placement = LocalPlacement(claude)
         db_path = await state_db_path(root)
-        with _single_errors(), EngineLease(db_path.parent / "engine.lock", root):
+        with single_errors(), EngineLease(db_path.parent / "engine.lock", root):
             async with Store.open(db_path) as store, anyio.create_task_group() as tg:
                 cluster = cls(root, store, settings, placement)
                 await recover(root, store, placement, cluster.merges, cluster.scheduler)
@@ -371,26 +371,6 @@ class Cluster:
         branch): fast-forward when possible, else a merge commit after a clean merge-tree
         check. Refuses a dirty checked-out target; records the previous tip for undo."""
         return await self.merges.land(await self.store.status(plan_id), target, dry_run=dry_run)
-
-
-@contextlib.contextmanager
-def _single_errors() -> Any:
-    """Re-raise an exception group holding one error as that error, so callers see a
-    :class:`~claudecluster_mcp.errors.ClusterError` raised in the engine's block as itself."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        if len(leaves) == 1 and isinstance(leaves[0], Exception):
-            raise leaves[0] from None
-        raise
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    found: list[BaseException] = []
-    for exc in group.exceptions:
-        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return found
 
 
 # What one agent prompt, as the engine builds it, may take of the OS's single-argument limit:

@@ -27,6 +27,9 @@ traceback.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 __all__ = [
     "AgentError",
     "ClaudeNotFoundError",
@@ -43,6 +46,8 @@ __all__ = [
     "ScenarioError",
     "StateError",
     "StoreError",
+    "leaves",
+    "single_errors",
 ]
 
 
@@ -104,3 +109,23 @@ class ModelUnavailableError(ClusterError):
 
 class AgentError(ClusterError):
     """An agent process could not be started or supervised."""
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, or ``[exc]``: anyio task groups wrap
+    what their body raises, and a user's error must still be seen as itself."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+    return [exc]
+
+
+@contextlib.contextmanager
+def single_errors() -> Iterator[None]:
+    """Re-raise an exception group holding one error as that error."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        found = leaves(group)
+        if len(found) == 1 and isinstance(found[0], Exception):
+            raise found[0] from None
+        raise
