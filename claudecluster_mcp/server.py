@@ -20,8 +20,9 @@ from starlette.applications import Starlette
 from . import __version__
 from .claude_cli import ClaudeBinary
 from .hub import Hub, HubRef
+from .mcp_session import lifespan
 from .settings import EngineSettings
-from .tools import lifespan, register
+from .tools import register
 from .transports import (
     Metrics,
     auth_options,

@@ -1,5 +1,7 @@
-"""The MCP surface: seven tools (plan, dispatch, status, merge, cancel, logs, workers), two
-resource templates and a prompt, as plain module-level functions over the engine facade.
+"""The MCP tools: plan, dispatch, status, merge, cancel, approve, logs and workers, as plain
+module-level functions over the engine facade (resources and the prompt are in
+:mod:`~claudecluster_mcp.resources`; sessions and error mapping in
+:mod:`~claudecluster_mcp.mcp_session`).
 
 Each tool is an ``async def`` taking the :class:`~claudecluster_mcp.hub.Hub` first and its
 arguments after, so it can be called (and tested) directly::
@@ -9,8 +11,8 @@ arguments after, so it can be called (and tested) directly::
 Inside a server the hub parameter is filled by the SDK's resolver (:data:`HubDep`), so it
 is not part of the input schema. :data:`TOOLS` lists the tools as data (title and
 annotations each); :func:`register` puts them, the resources and the prompt on a server.
-:func:`reported` is the one place a :class:`~claudecluster_mcp.errors.ClusterError`
-becomes an MCP error, for tools (an ``isError`` result carrying the message) and resources.
+:func:`~claudecluster_mcp.mcp_session.reported` is the one place a
+:class:`~claudecluster_mcp.errors.ClusterError` becomes an MCP error, for tools and resources.
 """
 
 from __future__ import annotations
@@ -18,99 +20,38 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
-from mcp.server.mcpserver.resolve import Resolve
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
 from .engine import STATUS_FOCUS
-from .errors import ClusterError, ConfigError, NotFoundError
-from .hub import Hub, HubRef
+from .errors import ConfigError
+from .mcp_session import HubDep, reported
 from .merge_queue import FinalMerge
 from .models import MergePolicy, PlanStatus, TaskSpec, split_task_ref
-from .report import event_line
+from .resources import register_resources
 from .views import LogsView, PlanView, StatusView, WorkersView, summary_of
 
 __all__ = [
     "TOOLS",
-    "HubDep",
     "ToolSpec",
     "approve",
     "cancel",
-    "current_hub",
     "dispatch",
-    "lifespan",
     "logs",
     "merge",
     "plan",
-    "plan_resource",
     "register",
-    "reported",
-    "split_goal",
     "status",
-    "task_log_resource",
     "workers",
 ]
 
-HUB_KEY = "hub"
-
 #: Observes every tool call: (tool name, seconds, failed).
 Observer = Callable[[str, float, bool], None]
-
-
-# -- errors: the one mapping ---------------------------------------------------------------
-
-
-@contextmanager
-def reported(kind: Literal["tool", "resource"]) -> Iterator[None]:
-    """Turn a :class:`ClusterError` into the MCP error for ``kind``, keeping its message:
-    a ``ToolError`` (the client gets an ``isError`` result), or for resources a
-    ``ResourceNotFoundError`` (unknown or malformed ids) or ``ResourceError``. Anything else
-    is a bug: the SDK logs its traceback and shows the client no details."""
-    try:
-        yield
-    except ClusterError as exc:
-        if kind == "tool":
-            raise ToolError(str(exc)) from exc
-        if isinstance(exc, NotFoundError | ConfigError):
-            raise ResourceNotFoundError(str(exc)) from exc
-        raise ResourceError(str(exc)) from exc
-
-
-# -- finding the hub -----------------------------------------------------------------------
-
-
-def lifespan(ref: HubRef) -> Callable[[MCPServer[Any]], AbstractAsyncContextManager[dict[str, Any]]]:
-    """The server lifespan handing sessions ``ref``; the hub itself outlives sessions (the
-    SSE transport enters the lifespan once per connection)."""
-
-    @asynccontextmanager
-    async def enter(_: MCPServer[Any]) -> AsyncIterator[dict[str, Any]]:
-        yield {HUB_KEY: ref}
-
-    return enter
-
-
-def _hub_of(ctx: Context) -> Hub:
-    ref = ctx.request_context.lifespan_context[HUB_KEY]
-    assert isinstance(ref, HubRef)
-    return ref.get()
-
-
-def current_hub(ctx: Context) -> Hub:
-    """The running hub of the server handling this request (the resolver of :data:`HubDep`)."""
-    with reported("tool"):
-        return _hub_of(ctx)
-
-
-#: A tool parameter the SDK fills with the hub (not part of the input schema).
-HubDep = Annotated[Hub, Resolve(current_hub)]
 
 
 # -- the tools -------------------------------------------------------------------------------
@@ -347,47 +288,6 @@ TOOLS: tuple[ToolSpec, ...] = (
 )
 
 
-# -- resources and the prompt ------------------------------------------------------------------
-
-
-async def plan_resource(plan_id: str, ctx: Context) -> str:
-    """A plan's status as JSON."""
-    with reported("resource"):
-        async with _hub_of(ctx).cluster_of_plan(plan_id) as cluster:
-            found = await cluster.status(plan_id)
-            view = StatusView.of(
-                found, workers=cluster.workers, agents_running=cluster.running, isolation=cluster.settings.isolation
-            )
-    return view.model_dump_json(indent=2)
-
-
-async def task_log_resource(task_id: str, ctx: Context) -> str:
-    """A task's agent events as text, one line each."""
-    with reported("resource"):
-        plan_id, local = split_task_ref(task_id)
-        async with _hub_of(ctx).cluster_of_plan(plan_id) as cluster:
-            events = await cluster.events(plan_id, local)
-    return "\n".join(event_line(e) for e in events) + "\n"
-
-
-def split_goal(goal: str, repo: str = ".") -> str:
-    """Guide for turning a coding goal into tasks for the `plan` tool."""
-    return (
-        f"Split this coding goal into tasks for claudecluster, then call the `plan` tool with repo={repo!r}.\n\n"
-        f"Goal: {goal}\n\n"
-        "Read the relevant code first. Each task runs as a separate Claude Code agent in its own git "
-        "worktree, in parallel with the others, and only sees the work of tasks listed in its `deps` "
-        "(they are merged before it starts). So:\n"
-        "- give every task a unique short `id`, a `title` and a self-contained `prompt` naming the files "
-        "and functions to change and how to check the result;\n"
-        "- add `deps` only where a task needs another's result, keeping the graph wide;\n"
-        "- avoid two independent tasks editing the same file (make one depend on the other, or merge them);\n"
-        "- list the files each task touches in `files` (globs);\n"
-        "- put tests in their own task depending on the code they test, with `category: test`.\n"
-        "Then call `dispatch` and follow progress with `status` (wait_seconds=60), and `merge` when done."
-    )
-
-
 # -- registration ------------------------------------------------------------------------------
 
 
@@ -424,10 +324,4 @@ def register(mcp: MCPServer[Any], *, observe: Observer | None = None) -> None:
             description=inspect.cleandoc(spec.fn.__doc__ or ""),  # what the host model reads
             annotations=spec.annotations,
         )
-    mcp.resource("claudecluster://plans/{plan_id}", mime_type="application/json", title="A plan's status")(
-        plan_resource
-    )
-    mcp.resource("claudecluster://tasks/{task_id}/log", mime_type="text/plain", title="A task's agent log")(
-        task_log_resource
-    )
-    mcp.prompt(title="Split a goal into claudecluster tasks")(split_goal)
+    register_resources(mcp)

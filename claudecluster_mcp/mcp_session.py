@@ -1,0 +1,69 @@
+"""What every MCP request handler shares: the hub of the session (handed over by the server
+lifespan, filled into tools by the SDK's resolver) and the one mapping of a
+:class:`~claudecluster_mcp.errors.ClusterError` to an MCP error, for tools and resources."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from typing import Annotated, Any, Literal
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
+from mcp.server.mcpserver.resolve import Resolve
+
+from .errors import ClusterError, ConfigError, NotFoundError
+from .hub import Hub, HubRef
+
+__all__ = ["HUB_KEY", "HubDep", "current_hub", "hub_of", "lifespan", "reported"]
+
+HUB_KEY = "hub"
+
+# -- errors: the one mapping ---------------------------------------------------------------
+
+
+@contextmanager
+def reported(kind: Literal["tool", "resource"]) -> Iterator[None]:
+    """Turn a :class:`ClusterError` into the MCP error for ``kind``, keeping its message:
+    a ``ToolError`` (the client gets an ``isError`` result), or for resources a
+    ``ResourceNotFoundError`` (unknown or malformed ids) or ``ResourceError``. Anything else
+    is a bug: the SDK logs its traceback and shows the client no details."""
+    try:
+        yield
+    except ClusterError as exc:
+        if kind == "tool":
+            raise ToolError(str(exc)) from exc
+        if isinstance(exc, NotFoundError | ConfigError):
+            raise ResourceNotFoundError(str(exc)) from exc
+        raise ResourceError(str(exc)) from exc
+
+
+# -- finding the hub -----------------------------------------------------------------------
+
+
+def lifespan(ref: HubRef) -> Callable[[MCPServer[Any]], AbstractAsyncContextManager[dict[str, Any]]]:
+    """The server lifespan handing sessions ``ref``; the hub itself outlives sessions (the
+    SSE transport enters the lifespan once per connection)."""
+
+    @asynccontextmanager
+    async def enter(_: MCPServer[Any]) -> AsyncIterator[dict[str, Any]]:
+        yield {HUB_KEY: ref}
+
+    return enter
+
+
+def hub_of(ctx: Context) -> Hub:
+    """The running hub of the session handling ``ctx``."""
+    ref = ctx.request_context.lifespan_context[HUB_KEY]
+    assert isinstance(ref, HubRef)
+    return ref.get()
+
+
+def current_hub(ctx: Context) -> Hub:
+    """The running hub of the server handling this request (the resolver of :data:`HubDep`)."""
+    with reported("tool"):
+        return hub_of(ctx)
+
+
+#: A tool parameter the SDK fills with the hub (not part of the input schema).
+HubDep = Annotated[Hub, Resolve(current_hub)]
