@@ -30,3 +30,9 @@ def test_every_command_is_in_the_readme_commands_table(command: str) -> None:
 @pytest.mark.parametrize("name", sorted(EngineSettings.model_fields))
 def test_every_setting_is_documented(name: str) -> None:
     assert f"`{name}`" in README, f"setting {name} is not documented in README.md"
+
+
+def test_every_command_has_a_handler() -> None:
+    from claudecluster_mcp.cli import _HANDLERS
+
+    assert set(_commands()) == set(_HANDLERS)

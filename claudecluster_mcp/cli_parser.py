@@ -1,0 +1,184 @@
+"""The ``claudecluster`` command line's arguments: one small function per group of commands.
+:mod:`claudecluster_mcp.cli` runs the command ``args.command`` names."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import __version__
+from .benchmarks import BENCHES
+
+__all__ = ["build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation tests)."""
+    parser = argparse.ArgumentParser(
+        prog="claudecluster",
+        description="Turn Claude Code into a coding cluster.",
+    )
+    parser.add_argument("--version", action="version", version=f"claudecluster {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_demo_and_model_server, _add_serve, _add_run, _add_readers, _add_actions, _add_bench_and_check):
+        add(commands)
+    return parser
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    """The engine settings a command takes as flags."""
+    p.add_argument("--workers", type=int, help="agents at once (1-64)")
+    p.add_argument("--model", help="model or alias for agents")
+    p.add_argument(
+        "--permission-mode", choices=["acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "plan"]
+    )
+    p.add_argument("--allowed-tool", action="append", help='tool rule agents may use, e.g. "Bash(pytest *)"')
+    p.add_argument("--gate", help='command run on each merge candidate, e.g. "pytest -q"')
+    p.add_argument("--merge-policy", choices=["resolve", "report"])
+    p.add_argument("--max-budget-usd", type=float, help="cost limit per agent run")
+
+
+def _repo_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repo", type=Path, help="the git repository (default: the current directory's)")
+
+
+def _add_demo_and_model_server(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="run a task DAG with real claude agents against the scripted model (offline)",
+        description="Plan examples/demo/tasks.yaml in a fresh copy of examples/demo/repo, run the "
+        "tasks as real Claude Code agents in parallel (each in its own git worktree) against the "
+        "bundled scripted model, merge them (resolving a planned conflict), and show the result. "
+        "No API key needed.",
+    )
+    demo.add_argument("--workdir", type=Path, help="where to put the demo repository (default: a temp dir)")
+    demo.add_argument("--workers", type=int, default=4, help="agents at a time (default 4)")
+
+    model = commands.add_parser(
+        "model-server",
+        help="serve a scripted Anthropic Messages API for offline claude runs",
+        description="Serve a scripted Anthropic Messages API (see docs/scenarios.md).",
+    )
+    model.add_argument("--scenario", required=True, type=Path, help="scenario file (YAML or JSON)")
+    model.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    model.add_argument("--port", type=int, default=8123, help="port (default 8123)")
+
+
+def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the MCP server (stdio by default; --transport sse|http for remote clients)",
+        description="Run the claudecluster MCP server. stdio for a local host such as Claude Code; "
+        "sse or http serve one app with Streamable HTTP at /mcp, legacy SSE at /sse, /health and /metrics.",
+    )
+    serve.add_argument("--transport", choices=["stdio", "sse", "http"], default="stdio")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address for sse/http (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8765, help="port for sse/http (default 8765)")
+    auth = serve.add_mutually_exclusive_group()
+    auth.add_argument(
+        "--token-file",
+        type=Path,
+        help="file holding the bearer token sse/http clients must send (or $CLAUDECLUSTER_TOKEN)",
+    )
+    auth.add_argument("--token", help="the bearer token itself (visible in ps: prefer --token-file)")
+    auth.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="serve sse/http without a token, on a loopback address only "
+        "(default: a token generated on first start into the state directory)",
+    )
+    serve.add_argument(
+        "--root", type=Path, action="append", help="allow repositories below this path (repeatable; default: cwd)"
+    )
+    serve.add_argument("--workers", type=int, help="agent slots (default: each repository's setting, else 4)")
+    serve.add_argument("--claude", help="the agents' claude executable (default: each repository's claude_bin)")
+    serve.add_argument("--allowed-host", action="append", help="extra Host header value to accept, e.g. myhost:8765")
+    serve.add_argument("--allowed-origin", action="append", help="extra Origin to accept, e.g. https://app.example")
+
+
+def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = commands.add_parser(
+        "run",
+        help="plan a goal, run it with live progress, optionally merge",
+        description="Plan a goal (from --tasks FILE, or split by a read-only planning agent), run its tasks "
+        "as parallel Claude Code agents with live progress, and optionally merge. Before any agent starts, "
+        "checks once that agents can use the model (logged in, API reachable; CLAUDECLUSTER_SKIP_MODEL_CHECK=1 "
+        "skips this). Exit 0 when every task merged, 1 on task failures, 2 on usage, configuration or "
+        "model-access errors. Ctrl-C stops the agents cleanly; `claudecluster run --plan ID` resumes.",
+    )
+    run.add_argument("goal", nargs="?", help="what the work should achieve")
+    run.add_argument("--tasks", type=Path, help="YAML/JSON file holding `tasks:` (the MCP plan tool's shape)")
+    run.add_argument("--plan", help="continue this plan instead of planning a new one")
+    run.add_argument("--merge", action="store_true", help="merge into the target branch when every task merged")
+    run.add_argument("--json", action="store_true", help="no live display; print the final report as JSON")
+    _repo_option(run)
+    _engine_options(run)
+
+
+def _add_readers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    status = commands.add_parser("status", help="show a plan, or list the repository's plans")
+    status.add_argument("plan", nargs="?", help="plan id (default: list plans)")
+    status.add_argument("--json", action="store_true")
+    _repo_option(status)
+
+    logs = commands.add_parser("logs", help="show what a task's agent did")
+    logs.add_argument("task", help="<plan_id>:<task id>")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the task is final")
+    logs.add_argument("--tail", type=int, default=200, help="how many of the last events (default 200)")
+    _repo_option(logs)
+
+    approve = commands.add_parser(
+        "approve", help="approve (or --reject) a task held because it changes protected paths"
+    )
+    approve.add_argument("task", help="<plan_id>:<task id>")
+    approve.add_argument("--reject", action="store_true", help="reject it instead: cancelled, dependents blocked")
+    _repo_option(approve)
+
+    cancel = commands.add_parser("cancel", help="cancel a plan or a task (<plan_id>:<task id>)")
+    cancel.add_argument("id")
+    _repo_option(cancel)
+
+
+def _add_actions(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    workers = commands.add_parser("workers", help="show the agent pool size, or set it in claudecluster.toml")
+    workers.add_argument("action", nargs="?", choices=["list", "set"], default="list")
+    workers.add_argument("count", nargs="?", type=int)
+    _repo_option(workers)
+
+    merge = commands.add_parser("merge", help="merge a finished plan into its target branch")
+    merge.add_argument("plan")
+    merge.add_argument("--target", help="branch to merge into (default: the plan's target)")
+    merge.add_argument("--dry-run", action="store_true", help="only report what would happen")
+    _repo_option(merge)
+
+    export = commands.add_parser("export", help="write a plan's report as json, md or html")
+    export.add_argument("format", choices=["json", "md", "html"])
+    export.add_argument("--plan", help="plan id (default: the latest plan)")
+    export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
+    _repo_option(export)
+
+    init = commands.add_parser(
+        "init", help="write claudecluster.toml, register the MCP server in .mcp.json, check claude"
+    )
+    init.add_argument("--yes", action="store_true", help="do not ask; use flags and defaults")
+    init.add_argument("--force", action="store_true", help="overwrite an existing claudecluster.toml")
+    _repo_option(init)
+    _engine_options(init)
+
+
+def _add_bench_and_check(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="run the benchmark suite and print one table of ratios against their targets",
+        description="Run bench/*.py (runner overhead, scheduling efficiency, real speed-up, 1,000-task "
+        "plan, MCP latency, and the race against bare `claude -p`). Takes about 8 minutes on 2 cores.",
+    )
+    bench.add_argument("--only", action="append", choices=list(BENCHES), help="run only these (repeatable)")
+
+    check = commands.add_parser(
+        "check",
+        help="find the claude CLI, print its version and the isolation available",
+        description="Locate the Claude Code CLI the way agents will, and print its version.",
+    )
+    check.add_argument("--claude", help="path to a claude executable to check")
