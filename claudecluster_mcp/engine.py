@@ -116,10 +116,10 @@ class Cluster:
         with single_errors(), EngineLease(db_path.parent / "engine.lock", root):
             async with Store.open(db_path) as store, anyio.create_task_group() as tg:
                 cluster = cls(root, store, settings, placement)
-                await recover(root, store, placement, cluster.merges, cluster.scheduler)
-                await tg.start(cluster.scheduler.run)
-                await tg.start(cluster.merges.run)
                 try:
+                    await recover(root, store, placement, cluster.merges, cluster.scheduler)
+                    await tg.start(cluster.scheduler.run)
+                    await tg.start(cluster.merges.run)
                     yield cluster
                 finally:
                     cluster.merges.close()

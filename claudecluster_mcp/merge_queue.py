@@ -97,8 +97,11 @@ class MergeQueue:
         return False
 
     def close(self) -> None:
-        """No more merges: :meth:`run` ends once the queue is empty."""
+        """No more merges: :meth:`run` ends once the queue is empty (a queue that never ran
+        is closed at once)."""
         self._send.close()
+        if self._cleanup is None:
+            self._receive.close()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Merge queued tasks one at a time until :meth:`close`."""

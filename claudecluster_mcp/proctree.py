@@ -187,6 +187,8 @@ class ProcessTree:
 
     def _root_reaper(self) -> int | None:
         """The root's pid if it is a living per-run reaper (:mod:`~claudecluster_mcp.reaper`)."""
+        if self.root <= 0:  # crash recovery: no root of ours (see placement._kill_leftovers)
+            return None
         with contextlib.suppress(psutil.Error):
             proc = psutil.Process(self.root)
             if _alive(proc) and REAPER_SCRIPT in proc.cmdline()[1:5]:

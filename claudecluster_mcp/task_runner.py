@@ -96,39 +96,40 @@ class TaskRunner:
     async def _attempt(self, plan: Plan, task: Task) -> None:
         worktree, base, resuming = await self._prepare(plan, task)
         send, receive = anyio.create_memory_object_stream[AgentEvent](math.inf)
-        spec = AgentSpec(
-            prompt=RESUME_PROMPT if resuming else task_prompt(plan, task),
-            cwd=worktree,
-            resume=task.session_id if resuming else None,
-            log_path=self.settings.state_dir / "logs" / plan.id / f"{task.id}.{task.attempts + 1}.log",
-            **self.settings.agent_options(),
-        )
-        handle = self.placement.agent(
-            spec,
-            on_event=send.send_nowait,
-            on_start=lambda pid, started: self.store.update_task(plan.id, task.id, pid=pid, pid_started=started),
-        )
-        task = await self.store.move(
-            plan.id,
-            task.id,
-            TaskState.RUNNING,
-            attempts=task.attempts + (0 if resuming else 1),
-            run_id=handle.run_id,
-            session_id=handle.session_id,
-            branch=f"claudecluster/{plan.id}/{task.id}",
-            base_commit=base,
-            worktree=worktree,
-            started_at=now(),
-            not_before=None,
-            resume=False,
-            last_activity="starting",
-        )
-        self.runs[task.ref] = handle
-        self.pulse.notify()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._record, plan, task, handle, receive)
-            with send:
-                outcome = await handle.run()
+        with send, receive:  # closed on every path, also when the agent never starts
+            spec = AgentSpec(
+                prompt=RESUME_PROMPT if resuming else task_prompt(plan, task),
+                cwd=worktree,
+                resume=task.session_id if resuming else None,
+                log_path=self.settings.state_dir / "logs" / plan.id / f"{task.id}.{task.attempts + 1}.log",
+                **self.settings.agent_options(),
+            )
+            handle = self.placement.agent(
+                spec,
+                on_event=send.send_nowait,
+                on_start=lambda pid, started: self.store.update_task(plan.id, task.id, pid=pid, pid_started=started),
+            )
+            task = await self.store.move(
+                plan.id,
+                task.id,
+                TaskState.RUNNING,
+                attempts=task.attempts + (0 if resuming else 1),
+                run_id=handle.run_id,
+                session_id=handle.session_id,
+                branch=f"claudecluster/{plan.id}/{task.id}",
+                base_commit=base,
+                worktree=worktree,
+                started_at=now(),
+                not_before=None,
+                resume=False,
+                last_activity="starting",
+            )
+            self.runs[task.ref] = handle
+            self.pulse.notify()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._record, plan, task, handle, receive)
+                with send:
+                    outcome = await handle.run()
         await self._finish(plan, task, outcome, worktree, base)
 
     async def _prepare(self, plan: Plan, task: Task) -> tuple[Path, str, bool]:
