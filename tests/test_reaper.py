@@ -23,7 +23,7 @@ from claudecluster_mcp.agent_spec import AgentSpec
 from claudecluster_mcp.claude_cli import ClaudeBinary
 from claudecluster_mcp.model_server import ScriptedModelServer
 from claudecluster_mcp.outcome import OutcomeStatus
-from claudecluster_mcp.placement import RunRecord, _kill_leftovers
+from claudecluster_mcp.placement import LocalPlacement, RunRecord, _kill_leftovers
 from claudecluster_mcp.proctree import RUN_TAG_VAR
 from claudecluster_mcp.scenario import bash_turn, marker_rule
 
@@ -163,3 +163,9 @@ async def test_orphans_that_dropped_the_tag_and_left_the_session_never_survive_a
         assert outcome.status is OutcomeStatus.SUCCEEDED, outcome.reason
         assert outcome.exit_code == 0 and outcome.signal is None
     assert_gone(durations, [p.pid for p in escaped])
+
+
+@pytest.mark.anyio
+async def test_recovery_of_a_run_killed_before_its_pid_was_recorded(claude: ClaudeBinary) -> None:
+    # The engine can die between marking a task running and recording its agent's pid.
+    assert await LocalPlacement(claude).reap(RunRecord(run_id="no-such-run", pid=None)) == []
