@@ -28,7 +28,16 @@ from .retry import RateLimitPause, decide_retry
 from .settings import EngineSettings
 from .signals import Pulse
 from .store import Store, now
-from .workspace import add_worktree, changed_files, commit_all, git, identity_args, remove_worktree, rev_parse
+from .workspace import (
+    add_worktree,
+    changed_files,
+    changes_fingerprint,
+    commit_all,
+    git,
+    identity_args,
+    remove_worktree,
+    rev_parse,
+)
 
 __all__ = ["TaskRunner", "has_progress"]
 
@@ -126,11 +135,14 @@ class TaskRunner:
             )
             self.runs[task.ref] = handle
             self.pulse.notify()
+            # Unconfined, an agent can write the user's checkout: notice it (_written_outside).
+            before = await changes_fingerprint(self.repo) if self.settings.isolation == "none" else None
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._record, plan, task, handle, receive)
                 with send:
                     outcome = await handle.run()
-        await self._finish(plan, task, outcome, worktree, base)
+        outside = await self._written_outside(before) if before is not None else []
+        await self._finish(plan, task, outcome, worktree, base, outside)
 
     async def _prepare(self, plan: Plan, task: Task) -> tuple[Path, str, bool]:
         """Create the task's worktree on its branch from the integration tip (or keep it to
@@ -175,7 +187,16 @@ class TaskRunner:
                         task.state = target
                 await self.store.update_task(plan.id, task.id, last_activity=summary(event), turns=handle.turns)
 
-    async def _finish(self, plan: Plan, task: Task, outcome: AgentOutcome, worktree: Path, base: str) -> None:
+    async def _written_outside(self, before: dict[str, tuple[int, int]]) -> list[str]:
+        """Files of the user's checkout written while the agent ran (under ``none``, where
+        nothing stops it): its task is held instead of merged. Edits of your own made at the
+        same time look the same, and hold the task too, for you to approve."""
+        after = await changes_fingerprint(self.repo)
+        return sorted(name for name in after.keys() | before.keys() if after.get(name) != before.get(name))
+
+    async def _finish(
+        self, plan: Plan, task: Task, outcome: AgentOutcome, worktree: Path, base: str, outside: list[str]
+    ) -> None:
         results = {
             "turns": outcome.num_turns,
             "cost_usd": task.cost_usd + outcome.cost_usd,
@@ -186,7 +207,7 @@ class TaskRunner:
             "finished_at": now(),
         }
         if outcome.ok:
-            await self._succeeded(plan, task, outcome, worktree, base, results)
+            await self._succeeded(plan, task, outcome, worktree, base, results, outside)
         elif outcome.status is OutcomeStatus.CANCELLED:
             await self.store.move(plan.id, task.id, TaskState.CANCELLED, reason=outcome.reason, **results)
         elif not (outcome.status is OutcomeStatus.RATE_LIMITED and await self._paused(plan, task, outcome, results)):
@@ -205,7 +226,14 @@ class TaskRunner:
                 await self.store.move(plan.id, task.id, final, reason=outcome.reason or outcome.status.value, **results)
 
     async def _succeeded(
-        self, plan: Plan, task: Task, outcome: AgentOutcome, worktree: Path, base: str, results: dict[str, Any]
+        self,
+        plan: Plan,
+        task: Task,
+        outcome: AgentOutcome,
+        worktree: Path,
+        base: str,
+        results: dict[str, Any],
+        outside: list[str],
     ) -> None:
         if task.kind is TaskKind.RESOLVE:
             leftover = await _conflict_markers(worktree)
@@ -226,6 +254,14 @@ class TaskRunner:
             last_activity="done",
             **results,
         )
+        if outside:
+            listed = ", ".join(outside[:10]) + (f" and {len(outside) - 10} more" if len(outside) > 10 else "")
+            reason = (
+                f"the repository's checkout changed while this agent ran unconfined (isolation none): {listed}; "
+                f"check those files, then approve (claudecluster approve {plan.id}:{task.id}) or reject it"
+            )
+            await self.store.move(plan.id, task.id, TaskState.HELD, reason=reason)
+            return
         await self.merges.enqueue(plan.id, task.id)
 
     async def _paused(self, plan: Plan, task: Task, outcome: AgentOutcome, results: dict[str, Any]) -> bool:

@@ -43,6 +43,7 @@ __all__ = [
     "GitResult",
     "add_worktree",
     "changed_files",
+    "changes_fingerprint",
     "check_branch_name",
     "commit_all",
     "confine",
@@ -355,6 +356,24 @@ async def changed_files(repo: Path, base: str, head: str) -> list[str]:
     """Files that differ between two commits."""
     result = await git(repo, "diff", "--name-only", "-z", base, head, "--")
     return [name for name in result.stdout.split("\0") if name]
+
+
+async def changes_fingerprint(worktree: Path) -> dict[str, tuple[int, int]]:
+    """Every changed or untracked file of ``worktree`` with its (mtime_ns, size): two
+    fingerprints differ when a file was written in between (a clean file turning dirty, a
+    dirty one rewritten, a new one)."""
+    result = await git(worktree, "status", "--porcelain=v1", "-z", "--untracked-files=all", "--ignored=no")
+    found: dict[str, tuple[int, int]] = {}
+    for entry in result.stdout.split("\0"):
+        name = entry[3:]
+        if len(entry) > 3 and entry[2] == " ":
+            try:
+                stat = (worktree / name).lstat()
+            except OSError:
+                found[name] = (0, -1)  # deleted
+                continue
+            found[name] = (stat.st_mtime_ns, stat.st_size)
+    return found
 
 
 async def is_dirty(worktree: Path) -> bool:

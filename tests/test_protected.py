@@ -136,3 +136,27 @@ async def test_a_symlink_an_agent_makes_is_committed_as_a_symlink_never_followed
     assert git(repo, "cat-file", "-p", f"{plan.integration_branch}:leak.txt") == str(secret)
     assert (repo / "leak.txt").is_symlink()
     assert "the server's secret" not in git(repo, "log", "-p", "--all")
+
+
+async def test_an_unconfined_agent_writing_the_users_checkout_is_reported_and_not_merged(
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings, git: Git
+) -> None:
+    server = model_server(
+        {
+            "rules": [
+                marker_rule("EVIL", write_turn("own.txt", "mine\n"), bash_turn(f"echo pwned > {repo}/evil.txt")),
+                marker_rule("GOOD", write_turn("good.txt", "good\n")),
+            ]
+        }
+    )
+    async with Cluster.open(repo, workers=1, settings=engine_settings(server, isolation="none"), claude=claude) as c:
+        plan = (await c.plan("outside", [spec("EVIL"), spec("GOOD", "EVIL")])).plan
+        await c.dispatch(plan.id)
+        with anyio.fail_after(90):
+            status = await c.wait(plan.id)
+
+    evil = status.task("EVIL")
+    assert evil.state is TaskState.HELD, (evil.state, evil.reason)
+    assert "evil.txt" in evil.reason and "unconfined" in evil.reason
+    assert status.task("GOOD").state is TaskState.PENDING
+    assert "own.txt" not in git(repo, "ls-tree", "--name-only", plan.integration_branch)
