@@ -30,6 +30,7 @@ __all__ = [
     "bash_turn",
     "load_scenario",
     "marker_rule",
+    "marker_task",
     "write_turn",
 ]
 
@@ -204,3 +205,15 @@ def marker_rule(marker: str, *turns: dict[str, Any]) -> dict[str, Any]:
     """A rule for conversations whose prompt holds ``[marker]``: ``turns``, then a final
     text turn "<marker> done"."""
     return {"name": marker, "match": f"[{marker}]", "turns": [*turns, {"text": f"{marker} done"}]}
+
+
+def marker_task(task_id: str, *deps: str, **fields: Any) -> dict[str, Any]:
+    """A task in the ``plan`` tool's shape whose prompt holds ``[task_id]`` (for a
+    :func:`marker_rule` of that marker), depending on ``deps``."""
+    return {
+        "id": task_id,
+        "title": f"task {task_id}",
+        "prompt": f"[{task_id}] do {task_id}",
+        "deps": list(deps),
+        **fields,
+    }

@@ -31,7 +31,7 @@ from claudecluster_mcp.errors import (
 from claudecluster_mcp.model_server import ScriptedModelServer
 from claudecluster_mcp.models import MergePolicy, PlanState, TaskState
 from claudecluster_mcp.proctree import RUN_TAG_VAR
-from claudecluster_mcp.scenario import bash_turn, marker_rule, write_turn
+from claudecluster_mcp.scenario import bash_turn, marker_rule, marker_task, write_turn
 from claudecluster_mcp.store import Store
 
 pytestmark = [pytest.mark.anyio, pytest.mark.claude]
@@ -39,16 +39,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.claude]
 StartServer = Callable[[dict[str, Any]], ScriptedModelServer]
 Settings = Callable[..., EngineSettings]
 Git = Callable[..., str]
-
-
-def task(task_id: str, deps: list[str] | None = None, **fields: Any) -> dict[str, Any]:
-    return {
-        "id": task_id,
-        "title": f"task {task_id}",
-        "prompt": f"[{task_id}] do {task_id}",
-        "deps": deps or [],
-        **fields,
-    }
 
 
 async def test_diamond_dag_dependents_see_their_dependencies_work(
@@ -64,7 +54,7 @@ async def test_diamond_dag_dependents_see_their_dependencies_work(
             ]
         }
     )
-    tasks = [task("A"), task("B", ["A"]), task("C", ["A"]), task("D", ["B", "C"])]
+    tasks = [marker_task("A"), marker_task("B", "A"), marker_task("C", "A"), marker_task("D", "B", "C")]
 
     async with Cluster.open(repo, workers=4, settings=engine_settings(server), claude=claude) as cluster:
         plan = (await cluster.plan("build the diamond", tasks)).plan
@@ -105,7 +95,7 @@ async def test_conflicting_tasks_get_a_resolve_task_and_merge(
             ]
         }
     )
-    tasks = [task("left", files=["shared.txt"]), task("right", files=["shared.txt"])]
+    tasks = [marker_task("left", files=["shared.txt"]), marker_task("right", files=["shared.txt"])]
 
     async with Cluster.open(repo, workers=2, settings=engine_settings(server), claude=claude) as cluster:
         created = await cluster.plan("two edits of one file", tasks)
@@ -140,7 +130,7 @@ async def test_conflict_with_report_policy_says_how_to_resolve(
     engine = engine_settings(server, merge_policy=MergePolicy.REPORT)
 
     async with Cluster.open(repo, workers=2, settings=engine, claude=claude) as cluster:
-        plan = (await cluster.plan("clash", [task("left"), task("right")])).plan
+        plan = (await cluster.plan("clash", [marker_task("left"), marker_task("right")])).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(90):
             status = await cluster.wait(plan.id)
@@ -162,7 +152,7 @@ async def test_gate_failure_keeps_the_work_off_the_integration_branch(
     ]
 
     async with Cluster.open(repo, settings=engine_settings(server, gate=gate), claude=claude) as cluster:
-        plan = (await cluster.plan("gated", [task("bad"), task("after", ["bad"])])).plan
+        plan = (await cluster.plan("gated", [marker_task("bad"), marker_task("after", "bad")])).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(90):
             status = await cluster.wait(plan.id)
@@ -186,7 +176,7 @@ async def test_a_429_storm_pauses_the_pool_then_everything_succeeds(
     )
 
     async with Cluster.open(repo, workers=3, settings=engine_settings(server), claude=claude) as cluster:
-        plan = (await cluster.plan("storm", [task(f"T{i}") for i in range(3)])).plan
+        plan = (await cluster.plan("storm", [marker_task(f"T{i}") for i in range(3)])).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(120):
             status = await cluster.wait(plan.id)
@@ -207,7 +197,7 @@ async def test_cancel_a_running_plan_leaves_no_process(
     server = model_server({"rules": [marker_rule(f"S{i}", bash_turn(f"({sleeper} &) ; {sleeper}")) for i in range(2)]})
 
     async with Cluster.open(repo, workers=2, settings=engine_settings(server), claude=claude) as cluster:
-        plan = (await cluster.plan("sleepers", [task("S0"), task("S1"), task("S2", ["S0"])])).plan
+        plan = (await cluster.plan("sleepers", [marker_task("S0"), marker_task("S1"), marker_task("S2", "S0")])).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(30):
             while cluster.running < 2 or len([r for r in server.requests if r.turn == 0]) < 2:  # noqa: ASYNC110
@@ -236,20 +226,20 @@ async def test_bad_input_is_refused_with_clear_errors(
 
     async with Cluster.open(repo, settings=engine_settings(server), claude=claude) as cluster:
         with pytest.raises(PlanValidationError, match="dependency cycle: A → B → A"):
-            await cluster.plan("cycle", [task("A", ["B"]), task("B", ["A"])])
+            await cluster.plan("cycle", [marker_task("A", "B"), marker_task("B", "A")])
         with pytest.raises(PlanValidationError, match="unknown task 'Z'"):
-            await cluster.plan("unknown dep", [task("A", ["Z"])])
+            await cluster.plan("unknown dep", [marker_task("A", "Z")])
         with pytest.raises(PlanValidationError, match="must start with a letter or digit"):
-            await cluster.plan("bad id", [task("-rf")])
+            await cluster.plan("bad id", [marker_task("-rf")])
         with pytest.raises(RepositoryError, match="must not be empty or start with '-'"):
-            await cluster.plan("bad base", [task("A")], base_ref="--upload-pack=evil")
+            await cluster.plan("bad base", [marker_task("A")], base_ref="--upload-pack=evil")
         with pytest.raises(RepositoryError, match="'nope' is not a commit"):
-            await cluster.plan("missing base", [task("A")], base_ref="nope")
+            await cluster.plan("missing base", [marker_task("A")], base_ref="nope")
         with pytest.raises(RepositoryError, match="invalid branch name"):
-            await cluster.plan("bad target", [task("A")], target="-main")
+            await cluster.plan("bad target", [marker_task("A")], target="-main")
         with pytest.raises(NotFoundError, match="no plan 'p-nope'"):
             await cluster.status("p-nope")
-        plan = (await cluster.plan("ok", [task("A")])).plan
+        plan = (await cluster.plan("ok", [marker_task("A")])).plan
         with pytest.raises(NotFoundError, match=r"has no task 'Q' \(tasks: A\)"):
             await cluster.cancel(plan.id, "Q")
         with pytest.raises(StateError, match="still running"):
@@ -262,7 +252,7 @@ async def test_final_merge_refuses_a_dirty_checked_out_target(
     server = model_server({"rules": [marker_rule("A", write_turn("a.txt", "a\n"))]})
 
     async with Cluster.open(repo, settings=engine_settings(server), claude=claude) as cluster:
-        plan = (await cluster.plan("one", [task("A")])).plan
+        plan = (await cluster.plan("one", [marker_task("A")])).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(60):
             await cluster.wait(plan.id)
@@ -298,7 +288,7 @@ async def test_kill_9_mid_plan_then_reopen_finishes_every_task_exactly_once(
         }
     )
     engine = engine_settings(server)
-    tasks = [task("A"), task("B"), task("C"), task("D", ["A"]), task("E")]
+    tasks = [marker_task("A"), marker_task("B"), marker_task("C"), marker_task("D", "A"), marker_task("E")]
     plan_file = tmp_path / "plan-id"
     worker = subprocess.Popen(  # noqa: ASYNC220 - a separate engine process, killed with SIGKILL below
         [
@@ -407,7 +397,11 @@ async def test_a_failed_resolve_blocks_dependents_and_the_plan_finishes(
     )
 
     async with Cluster.open(repo, workers=2, settings=engine_settings(server), claude=claude) as cluster:
-        plan = (await cluster.plan("clash", [task("left"), task("right"), task("after", ["left", "right"])])).plan
+        plan = (
+            await cluster.plan(
+                "clash", [marker_task("left"), marker_task("right"), marker_task("after", "left", "right")]
+            )
+        ).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(90):
             status = await cluster.wait(plan.id)
@@ -429,7 +423,7 @@ async def test_a_plan_cancelled_through_the_store_by_another_process_stops(
     server = model_server({"rules": [marker_rule("S", bash_turn(sleeper))]})
 
     async with Cluster.open(repo, settings=engine_settings(server), claude=claude) as cluster:
-        plan = (await cluster.plan("sleep", [task("S")])).plan
+        plan = (await cluster.plan("sleep", [marker_task("S")])).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(30):
             while not any(r.turn == 0 for r in server.requests):  # noqa: ASYNC110

@@ -22,8 +22,8 @@ from claudecluster_mcp.engine import Cluster
 from claudecluster_mcp.errors import EngineBusyError, PlanValidationError
 from claudecluster_mcp.graph import TaskGraph
 from claudecluster_mcp.model_server import ScriptedModelServer
-from claudecluster_mcp.models import PlanState, TaskSpec, TaskState
-from claudecluster_mcp.scenario import marker_rule, write_turn
+from claudecluster_mcp.models import PlanState, TaskState
+from claudecluster_mcp.scenario import marker_rule, marker_task, write_turn
 from claudecluster_mcp.settings import EngineSettings
 from claudecluster_mcp.store import state_db_path
 
@@ -32,10 +32,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.claude]
 StartServer = Callable[[dict[str, Any]], ScriptedModelServer]
 Settings = Callable[..., EngineSettings]
 Git = Callable[..., str]
-
-
-def spec(task_id: str, *deps: str) -> TaskSpec:
-    return TaskSpec(id=task_id, title=f"task {task_id}", prompt=f"[{task_id}] do {task_id}", deps=list(deps))
 
 
 def slow_gate(pid_file: Path, seconds: float = 60) -> list[str]:
@@ -87,7 +83,7 @@ async def test_final_merge_commit_needs_no_git_identity_and_is_journalled(
     server = model_server({"rules": [marker_rule("A", write_turn("a.txt", "from A\n"))]})
 
     async with Cluster.open(repo, workers=1, settings=engine_settings(server), claude=claude) as cluster:
-        plan = (await cluster.plan("add a", [spec("A")], target=target)).plan
+        plan = (await cluster.plan("add a", [marker_task("A")], target=target)).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(90):
             await cluster.wait(plan.id)
@@ -130,7 +126,7 @@ async def test_cancel_during_a_gate_stops_it_within_seconds_and_store_and_refs_a
     settings = engine_settings(server, gate=slow_gate(pid_file))
 
     async with Cluster.open(repo, workers=1, settings=settings, claude=claude) as cluster:
-        plan = (await cluster.plan("add a", [spec("A")])).plan
+        plan = (await cluster.plan("add a", [marker_task("A")])).plan
         await cluster.dispatch(plan.id)
         await wait_for(lambda: pid_file.exists() and pid_file.read_text() != "")
         started = time.monotonic()
@@ -155,7 +151,7 @@ async def test_leaving_the_engine_during_a_gate_stops_it_and_keeps_the_task_for_
     settings = engine_settings(server, gate=slow_gate(pid_file))
 
     async with Cluster.open(repo, workers=1, settings=settings, claude=claude) as cluster:
-        plan = (await cluster.plan("add a", [spec("A")])).plan
+        plan = (await cluster.plan("add a", [marker_task("A")])).plan
         await cluster.dispatch(plan.id)
         await wait_for(lambda: pid_file.exists() and pid_file.read_text() != "")
         started = time.monotonic()
@@ -187,7 +183,7 @@ async def test_an_unexpected_merge_error_fails_the_task_blocks_dependents_and_se
     settings = engine_settings(server, gate=["true"])
 
     async with Cluster.open(repo, workers=2, settings=settings, claude=claude) as cluster:
-        plan = (await cluster.plan("a then b", [spec("A"), spec("B", "A")])).plan
+        plan = (await cluster.plan("a then b", [marker_task("A"), marker_task("B", "A")])).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(60):
             status = await cluster.wait(plan.id)
@@ -210,7 +206,7 @@ async def test_a_gate_retry_never_shows_the_task_final_in_between(
     settings = engine_settings(server, gate=[sys.executable, "-c", code], gate_retries=1)
 
     async with Cluster.open(repo, workers=1, settings=settings, claude=claude) as cluster:
-        plan = (await cluster.plan("add a", [spec("A")])).plan
+        plan = (await cluster.plan("add a", [marker_task("A")])).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(90):
             status = await cluster.wait(plan.id)
@@ -238,7 +234,7 @@ async def test_shutdown_marks_for_resume_only_the_agents_that_got_somewhere(
     worktrees = tmp_path / "state" / "worktrees"
 
     async with Cluster.open(repo, workers=2, settings=engine_settings(server), claude=claude) as cluster:
-        plan = (await cluster.plan("two", [spec("Q"), spec("P")])).plan
+        plan = (await cluster.plan("two", [marker_task("Q"), marker_task("P")])).plan
         await cluster.dispatch(plan.id)
         await wait_for(lambda: (worktrees / plan.id / "P" / "p.txt").exists())
         await wait_for(lambda: cluster.running == 2)
@@ -266,8 +262,8 @@ async def test_an_engine_error_in_one_plan_fails_that_plan_and_the_others_go_on(
     server = model_server({"rules": [marker_rule("A", write_turn("a.txt", "A\n")), marker_rule("B")]})
 
     async with Cluster.open(repo, workers=2, settings=engine_settings(server), claude=claude) as cluster:
-        broken = (await cluster.plan("broken", [spec("B")])).plan
-        healthy = (await cluster.plan("healthy", [spec("A")])).plan
+        broken = (await cluster.plan("broken", [marker_task("B")])).plan
+        healthy = (await cluster.plan("healthy", [marker_task("A")])).plan
         await cluster.dispatch(broken.id)
         await cluster.dispatch(healthy.id)
         with anyio.fail_after(60):
@@ -282,7 +278,7 @@ async def test_an_engine_error_in_one_plan_fails_that_plan_and_the_others_go_on(
 async def test_an_error_inside_the_engine_block_is_raised_as_itself(claude: ClaudeBinary, repo: Path) -> None:
     with pytest.raises(PlanValidationError, match="cycle"):
         async with Cluster.open(repo, claude=claude, settings=EngineSettings(state_dir=repo.parent / "s")) as cluster:
-            await cluster.plan("loop", [spec("A", "B"), spec("B", "A")])
+            await cluster.plan("loop", [marker_task("A", "B"), marker_task("B", "A")])
 
 
 async def test_a_second_engine_on_a_repository_is_refused_with_a_typed_error(
@@ -303,7 +299,7 @@ async def test_a_linked_worktree_keeps_its_state_in_the_common_git_directory(
     assert (linked / ".git").is_file()
 
     async with Cluster.open(linked, settings=EngineSettings(state_dir=tmp_path / "state"), claude=claude) as cluster:
-        plan = (await cluster.plan("in a linked worktree", [spec("A")])).plan
+        plan = (await cluster.plan("in a linked worktree", [marker_task("A")])).plan
 
     assert await state_db_path(linked) == repo / ".git" / "claudecluster" / "state.db"
     with sqlite3.connect(repo / ".git" / "claudecluster" / "state.db") as db:
@@ -321,7 +317,7 @@ async def test_a_base_that_is_not_a_branch_name_merges_into_the_current_branch(
     base_ref = tip if base == "sha" else base
 
     async with Cluster.open(repo, settings=EngineSettings(state_dir=tmp_path / "state"), claude=claude) as cluster:
-        plan = (await cluster.plan("from elsewhere", [spec("A")], base_ref=base_ref)).plan
+        plan = (await cluster.plan("from elsewhere", [marker_task("A")], base_ref=base_ref)).plan
         await cluster.cancel(plan.id)
         report = await cluster.merge(plan.id)
 

@@ -16,8 +16,8 @@ from claudecluster_mcp.claude_cli import ClaudeBinary
 from claudecluster_mcp.engine import Cluster
 from claudecluster_mcp.errors import StateError
 from claudecluster_mcp.model_server import ScriptedModelServer
-from claudecluster_mcp.models import TaskSpec, TaskState
-from claudecluster_mcp.scenario import bash_turn, marker_rule, write_turn
+from claudecluster_mcp.models import TaskState
+from claudecluster_mcp.scenario import bash_turn, marker_rule, marker_task, write_turn
 from claudecluster_mcp.settings import EngineSettings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.claude]
@@ -25,10 +25,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.claude]
 StartServer = Callable[[dict[str, Any]], ScriptedModelServer]
 Settings = Callable[..., EngineSettings]
 Git = Callable[..., str]
-
-
-def spec(task_id: str, *deps: str) -> TaskSpec:
-    return TaskSpec(id=task_id, title=f"task {task_id}", prompt=f"[{task_id}] do {task_id}", deps=list(deps))
 
 
 def planted_gate(marker: Path) -> str:
@@ -55,7 +51,9 @@ async def test_a_planted_config_is_held_not_merged_until_approved(
         }
     )
     async with Cluster.open(repo, workers=2, settings=engine_settings(server), claude=claude) as cluster:
-        plan = (await cluster.plan("config", [spec("CFG"), spec("NEXT", "CFG"), spec("FREE")])).plan
+        plan = (
+            await cluster.plan("config", [marker_task("CFG"), marker_task("NEXT", "CFG"), marker_task("FREE")])
+        ).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(90):
             held = await cluster.wait(plan.id)  # returns: only the user can move the plan on
@@ -87,7 +85,7 @@ async def test_a_rejected_task_is_cancelled_and_blocks_its_dependents(
     )
     server = model_server({"rules": [marker_rule("HOOK", bash_turn(plant)), marker_rule("AFTER")]})
     async with Cluster.open(repo, workers=2, settings=engine_settings(server), claude=claude) as cluster:
-        plan = (await cluster.plan("hook", [spec("HOOK"), spec("AFTER", "HOOK")])).plan
+        plan = (await cluster.plan("hook", [marker_task("HOOK"), marker_task("AFTER", "HOOK")])).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(90):
             await cluster.wait(plan.id)
@@ -109,7 +107,7 @@ async def test_protected_paths_are_a_setting(
     server = model_server({"rules": [marker_rule("CI", write_turn(".github/workflows/ci.yml", "on: push\n"))]})
     settings = engine_settings(server, protected_paths=[".github/**"])
     async with Cluster.open(repo, settings=settings, claude=claude) as cluster:
-        plan = (await cluster.plan("ci", [spec("CI")])).plan
+        plan = (await cluster.plan("ci", [marker_task("CI")])).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(90):
             status = await cluster.wait(plan.id)
@@ -124,7 +122,7 @@ async def test_a_symlink_an_agent_makes_is_committed_as_a_symlink_never_followed
     secret.write_text("the server's secret\n")
     server = model_server({"rules": [marker_rule("LINK", bash_turn(f"ln -s {secret} leak.txt"))]})
     async with Cluster.open(repo, settings=engine_settings(server), claude=claude) as cluster:
-        plan = (await cluster.plan("link", [spec("LINK")])).plan
+        plan = (await cluster.plan("link", [marker_task("LINK")])).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(90):
             status = await cluster.wait(plan.id)
@@ -150,7 +148,7 @@ async def test_an_unconfined_agent_writing_the_users_checkout_is_reported_and_no
         }
     )
     async with Cluster.open(repo, workers=1, settings=engine_settings(server, isolation="none"), claude=claude) as c:
-        plan = (await c.plan("outside", [spec("EVIL"), spec("GOOD", "EVIL")])).plan
+        plan = (await c.plan("outside", [marker_task("EVIL"), marker_task("GOOD", "EVIL")])).plan
         await c.dispatch(plan.id)
         with anyio.fail_after(90):
             status = await c.wait(plan.id)

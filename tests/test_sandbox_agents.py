@@ -20,8 +20,8 @@ from claudecluster_mcp.agent_spec import AgentSpec, agent_env, build_argv
 from claudecluster_mcp.claude_cli import ClaudeBinary
 from claudecluster_mcp.engine import Cluster
 from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
-from claudecluster_mcp.models import PlanStatus, TaskSpec, TaskState
-from claudecluster_mcp.scenario import bash_turn, marker_rule, write_turn
+from claudecluster_mcp.models import PlanStatus, TaskState
+from claudecluster_mcp.scenario import bash_turn, marker_rule, marker_task, write_turn
 from claudecluster_mcp.settings import EngineSettings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.claude]
@@ -34,11 +34,7 @@ Git = Callable[..., str]
 PLACEHOLDERS = {".bashrc", ".bash_profile", ".profile", ".zshrc", ".zprofile", ".gitconfig", ".gitmodules"}
 
 
-def spec(task_id: str, *deps: str) -> TaskSpec:
-    return TaskSpec(id=task_id, title=f"task {task_id}", prompt=f"[{task_id}] do {task_id}", deps=list(deps))
-
-
-async def run_plan(cluster: Cluster, tasks: list[TaskSpec], seconds: float = 120) -> PlanStatus:
+async def run_plan(cluster: Cluster, tasks: list[dict[str, Any]], seconds: float = 120) -> PlanStatus:
     plan = (await cluster.plan("attack", tasks)).plan
     await cluster.dispatch(plan.id)
     with anyio.fail_after(seconds):
@@ -93,7 +89,7 @@ async def test_a_sandboxed_agent_writes_only_its_own_worktree(
     )
     settings = engine_settings(server, isolation="sandbox", workers=2)
     async with Cluster.open(repo, settings=settings, claude=claude) as cluster:
-        status = await run_plan(cluster, [spec("attacker"), spec("sibling")])
+        status = await run_plan(cluster, [marker_task("attacker"), marker_task("sibling")])
         integration = status.plan.integration_branch
 
     assert all(state is TaskState.MERGED for state, _ in states(status).values()), states(status)
@@ -118,7 +114,7 @@ async def test_the_engine_runs_the_gate_in_the_sandbox(
     server = model_server({"rules": [marker_rule("work", write_turn("work.txt", "work\n"))]})
     settings = engine_settings(server, isolation="sandbox", gate=gate)
     async with Cluster.open(repo, settings=settings, claude=claude) as cluster:
-        status = await run_plan(cluster, [spec("work")])
+        status = await run_plan(cluster, [marker_task("work")])
 
     state, reason = states(status)["work"]
     assert state is TaskState.GATE_FAILED
@@ -172,7 +168,7 @@ async def test_settings_planted_by_an_agent_never_reach_a_later_agent(
     # settings file must not reach a later agent.
     settings = engine_settings(server, isolation="none", protected_paths=[])
     async with Cluster.open(repo, settings=settings, claude=claude) as cluster:
-        status = await run_plan(cluster, [spec("plant"), spec("later", "plant")])
+        status = await run_plan(cluster, [marker_task("plant"), marker_task("later", "plant")])
         integration = status.plan.integration_branch
 
     assert all(state is TaskState.MERGED for state, _ in states(status).values()), states(status)
