@@ -20,9 +20,7 @@ async def plan_resource(plan_id: str, ctx: Context) -> str:
     with reported("resource"):
         async with hub_of(ctx).cluster_of_plan(plan_id) as cluster:
             found = await cluster.status(plan_id)
-            view = StatusView.of(
-                found, workers=cluster.workers, agents_running=cluster.running, isolation=cluster.settings.isolation
-            )
+            view = StatusView.of_cluster(found, cluster)
     return view.model_dump_json(indent=2)
 
 

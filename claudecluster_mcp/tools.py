@@ -105,9 +105,7 @@ async def dispatch(
         if workers is not None:
             hub.set_workers(workers)
         started = await cluster.dispatch(plan_id, task_ids)
-        return StatusView.of(
-            started, workers=cluster.workers, agents_running=cluster.running, isolation=cluster.settings.isolation
-        )
+        return StatusView.of_cluster(started, cluster)
 
 
 async def status(
@@ -155,9 +153,7 @@ async def status(
             until_finished=until_finished,
             on_progress=ctx.report_progress if ctx is not None else None,
         )
-        return StatusView.of(
-            found, workers=cluster.workers, agents_running=cluster.running, isolation=cluster.settings.isolation
-        )
+        return StatusView.of_cluster(found, cluster)
 
 
 async def merge(
@@ -189,9 +185,7 @@ async def cancel(
     assert plan_id is not None
     async with hub.cluster_of_plan(plan_id) as cluster:
         cancelled = await cluster.cancel(plan_id, local)
-        return StatusView.of(
-            cancelled, workers=cluster.workers, agents_running=cluster.running, isolation=cluster.settings.isolation
-        )
+        return StatusView.of_cluster(cancelled, cluster)
 
 
 async def approve(
@@ -206,9 +200,7 @@ async def approve(
     plan_id, local = split_task_ref(task_id)
     async with hub.cluster_of_plan(plan_id) as cluster:
         decided = await cluster.approve(plan_id, local, reject=reject)
-        return StatusView.of(
-            decided, workers=cluster.workers, agents_running=cluster.running, isolation=cluster.settings.isolation
-        )
+        return StatusView.of_cluster(decided, cluster)
 
 
 async def logs(

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from .engine import Cluster
 from .merge_queue import FinalMerge
 from .models import PlanStatus, Task, TaskState
 from .report import event_line
@@ -182,6 +183,13 @@ class StatusView(BaseModel):
             tasks=[TaskView.of(t) for t in status.tasks],
             tasks_omitted=status.omitted,
             final_merge=status.plan.final_merge,
+        )
+
+    @classmethod
+    def of_cluster(cls, status: PlanStatus, cluster: Cluster) -> StatusView:
+        """The view of a plan's status in the engine that runs it."""
+        return cls.of(
+            status, workers=cluster.workers, agents_running=cluster.running, isolation=cluster.settings.isolation
         )
 
     @classmethod
