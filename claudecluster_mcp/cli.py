@@ -172,7 +172,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    from .commands import init_command
+    from .repo_init import init_command
 
     interactive = sys.stdin.isatty() and not args.yes
     return _run_async(
