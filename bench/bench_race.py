@@ -27,6 +27,7 @@ import anyio
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+ISOLATION = "none"
 sys.path.insert(0, str(ROOT))
 
 from _common import make_repo, write_scenario  # noqa: E402
@@ -109,6 +110,9 @@ async def clustered(n: int, url: str, tmp: Path) -> tuple[float, int]:
         state_dir=tmp / "state",
         claude_config_dir=tmp / "claude-config",
         agent_env={**scripted_env(url), "HOME": str(home)},
+        # Like for like: the bare runs are unconfined too (the sandbox's own cost is
+        # measured side by side in bench_sandbox.py).
+        isolation=ISOLATION,
     )
     tasks = [{"id": f"t{i}", "prompt": f"[race{i}] write f{i}.txt"} for i in range(n)]
     engine_rss0 = psutil.Process().memory_info().rss
