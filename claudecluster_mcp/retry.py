@@ -1,15 +1,18 @@
 """When a failed agent run is tried again: the retry policy as a pure function, and the
-pool-wide pause that a model rate limit imposes on every agent start."""
+pool-wide pause that a model rate limit imposes on every agent start (adaptive: short at
+first, backing off while a probe agent keeps being rate-limited)."""
 
 from __future__ import annotations
 
-import time
+import random
 from dataclasses import dataclass
 
 from .outcome import AgentOutcome, OutcomeStatus
 from .settings import EngineSettings
 
-__all__ = ["RateLimitPause", "RetryDecision", "decide_retry"]
+__all__ = ["FIRST_RATE_LIMIT_PAUSE", "RateLimitPause", "RetryDecision", "decide_retry", "pause_length"]
+
+FIRST_RATE_LIMIT_PAUSE = 1.0  #: the first pause of a rate-limit incident of unknown length (s)
 
 _TRANSIENT_STATUSES = frozenset({OutcomeStatus.CRASHED, OutcomeStatus.TIMED_OUT})
 
@@ -38,29 +41,102 @@ def decide_retry(outcome: AgentOutcome, attempts: int, settings: EngineSettings)
 
 
 class RateLimitPause:
-    """The pool-wide pause after a model rate limit: no agent starts until it ends, and
-    then agents start one by one (``stagger`` apart) so they do not all hit the limit again."""
+    """The pool-wide rate-limit incident: no agent starts while it is on.
 
-    def __init__(self, stagger: float) -> None:
+    A 429 opens an incident and pauses the pool: for the retry-after when it is known, else
+    for :func:`pause_length` of the incident's consecutive strikes (short at first, backing
+    off with jitter up to a cap). 429s of other agents while the incident is on are part of
+    it: they extend a known retry-after, they never stack. When the pause ends ONE agent
+    starts, the probe; as soon as a request of its gets through (:meth:`answered`) the
+    incident is over and the pool resumes, agents starting ``stagger`` apart. A probe that
+    is rate-limited too is a new strike: a longer pause, then another probe. Claude Code's
+    own ``api_retry`` of a 429 in a running agent (:meth:`retrying`) holds new starts for
+    its retry delay, or until that agent gets an answer.
+
+    Every method takes the clock (epoch seconds): the policy is pure apart from its state
+    and the random source of the jitter."""
+
+    def __init__(self, stagger: float, first: float = 1.0, cap: float = 30.0, rng: random.Random | None = None) -> None:
         self.stagger = stagger
+        self.first = first
+        self.cap = cap
+        self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self.until = 0.0  #: no agent starts before this time (epoch seconds)
+        self.strikes = 0  #: consecutive 429s of the incident that each needed a pause
+        self.incident = False  #: paused, or waiting for the probe to get through
+        self.probe: str | None = None  #: the agent started to probe the limit
+        self._probe_deadline = 0.0
+        self._holds: dict[str, float] = {}  # running agent → end of its CLI retry delay
         self._stagger_until = 0.0
 
-    def pause(self, seconds: float) -> float:
-        """Pause the pool for (at least) ``seconds``; returns when the pause ends."""
-        self.until = max(self.until, time.time() + seconds)
-        return self.until
+    def rate_limited(self, ref: str, clock: float, retry_after: float | None = None) -> float:
+        """The run of agent ``ref`` ended on a 429; returns when the pool may start again."""
+        self._holds.pop(ref, None)
+        if ref == self.probe or not self.incident:
+            self.probe = None
+            self.incident = True
+            self.strikes += 1
+            self.until = max(
+                self.until, clock + pause_length(self.strikes, retry_after, self.first, self.cap, self.rng)
+            )
+        elif retry_after:  # the same incident, told how long: honour it, without stacking
+            self.until = max(self.until, clock + retry_after)
+        return max(self.until, clock)
+
+    def retrying(self, ref: str, clock: float, delay: float) -> None:
+        """Claude Code in agent ``ref`` waits ``delay`` s to retry a 429 itself: admit no
+        new agent meanwhile."""
+        self._holds[ref] = max(self._holds.get(ref, 0.0), clock + delay)
+
+    def answered(self, ref: str, clock: float) -> bool:
+        """A model request of agent ``ref`` got through. True when that resumes the pool."""
+        self._holds.pop(ref, None)
+        if ref != self.probe:
+            return False
+        self.probe = None
+        self.incident = False
+        self.strikes = 0
+        self.until = max(self.until, clock)  # staggered restart from now on (see settle)
+        self._stagger_until = clock + self.stagger
+        return True
+
+    def finished(self, ref: str, clock: float) -> bool:
+        """Agent ``ref`` ended (not on a 429): a probe that ends so was not rate-limited."""
+        self._holds.pop(ref, None)
+        return self.answered(ref, clock) if ref == self.probe else False
 
     def wait_for(self, clock: float) -> float:
         """Seconds until the next agent may start (0: now)."""
-        return max(0.0, self.until - clock, self._stagger_until - clock)
+        hold = max(self._holds.values(), default=0.0)
+        if self.probe is not None:
+            if clock < self._probe_deadline:
+                return max(self._probe_deadline - clock, hold - clock)
+            self.answered(self.probe, clock)  # no verdict in time: stop waiting for it
+        return max(0.0, self.until - clock, self._stagger_until - clock, hold - clock)
 
-    def started(self, clock: float) -> None:
-        """An agent started at ``clock``: after a pause, the next one waits ``stagger``."""
-        if self.until and self.stagger:
+    def started(self, clock: float, ref: str = "") -> None:
+        """Agent ``ref`` started at ``clock``: the first start after a pause is the probe;
+        during the restart after one, the next agent waits ``stagger``."""
+        if self.incident:
+            self.probe = ref
+            self._probe_deadline = clock + max(self.cap, self.first)
+        elif self.until and self.stagger:
             self._stagger_until = clock + self.stagger
 
     def settle(self, clock: float) -> None:
         """Forget a pause that is over once the staggered restart is through."""
-        if self.until and clock >= max(self.until, self._stagger_until):
+        if self.until and not self.incident and clock >= max(self.until, self._stagger_until):
             self.until = 0.0
+
+
+def pause_length(
+    strikes: int, retry_after: float | None, first: float, cap: float, rng: random.Random | random.SystemRandom
+) -> float:
+    """Pure: how long the pool pauses after the ``strikes``-th consecutive 429 of an
+    incident. A known ``retry_after`` is honoured as it is; otherwise ``first`` doubling per
+    strike, jittered up to twice that (so that pools do not retry in lockstep), never more
+    than ``cap``."""
+    if retry_after:
+        return retry_after
+    base = first * 2 ** max(strikes - 1, 0)
+    return min(cap, rng.uniform(base, 2 * base))

@@ -117,7 +117,7 @@ class Scheduler:
             if wait:
                 return min(next_wake, wait)
             self._start(plan_id, task_id)
-            self.pause.started(clock)
+            self.pause.started(clock, f"{plan_id}/{task_id}")
         self.pause.settle(clock)
         return next_wake
 

@@ -67,7 +67,11 @@ class EngineSettings(BaseModel):
     cancel_grace: float = Field(default=5.0, ge=0, description="seconds a cancelled agent gets to stop")
     max_attempts: int = Field(default=3, ge=1, description="tries per task for transient failures")
     retry_backoff: float = Field(default=5.0, ge=0, description="first retry delay (s); doubles")
-    rate_limit_pause: float = Field(default=30.0, ge=0, description="pool pause when retry-after is unknown")
+    rate_limit_pause: float = Field(
+        default=30.0,
+        ge=0,
+        description="longest pool pause when retry-after is unknown (pauses start at 1 s and back off)",
+    )
     max_rate_limit_pauses: int = Field(default=20, ge=0, description="rate-limit pauses per task before it fails")
     restart_stagger: float = Field(default=1.0, ge=0, description="gap between agent starts after a pause")
     merge_policy: MergePolicy = Field(default=MergePolicy.RESOLVE, description="resolve | report conflicts")

@@ -24,7 +24,7 @@ from .outcome import AgentOutcome, OutcomeStatus
 from .placement import AgentHandle, AgentPlacement
 from .prompts import RESUME_PROMPT, commit_message, task_prompt
 from .redact import private_dir, redact, redactor, register_secrets
-from .retry import RateLimitPause, decide_retry
+from .retry import FIRST_RATE_LIMIT_PAUSE, RateLimitPause, decide_retry
 from .settings import EngineSettings
 from .signals import Pulse
 from .store import Store, now
@@ -64,6 +64,9 @@ class TaskRunner:
         self.placement = placement
         self.pulse = pulse
         self.pause = pause
+        # Pauses of unknown length start short and back off up to rate_limit_pause.
+        pause.cap = settings.rate_limit_pause
+        pause.first = min(FIRST_RATE_LIMIT_PAUSE, settings.rate_limit_pause)
         self.merges = merges
         self.runs: dict[str, AgentHandle] = {}
         self._rate_limit_pauses: dict[str, int] = {}
@@ -100,6 +103,7 @@ class TaskRunner:
                 logger.exception("task %s failed inside the engine", task.ref)
         finally:
             self.runs.pop(task.ref, None)
+            self.pause.finished(task.ref, time.time())
             self.pulse.notify()
 
     async def _attempt(self, plan: Plan, task: Task) -> None:
@@ -180,12 +184,24 @@ class TaskRunner:
                     if isinstance(data.get(key), str) and len(data[key]) > 2000:
                         data[key] = data[key][:2000] + "…"
                 await self.store.append_event(plan.id, task.id, event.kind, data)
+                self._watch_rate_limit(task.ref, event)
                 target = _state_after(event, task.state)
                 if target is not None:
                     with contextlib.suppress(StateError):
                         await self.store.move(plan.id, task.id, target)
                         task.state = target
                 await self.store.update_task(plan.id, task.id, last_activity=summary(event), turns=handle.turns)
+
+    def _watch_rate_limit(self, ref: str, event: AgentEvent) -> None:
+        """Feed the pool's rate-limit incident: Claude Code retrying a 429 itself holds new
+        starts; a model answer means a request got through (and ends a probe's incident)."""
+        if isinstance(event, ApiRetry) and (event.error == "rate_limit" or event.error_status == 429):
+            self.pause.retrying(ref, time.time(), event.retry_delay_ms / 1000)
+            self.pulse.notify()
+        elif (
+            (isinstance(event, AssistantText) and not event.is_api_error) or isinstance(event, ToolUse)
+        ) and self.pause.answered(ref, time.time()):
+            self.pulse.notify()
 
     async def _written_outside(self, before: dict[str, tuple[int, int]]) -> list[str]:
         """Files of the user's checkout written while the agent ran (under ``none``, where
@@ -265,15 +281,19 @@ class TaskRunner:
         await self.merges.enqueue(plan.id, task.id)
 
     async def _paused(self, plan: Plan, task: Task, outcome: AgentOutcome, results: dict[str, Any]) -> bool:
-        """Pause the pool for a rate limit and put the task back; False once the task has
-        had too many pauses."""
+        """Put a rate-limited task back behind the pool's pause (the first 429 of a storm
+        opens the incident, a probe's 429 backs it off, the others join it); False once the
+        task has had too many pauses."""
         pauses = self._rate_limit_pauses.get(task.ref, 0) + 1
         self._rate_limit_pauses[task.ref] = pauses
         if pauses > self.settings.max_rate_limit_pauses:
             return False
-        seconds = outcome.retry_after_s or self.settings.rate_limit_pause
-        until = self.pause.pause(seconds)
-        await self.store.append_event(plan.id, task.id, "pool_paused", {"seconds": seconds})
+        clock = time.time()
+        until = self.pause.rate_limited(task.ref, clock, outcome.retry_after_s)
+        seconds = round(until - clock, 3)
+        await self.store.append_event(
+            plan.id, task.id, "pool_paused", {"seconds": seconds, "strikes": self.pause.strikes}
+        )
         # A rate limit is not the task's fault: it does not use up an attempt.
         await self.store.move(
             plan.id,

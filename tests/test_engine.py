@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,43 @@ async def test_a_429_storm_pauses_the_pool_then_everything_succeeds(
     assert any(e["kind"] == "pool_paused" for e in events)
     # Rate limits do not use up attempts.
     assert all(t.attempts == 1 for t in status.tasks)
+
+
+async def test_429s_of_unknown_length_cost_short_adaptive_pauses_not_fixed_ones(
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings
+) -> None:
+    # The first 5 model requests (the 4 first agents', then the probes') get 429s the
+    # engine cannot see the retry-after of
+    # (CLAUDE_CODE_MAX_RETRIES=0: no api_retry event), with the default 30 s cap: the old
+    # fixed 30 s pause per 429 took minutes; short pauses ended by a probe take seconds.
+    # (A turn fault's ``times`` counts per session, and every restart is a new session.)
+    count = 10
+    server = model_server(
+        {
+            "storm": {"requests": 5, "fault": {"type": "rate_limit"}},
+            "rules": [marker_rule(f"R{i}", write_turn(f"r{i}.txt", f"{i}\n")) for i in range(count)],
+        }
+    )
+    settings = engine_settings(server, rate_limit_pause=30.0)
+    assert settings.agent_env["CLAUDE_CODE_MAX_RETRIES"] == "0"
+
+    async with Cluster.open(repo, workers=4, settings=settings, claude=claude) as cluster:
+        plan = (await cluster.plan("limited", [marker_task(f"R{i}") for i in range(count)])).plan
+        started = time.monotonic()
+        await cluster.dispatch(plan.id)
+        with anyio.fail_after(90):
+            status = await cluster.wait(plan.id)
+        elapsed = time.monotonic() - started
+        events = await cluster.store.events(plan.id)
+
+    assert all(t.state is TaskState.MERGED for t in status.tasks), [(t.id, t.state, t.reason) for t in status.tasks]
+    assert all(t.attempts == 1 for t in status.tasks)  # rate limits use up no attempt
+    faults = [r for r in server.requests if r.outcome == "storm fault: rate_limit"]
+    assert len(faults) == 5
+    pauses = [e["data"]["seconds"] for e in events if e["kind"] == "pool_paused"]
+    assert pauses and max(pauses) < 30
+    print(f"{count} tasks, {len(faults)} 429s, {len(pauses)} pool_paused events, {elapsed:.1f}s")
+    assert elapsed < 30, elapsed
 
 
 async def test_cancel_a_running_plan_leaves_no_process(

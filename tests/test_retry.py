@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
 
 from claudecluster_mcp.outcome import AgentOutcome, OutcomeStatus
-from claudecluster_mcp.retry import RetryDecision, decide_retry
+from claudecluster_mcp.retry import RateLimitPause, RetryDecision, decide_retry, pause_length
 from claudecluster_mcp.settings import EngineSettings
 from claudecluster_mcp.store import now
 
@@ -103,3 +104,121 @@ def test_zero_backoff_retries_at_once() -> None:
 def test_default_settings_allow_three_attempts() -> None:
     settings = EngineSettings()
     assert [decide_retry(CRASHED, n, settings).retry for n in (1, 2, 3)] == [True, True, False]
+
+
+# -- the rate-limit pause: pure length policy, and the incident's state machine -------------
+
+FIRST, CAP = 1.0, 30.0
+
+
+@pytest.mark.parametrize(
+    ("strikes", "retry_after", "low", "high"),
+    [
+        # Unknown retry-after: short at first, doubling per consecutive 429, jittered, capped.
+        (1, None, 1.0, 2.0),
+        (2, None, 2.0, 4.0),
+        (3, None, 4.0, 8.0),
+        (4, None, 8.0, 16.0),
+        (5, None, 16.0, 30.0),
+        (6, None, 30.0, 30.0),
+        (12, None, 30.0, 30.0),
+        # A known retry-after is honoured as it is, whatever the strikes.
+        (1, 7.0, 7.0, 7.0),
+        (5, 0.5, 0.5, 0.5),
+        (3, 90.0, 90.0, 90.0),
+    ],
+)
+def test_pause_length(strikes: int, retry_after: float | None, low: float, high: float) -> None:
+    rng = random.Random(strikes)
+    lengths = [pause_length(strikes, retry_after, FIRST, CAP, rng) for _ in range(200)]
+    assert all(low <= n <= high for n in lengths)
+    if low < high:  # jittered: not all the same
+        assert len(set(lengths)) > 1
+
+
+def pool() -> RateLimitPause:
+    return RateLimitPause(stagger=0.2, first=FIRST, cap=CAP, rng=random.Random(0))
+
+
+def test_a_storm_is_one_incident_not_one_pause_per_agent() -> None:
+    p = pool()
+    until = p.rate_limited("a", 100.0)
+    assert 101.0 <= until <= 102.0 and p.strikes == 1
+    # The other agents' 429s of the same storm join the incident: no stacking, no backoff.
+    assert p.rate_limited("b", 100.1) == until
+    assert p.rate_limited("c", 100.2) == until
+    assert p.strikes == 1
+    assert p.wait_for(100.3) == pytest.approx(until - 100.3)
+    # …but a known retry-after within the incident extends it.
+    assert p.rate_limited("d", 100.4, retry_after=5.0) == pytest.approx(105.4)
+
+
+def test_after_the_pause_one_agent_probes_and_its_answer_resumes_the_pool() -> None:
+    p = pool()
+    until = p.rate_limited("a", 100.0)
+    assert p.wait_for(until) == 0
+    p.started(until, "a")  # the probe
+    assert p.probe == "a" and p.wait_for(until + 0.5) > 0  # nobody else starts meanwhile
+    assert not p.answered("other", until + 0.6)  # another agent's answer is not the probe's
+    assert p.answered("a", until + 1.0)
+    assert p.strikes == 0 and not p.incident
+    # The pool resumes, staggered lightly.
+    assert p.wait_for(until + 1.0) == pytest.approx(0.2)
+    assert p.wait_for(until + 1.2) == 0
+    p.started(until + 1.2, "b")
+    assert p.wait_for(until + 1.2) == pytest.approx(0.2)
+    p.settle(until + 2.0)
+    assert p.until == 0 and p.wait_for(until + 2.0) == 0
+
+
+def test_a_rate_limited_probe_backs_off() -> None:
+    p = pool()
+    clock = 100.0
+    pauses = []
+    for _ in range(6):
+        until = p.rate_limited("probe", clock)
+        pauses.append(until - clock)
+        clock = until
+        p.started(clock, "probe")
+    assert [p_ >= FIRST * 2**i for i, p_ in enumerate(pauses[:5])] == [True] * 5
+    assert pauses[5] == CAP and p.strikes == 6
+    # A 429 of an agent that ran before the incident does not back it off further.
+    p.rate_limited("old", clock + 0.1)
+    assert p.strikes == 6
+
+
+def test_a_probe_that_ends_without_a_429_resumes_the_pool() -> None:
+    p = pool()
+    until = p.rate_limited("a", 100.0)
+    p.started(until, "b")
+    assert p.finished("b", until + 3)
+    assert not p.incident and p.strikes == 0
+
+
+def test_a_silent_probe_stops_holding_the_pool_after_the_cap() -> None:
+    p = pool()
+    until = p.rate_limited("a", 100.0)
+    p.started(until, "a")
+    assert p.wait_for(until + CAP - 1) > 0
+    assert p.wait_for(until + CAP + 1) <= 0.2 and not p.incident
+
+
+def test_the_cli_retrying_a_429_holds_new_starts() -> None:
+    p = pool()
+    p.retrying("a", 100.0, 2.5)
+    assert p.wait_for(100.0) == pytest.approx(2.5)
+    assert p.wait_for(103.0) == 0  # its retry delay is over
+    p.retrying("a", 104.0, 4.0)
+    assert p.wait_for(104.5) == pytest.approx(3.5)
+    assert not p.answered("a", 105.0)  # it got through: the hold ends (no incident to end)
+    assert p.wait_for(105.0) == 0
+    p.retrying("b", 106.0, 4.0)
+    p.finished("b", 107.0)
+    assert p.wait_for(107.0) == 0
+
+
+def test_without_a_rate_limit_nothing_waits() -> None:
+    p = pool()
+    p.started(100.0, "a")
+    p.settle(100.0)
+    assert p.wait_for(100.0) == 0 and p.probe is None
