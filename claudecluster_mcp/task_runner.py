@@ -70,6 +70,12 @@ class TaskRunner:
         self.merges = merges
         self.runs: dict[str, AgentHandle] = {}
         self._rate_limit_pauses: dict[str, int] = {}
+        # Once per engine, not per run: the agents' secrets and the private state directories.
+        register_secrets(settings.agent_env)
+        self._secrets = redactor(settings.agent_env)
+        state = settings.state_dir
+        for directory in (state, state / "logs", state / "worktrees"):
+            private_dir(directory)
 
     def cancel(self, plan_id: str, task_id: str | None = None, reason: str = "cancelled by request") -> bool:
         """Stop the running agent of a task (or every agent of the plan); False if none runs."""
@@ -170,11 +176,8 @@ class TaskRunner:
     async def _record(self, plan: Plan, task: Task, handle: AgentHandle, receive: Any) -> None:
         """Store the agent's events and live progress as they come, secrets redacted (before
         any truncation, so that a cut never leaves half a secret)."""
-        register_secrets(self.settings.agent_env)
-        state = self.settings.state_dir
-        for directory in (state, state / "logs", state / "logs" / plan.id, state / "worktrees"):
-            private_dir(directory)
-        secrets = redactor(self.settings.agent_env)
+        private_dir(self.settings.state_dir / "logs" / plan.id)
+        secrets = self._secrets
         async with receive:
             async for event in receive:
                 if isinstance(event, StderrLine):
