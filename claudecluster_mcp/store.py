@@ -114,7 +114,11 @@ class Store:
         """A write transaction (``BEGIN IMMEDIATE`` … ``COMMIT``; rolled back on error)."""
         async with self._lock:
             with sqlite_errors(_STATE_DB, self.path):
-                await self._db.execute("BEGIN IMMEDIATE")
+                # Cancelled while its thread runs, a BEGIN would still open the transaction, and
+                # every later one on this connection would fail: it finishes, then the body sees
+                # the cancellation and rolls back.
+                with anyio.CancelScope(shield=True):
+                    await self._db.execute("BEGIN IMMEDIATE")
                 try:
                     yield self._db
                 except BaseException:

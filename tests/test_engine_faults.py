@@ -240,7 +240,7 @@ async def test_shutdown_marks_for_resume_only_the_agents_that_got_somewhere(
         await wait_for(lambda: cluster.running == 2)
 
     with sqlite3.connect(await state_db_path(repo)) as db:
-        rows = dict(db.execute("SELECT id, resume || ' ' || reason FROM tasks").fetchall())
+        rows = dict(db.execute("SELECT id, resume || ' ' || reason || ' ' || state FROM tasks").fetchall())
     assert rows["P"].startswith("1 ") and "resuming" in rows["P"], rows
     assert rows["Q"].startswith("0 ") and "resuming" not in rows["Q"], rows
 

@@ -3,6 +3,7 @@ journal, concurrency, and the plan registry."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sqlite3
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from claudecluster_mcp import schema as schema_module
@@ -253,6 +255,21 @@ async def test_concurrent_moves_all_land(store: Store, make_plan: PlanFactory, m
     for task_id in ids:
         kinds = [(e["kind"], e["data"].get("state")) for e in events if e["task_id"] == task_id]
         assert kinds == [("state", "ready"), ("note", None), ("state", "running")]
+
+
+async def test_a_write_cancelled_at_any_moment_leaves_the_store_usable(
+    store: Store, make_plan: PlanFactory, make_task: TaskFactory
+) -> None:
+    # Shutdown cancels writers wherever they are, also while SQLite runs their BEGIN.
+    await store.create_plan(make_plan(), [make_task("A")])
+    for attempt in range(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(store.update_task, "p1", "A", pid=attempt))
+            for _ in range(attempt % 6):
+                await anyio.lowlevel.checkpoint()
+            tg.cancel_scope.cancel()
+    await store.update_task("p1", "A", pid=4242)
+    assert (await store.task("p1", "A")).pid == 4242
 
 
 async def test_concurrent_conflicting_moves_let_exactly_one_win(
