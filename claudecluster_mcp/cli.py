@@ -65,11 +65,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
     # Like `run`: flags > CLAUDECLUSTER_* environment > claudecluster.toml > defaults. Only the
     # flags are fixed here; the hub merges them over each repository's own configuration.
-    flags = {k: v for k, v in {"workers": args.workers}.items() if v is not None}
-    load_config(None, **flags)  # fails fast on bad flags or environment
+    flags = {k: v for k, v in {"workers": args.workers, **_placement_flags(args)}.items() if v is not None}
+    config = load_config(None, **flags)  # fails fast on bad flags or environment
+    # Where agents run is the server's choice, for every repository it serves.
+    placement = {k: getattr(config, k) for k in ("placement", "ray_address", "ray_allow_public")}
+    if config.placement == "ray":
+        from .ray_cluster import connect
+
+        connect(config.ray_address, allow_public=config.ray_allow_public)  # before the event loop starts
     settings = ServerSettings(
         roots=args.root or [Path.cwd()],
-        engine=EngineSettings(**flags),
+        engine=EngineSettings(**{**flags, **placement}),
         claude_bin=args.claude or None,
         host=args.host,
         port=args.port,
@@ -97,8 +103,17 @@ def _run_async(fn: Any, *args: Any, **kwargs: Any) -> int:
     return code
 
 
+def _placement_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "placement": getattr(args, "placement", None),
+        "ray_address": getattr(args, "ray_address", None),
+        "ray_allow_public": getattr(args, "ray_allow_public", None),
+    }
+
+
 def _engine_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {
+        **_placement_flags(args),
         "workers": getattr(args, "workers", None),
         "model": getattr(args, "model", None),
         "permission_mode": getattr(args, "permission_mode", None),

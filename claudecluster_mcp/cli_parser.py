@@ -39,6 +39,15 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-budget-usd", type=float, help="cost limit per agent run")
 
 
+def _placement_options(p: argparse.ArgumentParser) -> None:
+    """Where agents run (``serve`` and ``run``)."""
+    p.add_argument("--placement", choices=["local", "ray"], help="where agents run: this machine, or a Ray cluster")
+    p.add_argument("--ray-address", help="HOST:PORT of the Ray cluster's head (with --placement ray)")
+    p.add_argument(
+        "--ray-allow-public", action="store_true", default=None, help="accept a --ray-address outside private networks"
+    )
+
+
 def _repo_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo", type=Path, help="the git repository (default: the current directory's)")
 
@@ -95,6 +104,7 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument("--claude", help="the agents' claude executable (default: each repository's claude_bin)")
     serve.add_argument("--allowed-host", action="append", help="extra Host header value to accept, e.g. myhost:8765")
     serve.add_argument("--allowed-origin", action="append", help="extra Origin to accept, e.g. https://app.example")
+    _placement_options(serve)
 
 
 def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -114,6 +124,7 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     run.add_argument("--json", action="store_true", help="no live display; print the final report as JSON")
     _repo_option(run)
     _engine_options(run)
+    _placement_options(run)
 
 
 def _add_readers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -24,14 +24,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .claude_cli import find_claude
+from .claude_cli import ClaudeBinary, find_claude
 from .config import CONFIG_FILE, ClusterConfig, load_config, render_config
 from .engine import STATUS_FOCUS, Cluster
 from .errors import ClusterError, ConfigError, EngineBusyError, NotFoundError, StateError
 from .models import FINAL_STATES, PlanState, PlanStatus, TaskState, split_task_ref
+from .placement import open_placement
 from .preflight import check_model
 from .registry import Registry
 from .report import diffstats, event_line, status_table, to_html, to_json, to_markdown
+from .settings import EngineSettings
 from .store import Store, state_db_path
 from .workspace import repo_root
 
@@ -92,6 +94,16 @@ async def _plan_repo(plan_id: str | None, repo: Path | None, config: ClusterConf
     return await anyio.to_thread.run_sync(registry.lookup, plan_id), plan_id
 
 
+@asynccontextmanager
+async def _engine(root: Path, settings: EngineSettings, claude: ClaudeBinary) -> AsyncIterator[Cluster]:
+    """The repository's engine, its agents placed where the settings say."""
+    async with (
+        open_placement(settings, claude) as placement,
+        Cluster.open(root, settings=settings, claude=claude, placement=placement) as cluster,
+    ):
+        yield cluster
+
+
 def _exit_code(status: PlanStatus) -> int:
     return EXIT_OK if status.counts and set(status.counts) == {TaskState.MERGED.value} else EXIT_FAILED
 
@@ -120,8 +132,10 @@ async def run_command(
         raise ConfigError("give a goal (and optionally --tasks FILE), or --plan ID to continue a plan")
     settings = config.engine()
     # Once, before any agent (the planner included) starts: not every task failing alike.
-    await check_model(settings, repo=root)
-    async with Cluster.open(root, settings=settings, claude=claude) as cluster:
+    # (Not for Ray: agents run on the nodes, with the nodes' credentials.)
+    if settings.placement == "local":
+        await check_model(settings, repo=root)
+    async with _engine(root, settings, claude) as cluster:
         if plan_id is None:
             assert goal is not None
             if not as_json:
@@ -262,7 +276,7 @@ async def cancel_command(console: Console, target: str, *, repo: Path | None) ->
     root, _ = await _plan_repo(plan_id, repo, config)
     try:
         claude = await anyio.to_thread.run_sync(find_claude, config.claude_bin)
-        async with Cluster.open(root, settings=load_config(root).engine(), claude=claude) as cluster:
+        async with _engine(root, load_config(root).engine(), claude) as cluster:
             status = await cluster.cancel(plan_id, local)
         console.print(f"cancelled {target}: {_tally(status)}")
     except EngineBusyError as exc:
@@ -280,7 +294,7 @@ async def approve_command(console: Console, target: str, *, repo: Path | None, r
     config = load_config(None)
     root, _ = await _plan_repo(plan_id, repo, config)
     claude = await anyio.to_thread.run_sync(find_claude, config.claude_bin)
-    async with Cluster.open(root, settings=load_config(root).engine(), claude=claude) as cluster:
+    async with _engine(root, load_config(root).engine(), claude) as cluster:
         await cluster.approve(plan_id, local, reject=reject)
         status = await cluster.wait(plan_id) if not reject else await cluster.status(plan_id)
     verb = "rejected" if reject else "approved"
@@ -293,7 +307,7 @@ async def merge_command(console: Console, plan_id: str, *, repo: Path | None, ta
     config = load_config(None)
     root, _ = await _plan_repo(plan_id, repo, config)
     claude = await anyio.to_thread.run_sync(find_claude, config.claude_bin)
-    async with Cluster.open(root, settings=load_config(root).engine(), claude=claude) as cluster:
+    async with _engine(root, load_config(root).engine(), claude) as cluster:
         report = await cluster.merge(plan_id, target, dry_run=dry_run)
     if report.kind == "conflict":
         console.print(f"[red]conflict[/] merging into {report.target}: {', '.join(report.conflicts)}; nothing changed")

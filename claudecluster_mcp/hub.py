@@ -35,6 +35,7 @@ from .config import ClusterConfig, load_config
 from .engine import Cluster
 from .errors import ClusterError, RepositoryError, StateError
 from .models import PlanState
+from .placement import open_placement
 from .registry import Registry
 from .settings import EngineSettings
 from .store import Store, state_db_path
@@ -44,8 +45,9 @@ __all__ = ["Hub", "HubRef"]
 
 logger = logging.getLogger(__name__)
 
-#: EngineSettings fields a repository's ``claudecluster.toml`` (or the environment) may set.
-CONFIGURABLE = frozenset(ClusterConfig.model_fields) - {"claude_bin"}
+#: EngineSettings fields a repository's ``claudecluster.toml`` (or the environment) may set;
+#: where agents run (and so where the repository is sent) is the server's choice.
+CONFIGURABLE = frozenset(ClusterConfig.model_fields) - {"claude_bin", "placement", "ray_address", "ray_allow_public"}
 
 
 def _owner(git_dir: Path) -> Path:
@@ -275,7 +277,10 @@ class Hub:
         hosted = _Hosted(root)
         failure = None
         try:
-            async with Cluster.open(root, settings=engine, claude=claude) as cluster:
+            async with (
+                open_placement(engine, claude) as placement,
+                Cluster.open(root, settings=engine, claude=claude, placement=placement) as cluster,
+            ):
                 hosted.cluster = cluster
                 task_status.started(hosted)
                 await anyio.sleep_forever()

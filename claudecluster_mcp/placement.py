@@ -3,16 +3,18 @@
 The task runner and crash recovery talk only to an :class:`AgentPlacement`: "make an agent
 for this spec (events go to ``on_event``), run it to its outcome, cancel it", and "clean up
 after a run whose supervisor died". :class:`LocalPlacement`, the first implementation, runs
-``claude`` in a pty on this machine (:class:`~claudecluster_mcp.agent.AgentRun`); a
-sandboxed or remote placement plugs in here without the scheduler or the merge queue
-changing.
+``claude`` in a pty on this machine (:class:`~claudecluster_mcp.agent.AgentRun`);
+:class:`~claudecluster_mcp.ray_placement.RayPlacement` runs it on the nodes of a Ray
+cluster; the scheduler and the merge queue do not change with it. :func:`open_placement`
+makes the one the settings name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,8 +27,9 @@ from .claude_cli import ClaudeBinary
 from .events import AgentEvent
 from .outcome import AgentOutcome
 from .proctree import ProcessTree
+from .settings import EngineSettings
 
-__all__ = ["AgentHandle", "AgentPlacement", "LocalPlacement", "RunRecord"]
+__all__ = ["AgentHandle", "AgentPlacement", "LocalPlacement", "RunRecord", "open_placement"]
 
 OnEvent = Callable[[AgentEvent], None]
 OnStart = Callable[[int, float], Awaitable[None]]
@@ -92,6 +95,19 @@ class LocalPlacement:
     async def reap(self, record: RunRecord) -> list[int]:
         """Kill the run's processes (by pid + start time, and by its environment tag)."""
         return await anyio.to_thread.run_sync(_kill_leftovers, record)
+
+
+@asynccontextmanager
+async def open_placement(settings: EngineSettings, claude: ClaudeBinary) -> AsyncIterator[AgentPlacement]:
+    """The placement ``settings.placement`` names, for the duration of the block
+    (``ray``: :class:`~claudecluster_mcp.ray_placement.RayPlacement`, which imports Ray)."""
+    if settings.placement == "ray":
+        from .ray_placement import RayPlacement
+
+        async with RayPlacement.open(settings, claude) as placement:
+            yield placement
+    else:
+        yield LocalPlacement(claude)
 
 
 def _kill_leftovers(record: RunRecord) -> list[int]:

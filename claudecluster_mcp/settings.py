@@ -12,7 +12,7 @@ import fnmatch
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -98,6 +98,11 @@ class EngineSettings(BaseModel):
     sandbox_allowed_domains: list[str] = Field(
         default_factory=list, description="domains sandboxed commands may reach (default none: no network)"
     )
+    placement: Literal["local", "ray"] = Field(
+        default="local", description="where agents run: local (this machine) or ray (the nodes of a Ray cluster)"
+    )
+    ray_address: str | None = Field(default=None, description="HOST:PORT of the Ray cluster's head (placement ray)")
+    ray_allow_public: bool = Field(default=False, description="allow a ray_address outside private networks")
 
     @field_validator("sandbox_write_paths")
     @classmethod

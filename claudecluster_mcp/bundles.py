@@ -1,0 +1,171 @@
+"""Worktree snapshots moved between the engine and a Ray node as git bundles.
+
+The engine stays the only owner of the repository: a node gets a bundle of the task's
+worktree (its ``HEAD``, an unfinished merge's other parent, and uncommitted files if there
+are any), rebuilds that worktree in a temporary repository, lets the agent work, and sends
+back a bundle holding the agent's commits plus one *files commit* whose tree is everything
+in the node's worktree (tracked and untracked, ``.gitignore`` respected). The engine then
+puts exactly that state into the task's local worktree: ``HEAD`` where the node's was, the
+files as the agent left them, uncommitted, and an unfinished merge still unfinished. From
+there on the task runner commits and merges it as it would a local agent's work.
+
+::
+
+    engine                                node
+    take_snapshot(worktree)  ─ bundle ─▶  checkout_snapshot(tmp, bundle, snapshot)
+                                          … the agent works …
+    apply_snapshot(worktree) ◀─ bundle ─  take_snapshot(tmp, files=True) + make_bundle
+
+Every command is engine git (:func:`~claudecluster_mcp.workspace.git`): nothing the agent
+planted in a repository runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from .workspace import current_branch, git, rev_parse
+
+__all__ = [
+    "Snapshot",
+    "apply_snapshot",
+    "checkout_snapshot",
+    "git_identity",
+    "make_bundle",
+    "take_snapshot",
+    "unbundle",
+]
+
+_FALLBACK_IDENTITY = ("claudecluster", "claudecluster@localhost")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The state of a worktree, by commit ids (the objects travel in a bundle)."""
+
+    head: str  #: the commit checked out
+    branch: str | None  #: the branch checked out (None: detached)
+    merge_head: str | None = None  #: the other parent of an unfinished merge
+    #: a commit (parent ``head``) whose tree is the worktree's files; None: they equal ``head``
+    files: str | None = None
+
+    @property
+    def tips(self) -> dict[str, str]:
+        """The commits a bundle of this snapshot must hold, by a name for each."""
+        named = {"head": self.head, "merge": self.merge_head, "files": self.files}
+        return {name: sha for name, sha in named.items() if sha}
+
+
+async def git_identity(repo: Path) -> tuple[str, str]:
+    """The committer (name, e-mail) the repository's git would use, or claudecluster's."""
+    name = (await git(repo, "config", "user.name", check=False)).stdout.strip()
+    email = (await git(repo, "config", "user.email", check=False)).stdout.strip()
+    return (name, email) if name and email else _FALLBACK_IDENTITY
+
+
+def _identity_args(identity: tuple[str, str]) -> list[str]:
+    return ["-c", f"user.name={identity[0]}", "-c", f"user.email={identity[1]}"]
+
+
+async def _merge_head(worktree: Path) -> str | None:
+    found = await git(worktree, "rev-parse", "--verify", "--quiet", "MERGE_HEAD", check=False)
+    return found.stdout.strip() or None
+
+
+async def take_snapshot(worktree: Path, identity: tuple[str, str], *, files: bool = False) -> Snapshot:
+    """The worktree's state. Its files are recorded as a files commit when they differ
+    from ``HEAD`` outside an unfinished merge (a node re-does that merge instead), or always
+    with ``files`` (the node's result). Without ``files`` the index is left as it was."""
+    head = await rev_parse(worktree, "HEAD")
+    branch = await current_branch(worktree)
+    merge_head = await _merge_head(worktree)
+    if not files:
+        dirty = (await git(worktree, "status", "--porcelain", "--untracked-files=all")).stdout.strip()
+        if merge_head or not dirty:
+            return Snapshot(head, branch, merge_head)
+    tree = await _tree_of_files(worktree, keep_index=not files)
+    message = "claudecluster: the worktree's files"
+    commit = await git(worktree, *_identity_args(identity), "commit-tree", tree, "-p", head, "-m", message)
+    return Snapshot(head, branch, merge_head, commit.stdout.strip())
+
+
+async def _tree_of_files(worktree: Path, *, keep_index: bool) -> str:
+    """The tree of every file in the worktree, through the index (put back if asked)."""
+    index = Path((await git(worktree, "rev-parse", "--path-format=absolute", "--git-path", "index")).stdout.strip())
+    saved = index.read_bytes() if keep_index and index.exists() else None
+    try:
+        await git(worktree, "add", "--all")
+        return (await git(worktree, "write-tree")).stdout.strip()
+    finally:
+        if saved is not None:
+            index.write_bytes(saved)
+
+
+async def make_bundle(repo: Path, tips: Mapping[str, str], exclude: Iterable[str] = ()) -> bytes:
+    """A bundle of ``tips`` (name → commit) and their history, minus what ``exclude`` reaches
+    (commits the receiver has). The tips get temporary refs, as bundles name refs only."""
+    prefix = f"refs/claudecluster/bundle/{secrets.token_hex(6)}"
+    refs = [f"{prefix}/{name}" for name in tips]
+    try:
+        for ref, sha in zip(refs, tips.values(), strict=True):
+            await git(repo, "update-ref", "--no-deref", ref, sha)
+        with tempfile.TemporaryDirectory(prefix="ccbundle-") as tmp:
+            path = Path(tmp) / "out.bundle"
+            excluded = [f"^{sha}" for sha in exclude]
+            await git(repo, "bundle", "create", "--quiet", str(path), *refs, *excluded)
+            return await anyio.Path(path).read_bytes()
+    finally:
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                await git(repo, "update-ref", "-d", ref)
+
+
+async def unbundle(repo: Path, data: bytes) -> None:
+    """Store a bundle's objects in ``repo`` (no ref changes; its prerequisites must be there)."""
+    with tempfile.TemporaryDirectory(prefix="ccbundle-") as tmp:
+        path = Path(tmp) / "in.bundle"
+        await anyio.Path(path).write_bytes(data)
+        await git(repo, "bundle", "unbundle", str(path))
+
+
+async def checkout_snapshot(path: Path, data: bytes, snapshot: Snapshot, identity: tuple[str, str]) -> Path:
+    """Node side: a new repository at ``path`` in the state ``snapshot`` describes (the same
+    branch, an unfinished merge re-done, uncommitted files restored), committing as ``identity``."""
+    await git(path.parent, "init", "--quiet", str(path))
+    for key, value in zip(("user.name", "user.email"), identity, strict=True):
+        await git(path, "config", key, value)
+    await unbundle(path, data)
+    if snapshot.branch:
+        await git(path, "checkout", "--quiet", "-B", snapshot.branch, snapshot.head)
+    else:
+        await git(path, "checkout", "--quiet", "--detach", snapshot.head)
+    if snapshot.merge_head:
+        # The same merge as the engine's (the agent then sees the conflicts as git shows them).
+        await git(path, "merge", "--quiet", "--no-commit", "--no-ff", snapshot.merge_head, ok_codes=(0, 1))
+    elif snapshot.files:
+        await git(path, "read-tree", "-u", "--reset", snapshot.files)
+        await git(path, "reset", "--quiet")
+    return path
+
+
+async def apply_snapshot(worktree: Path, data: bytes, snapshot: Snapshot) -> None:
+    """Engine side: put a node's result into the task's worktree: ``HEAD`` (and so the
+    task branch) at the node's, its files uncommitted, an unfinished merge kept unfinished."""
+    await unbundle(worktree, data)
+    await git(worktree, "update-ref", "-m", "claudecluster: result from a Ray node", "HEAD", snapshot.head)
+    merging = await _merge_head(worktree)
+    if snapshot.merge_head and merging != snapshot.merge_head:
+        await git(worktree, "update-ref", "--no-deref", "MERGE_HEAD", snapshot.merge_head)
+    elif merging and not snapshot.merge_head:
+        await git(worktree, "merge", "--quit")
+    await git(worktree, "clean", "-d", "--force", "--quiet")
+    await git(worktree, "read-tree", "-u", "--reset", snapshot.files or snapshot.head)
+    if not snapshot.merge_head:
+        await git(worktree, "reset", "--quiet")  # uncommitted, as the agent left them

@@ -1,0 +1,288 @@
+"""The node side of Ray placement: :class:`AgentSlot`, one ``claude_slot`` of a Ray node.
+
+A slot is a Ray actor (async, detached, named; it holds one ``claude_slot`` resource while
+it lives, so a node never runs more agents than it has slots). It runs one agent at a time
+with the very runner a local placement uses (:class:`~claudecluster_mcp.agent.AgentRun`:
+pty, stream-json parsing, timeouts, memory cap, the sandbox when the node has it, the
+per-run reaper and the sweep of leftover processes), in a temporary repository rebuilt from
+the engine's bundle (:mod:`~claudecluster_mcp.bundles`), and removed after the run.
+
+Everything the run produces is kept as a list of messages, read by the engine with
+:meth:`AgentSlot.events` from any offset: an engine that restarted can read a run again
+from the start. The run itself lives in the actor, not in the engine's call, so it goes on
+while no engine listens; its result is kept until the engine releases it (or
+:data:`RESULT_KEPT` seconds have passed), and a slot with no run for :data:`IDLE_EXIT`
+seconds ends itself, so that nothing of an engine that died stays on a node.
+
+Messages, in order: ``("started", pid, start_time)`` once the agent's process exists,
+``("event", AgentEvent)`` for each parsed event, and ``("done", RunResult)`` last; or
+``("gone",)`` alone when the slot does not hold that run.
+
+The class is plain Python: :mod:`~claudecluster_mcp.ray_slots` makes it a Ray actor, so
+that importing this module does not import Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .agent import AgentRun
+from .agent_spec import AgentSpec
+from .bundles import Snapshot, checkout_snapshot, make_bundle, take_snapshot
+from .claude_cli import find_claude
+from .errors import AgentError, ClusterError, ConfigError
+from .events import AgentEvent
+from .isolation import sandbox_support
+from .outcome import AgentOutcome
+
+__all__ = ["IDLE_EXIT", "RESULT_KEPT", "AgentSlot", "Message", "NodeInfo", "RemoteJob", "RunInfo", "RunResult"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a slot without a run waits for one before it ends itself.
+IDLE_EXIT = 300.0
+#: Seconds a finished run's result waits for its engine before the slot drops it.
+RESULT_KEPT = 900.0
+_WATCH_EVERY = 5.0
+
+Message = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Where a slot runs."""
+
+    node_id: str
+    address: str
+    hostname: str
+    pid: int
+    claude_version: str | None = None  #: the ``claude`` found there (None: not found yet)
+
+
+@dataclass(frozen=True)
+class RemoteJob:
+    """One agent run for a slot: the spec (its ``cwd`` and ``log_path`` are the engine's;
+    the node uses its own), the worktree to rebuild, and who commits there."""
+
+    run_id: str
+    spec: AgentSpec
+    snapshot: Snapshot
+    identity: tuple[str, str]
+    claude_bin: str | None = None
+    #: what identifies the run's task to a restarted engine: its worktree on the engine
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a run ended: the agent's outcome, the worktree it left (``snapshot``, whose
+    objects ``bundle`` holds) and its transcript; or the error that kept it from running."""
+
+    outcome: AgentOutcome | None = None
+    snapshot: Snapshot | None = None
+    bundle: bytes = b""
+    transcript: bytes = b""
+    error: ClusterError | None = None
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a slot says about its run (for an engine looking for runs after a restart)."""
+
+    run_id: str
+    key: str
+    base: Snapshot
+    finished: bool
+    node: NodeInfo
+
+
+@dataclass
+class _Run:
+    job: RemoteJob
+    messages: list[Message] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    agent: AgentRun | None = None
+    cancel_reason: str | None = None
+    release_when_done: bool = False
+    finished_at: float | None = None
+    task: asyncio.Task[None] | None = None
+
+    def add(self, message: Message) -> None:
+        self.messages.append(message)
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+class AgentSlot:
+    """One ``claude_slot`` of a node: runs one agent at a time (see the module docstring)."""
+
+    def __init__(self, idle_exit: float = IDLE_EXIT, result_kept: float = RESULT_KEPT) -> None:
+        self._idle_exit = idle_exit
+        self._result_kept = result_kept
+        self._run: _Run | None = None
+        self._idle_since = time.monotonic()
+        self._watchdog: asyncio.Task[None] | None = None
+        self._node: NodeInfo | None = None
+
+    async def node(self, claude_bin: str | None = None) -> NodeInfo:
+        """Where this slot runs, and its ``claude`` (looked up once: it takes a while, and
+        a slot is started ahead of its first run). Also a call that returns once the slot is up."""
+        self._watch()
+        if self._node is None:
+            import ray
+
+            node_id = ray.get_runtime_context().get_node_id()
+            address = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+            self._node = NodeInfo(node_id, address, socket.gethostname(), os.getpid())
+        if self._node.claude_version is None:
+            with contextlib.suppress(ClusterError):  # reported by the run that needs it
+                claude = await anyio.to_thread.run_sync(find_claude, claude_bin)
+                self._node = replace(self._node, claude_version=claude.version)
+        return self._node
+
+    async def start(self, job: RemoteJob, bundle: bytes) -> NodeInfo | None:
+        """Start ``job`` (``bundle`` holds its snapshot); None when busy with another run."""
+        node = await self.node(job.claude_bin)
+        if self._run is not None:
+            return node if self._run.job.run_id == job.run_id else None
+        run = self._run = _Run(job)
+        # The run must outlive this call (an engine restart re-reads it), so it is the
+        # actor's own task, not the caller's.
+        run.task = asyncio.get_running_loop().create_task(self._execute(run, bundle, node))
+        return node
+
+    async def events(self, run_id: str, offset: int = 0) -> AsyncIterator[Message]:
+        """The run's messages from ``offset`` on, as they come, until its ``done``."""
+        run = self._run
+        if run is None or run.job.run_id != run_id:
+            yield ("gone",)
+            return
+        while True:
+            while offset < len(run.messages):
+                yield run.messages[offset]
+                offset += 1
+            if run.finished_at is not None:
+                return
+            await run.changed.wait()
+
+    async def cancel(self, run_id: str, reason: str, release: bool = False) -> None:
+        """Stop the run as a local cancel does (SIGINT, grace, SIGTERM, SIGKILL, sweep); with
+        ``release`` the slot forgets it once stopped (nobody will read the result)."""
+        run = self._run
+        if run is None or run.job.run_id != run_id:
+            return
+        run.release_when_done = run.release_when_done or release
+        if run.finished_at is not None:
+            if release:
+                self._forget(run)
+            return
+        run.cancel_reason = reason
+        if run.agent is not None:
+            run.agent.cancel(reason)
+
+    async def release(self, run_id: str) -> None:
+        """The engine has the result: forget the run, the slot is free again."""
+        run = self._run
+        if run is not None and run.job.run_id == run_id:
+            if run.finished_at is None:
+                run.release_when_done = True
+            else:
+                self._forget(run)
+
+    async def runs(self) -> list[RunInfo]:
+        """The run this slot holds, if any."""
+        run = self._run
+        if run is None:
+            return []
+        job = run.job
+        return [RunInfo(job.run_id, job.key, job.snapshot, run.finished_at is not None, await self.node())]
+
+    # -- the run ----------------------------------------------------------------------------
+
+    async def _execute(self, run: _Run, bundle: bytes, node: NodeInfo) -> None:
+        job = run.job
+        result = RunResult(error=AgentError("the run ended without a result"))
+        try:
+            with tempfile.TemporaryDirectory(prefix="ccray-") as tmp:
+                result = await self._agent(run, bundle, Path(tmp), node)
+        except ClusterError as exc:
+            result = RunResult(error=exc)
+        except Exception as exc:
+            logger.exception("run %s failed on the node", job.run_id)
+            result = RunResult(error=AgentError(f"the run failed on Ray node {node.hostname}: {exc!r}"))
+        finally:
+            run.finished_at = time.monotonic()
+            run.add(("done", result))
+            if run.release_when_done:
+                self._forget(run)
+
+    async def _agent(self, run: _Run, bundle: bytes, tmp: Path, node: NodeInfo) -> RunResult:
+        job = run.job
+        worktree = await checkout_snapshot(tmp / "wt", bundle, job.snapshot, job.identity)
+        claude = await anyio.to_thread.run_sync(find_claude, job.claude_bin)
+        if job.spec.sandbox is not None and not (support := sandbox_support()).available:
+            raise ConfigError(
+                f'Ray node {node.hostname} cannot run agents under isolation "sandbox": {support.describe()} '
+                '(install it there, or set isolation = "none")'
+            )
+        log = tmp / "transcript.log"
+        spec = job.spec.model_copy(update={"cwd": worktree, "log_path": log})
+
+        async def started(pid: int, start_time: float) -> None:
+            run.add(("started", pid, start_time))
+
+        def event(item: AgentEvent) -> None:
+            run.add(("event", item))
+
+        # Its own tag and TMPDIR per attempt: a retry may land on a machine whose leftovers
+        # of an earlier attempt (a node that died) are still being swept.
+        agent = run.agent = AgentRun(
+            spec, claude=claude, on_event=event, on_start=started, run_id=f"{job.run_id}-{secrets.token_hex(2)}"
+        )
+        if run.cancel_reason is not None:
+            agent.cancel(run.cancel_reason)
+        outcome = await agent.run()
+        snapshot = await take_snapshot(worktree, job.identity, files=True)
+        data = await make_bundle(worktree, snapshot.tips, exclude=job.snapshot.tips.values())
+        transcript = await anyio.Path(log).read_bytes() if log.exists() else b""
+        return RunResult(outcome, snapshot, data, transcript)
+
+    def _forget(self, run: _Run) -> None:
+        if self._run is run:
+            self._run = None
+            self._idle_since = time.monotonic()
+
+    # -- housekeeping -----------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch_loop())
+
+    async def _watch_loop(self) -> None:
+        """Drop a result nobody came for; end the slot when it has been idle too long."""
+        while True:
+            await asyncio.sleep(_WATCH_EVERY)
+            run, clock = self._run, time.monotonic()
+            if run is not None and run.finished_at is not None and clock - run.finished_at > self._result_kept:
+                logger.info("run %s: nobody collected its result; dropped", run.job.run_id)
+                self._forget(run)
+            elif run is None and clock - self._idle_since > self._idle_exit:
+                import ray
+
+                logger.info("idle for %.0f s: this slot ends", clock - self._idle_since)
+                with contextlib.suppress(Exception):
+                    ray.kill(ray.get_runtime_context().current_actor)
+                return

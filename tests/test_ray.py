@@ -1,0 +1,253 @@
+"""Placement ``ray``: a real two-node Ray cluster on this machine (``ray start`` on 127.0.0.2,
+the head, and 127.0.0.3; Ray rewrites 127.0.0.1 to the host's address), token
+authentication on, real ``claude`` agents against the scripted model on its nodes, the
+engine and its git refs here."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+import pytest
+
+from claudecluster_mcp.claude_cli import ClaudeBinary
+from claudecluster_mcp.engine import Cluster, EngineSettings
+from claudecluster_mcp.errors import ConfigError
+from claudecluster_mcp.model_server import ScriptedModelServer
+from claudecluster_mcp.models import TaskState
+from claudecluster_mcp.proctree import RUN_TAG_VAR
+from claudecluster_mcp.ray_cluster import check_address, connect, disconnect
+from claudecluster_mcp.ray_placement import RayPlacement
+from claudecluster_mcp.scenario import bash_turn, marker_rule, marker_task, write_turn
+
+if not shutil.which("ray", path=str(Path(sys.executable).parent)):
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        raise RuntimeError("CI=true but Ray is not installed: `make setup` installs the `ray` extra")
+    pytest.skip("Ray is not installed (pip install -e '.[ray]')", allow_module_level=True)
+
+pytestmark = [pytest.mark.ray]
+
+StartServer = Callable[[dict[str, Any]], ScriptedModelServer]
+Settings = Callable[..., EngineSettings]
+Git = Callable[..., str]
+HEAD, WORKER = "127.0.0.2", "127.0.0.3"
+SLOTS = 2  # per node
+
+
+# -- the cluster ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Node:
+    """One ``ray start --block`` process (and the node processes it started)."""
+
+    ip: str
+    process: subprocess.Popen[bytes]
+
+    def raylet(self) -> psutil.Process:
+        return next(p for p in psutil.Process(self.process.pid).children() if p.name() == "raylet")
+
+    def stop(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            family = [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]
+            self.process.terminate()  # `ray start --block` stops the node's processes
+            _, alive = psutil.wait_procs(family, timeout=15)
+            for proc in alive:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+        self.process.wait()
+
+
+@dataclass
+class RayCluster:
+    address: str
+    head: Node
+    worker: Node
+    env: dict[str, str]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_node(ip: str, args: list[str], env: dict[str, str], log: Path) -> Node:
+    ray = str(Path(sys.executable).parent / "ray")
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [ray, "start", "--block", f"--node-ip-address={ip}", "--num-cpus=2", "--disable-usage-stats", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 90
+    while b"Ray runtime started" not in log.read_bytes():
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, f"ray start on {ip} took too long:\n{log.read_text()}"
+        time.sleep(0.1)
+    return Node(ip, process)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(claude: ClaudeBinary) -> Iterator[RayCluster]:
+    """Two nodes of SLOTS claude slots each, token authentication on; this process connected."""
+    tmp = Path(tempfile.mkdtemp(prefix="ccray"))  # short: Ray puts unix sockets below it
+    token = tmp / "token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env = {**os.environ, **auth, "CLAUDECLUSTER_CLAUDE_BIN": str(claude.path)}
+    slots = json.dumps({"claude_slot": SLOTS})
+    port = _free_port()
+    common = [f"--temp-dir={tmp}", f"--resources={slots}"]
+    saved = {key: os.environ.get(key) for key in auth}
+    head = _start_node(HEAD, ["--head", f"--port={port}", "--include-dashboard=false", *common], env, tmp / "head.log")
+    worker = None
+    try:
+        worker = _start_node(WORKER, [f"--address={HEAD}:{port}", *common], env, tmp / "worker.log")
+        os.environ.update(auth)
+        connect(f"{HEAD}:{port}")
+        yield RayCluster(f"{HEAD}:{port}", head, worker, env)
+    finally:
+        disconnect()
+        for node in (worker, head):
+            if node is not None:
+                node.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tagged(prefixes: list[str]) -> list[psutil.Process]:
+    """Living processes of the given runs (by their environment tag), on any node."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            tag = proc.environ().get(RUN_TAG_VAR, "")
+            if tag and any(tag.startswith(prefix) for prefix in prefixes):
+                found.append(proc)
+    return found
+
+
+def busy(intervals: list[tuple[float, float]]) -> int:
+    """The most intervals that overlap at one moment."""
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    most = now = 0
+    for _, step in edges:
+        now += step
+        most = max(most, now)
+    return most
+
+
+# -- the address check (no cluster needed) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("address", ["127.0.0.2:6379", "10.1.2.3:6379", "192.168.0.7:1", "[fd00::1]:6379"])
+def test_private_and_loopback_addresses_are_accepted(address: str) -> None:
+    assert check_address(address)[1] in (6379, 1)
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8:6379", "[2001:4860:4860::8888]:6379"])
+def test_a_public_address_needs_the_explicit_flag(address: str) -> None:
+    with pytest.raises(ConfigError, match="--ray-allow-public"):
+        check_address(address)
+    assert check_address(address, allow_public=True)[1] == 6379
+
+
+@pytest.mark.parametrize("address", ["ray://10.0.0.1:10001", "10.0.0.1", "10.0.0.1:http", ":6379"])
+def test_malformed_addresses_are_refused(address: str) -> None:
+    with pytest.raises(ConfigError, match="ray_address"):
+        check_address(address)
+
+
+def test_importing_the_package_does_not_import_ray() -> None:
+    code = "import sys, claudecluster_mcp, claudecluster_mcp.placement; print('ray' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+# -- agents on the cluster -----------------------------------------------------------------------
+
+
+@pytest.mark.claude
+@pytest.mark.anyio
+async def test_a_dag_runs_on_both_nodes_within_their_slots_and_merges(
+    claude: ClaudeBinary,
+    repo: Path,
+    model_server: StartServer,
+    engine_settings: Settings,
+    ray_cluster: RayCluster,
+    git: Git,
+) -> None:
+    server = model_server(
+        {
+            "default_latency": 0.3,
+            "rules": [
+                # The resolve prompt quotes the original task's prompt, so its rule comes first.
+                {
+                    "name": "resolve",
+                    "match": "[claudecluster:resolve]",
+                    "turns": [write_turn("shared.txt", "left\nright\n"), {"text": "resolved"}],
+                },
+                *(marker_rule(n, write_turn(f"{n}.txt", f"from {n}\n")) for n in ("A", "B", "C")),
+                marker_rule("D", bash_turn("cat A.txt B.txt C.txt > D.txt && echo uncommitted > notes.txt")),
+                marker_rule("left", write_turn("shared.txt", "left\n")),
+                marker_rule("right", write_turn("shared.txt", "right\n")),
+            ],
+        }
+    )
+    tasks = [
+        *(marker_task(n) for n in ("A", "B", "C")),
+        marker_task("D", "A", "B", "C"),
+        marker_task("left", files=["shared.txt"]),
+        marker_task("right", files=["shared.txt"]),
+    ]
+    settings = engine_settings(server, placement="ray", ray_address=ray_cluster.address, workers=6)
+
+    async with (
+        RayPlacement.open(settings, claude) as placement,
+        Cluster.open(repo, settings=settings, placement=placement) as cluster,
+    ):
+        plan = (await cluster.plan("a DAG on two machines", tasks)).plan
+        await cluster.dispatch(plan.id)
+        with anyio.fail_after(100):
+            status = await cluster.wait(plan.id)
+        await cluster.merge(plan.id)
+
+    assert {t.state for t in status.tasks} == {TaskState.MERGED}, [(t.id, t.state, t.reason) for t in status.tasks]
+    assert len(status.tasks) == 7  # and a resolve task, which ran on a node too
+    # D ran on a node with A's, B's and C's work (bundled from the integration branch); what
+    # it left uncommitted there was committed here, as for a local agent.
+    assert (repo / "D.txt").read_text() == "from A\nfrom B\nfrom C\n"
+    assert (repo / "notes.txt").read_text() == "uncommitted\n"
+    assert (repo / "shared.txt").read_text() == "left\nright\n"
+    assert status.task("D").changed_files == ["D.txt", "notes.txt"]
+    assert git(repo, "status", "--porcelain") == ""
+    # The transcript of each run came back into the engine's log.
+    assert "D done" in (settings.state_dir / "logs" / plan.id / "D.1.log").read_text()
+    runs = placement.placed
+    assert len(runs) == 7 and all(run.status == "succeeded" for run in runs)
+    assert {run.node.address for run in runs} == {HEAD, WORKER}
+    for node in (HEAD, WORKER):
+        assert busy([(r.accepted, r.finished) for r in runs if r.node.address == node]) <= SLOTS
+    assert tagged([run.run_id for run in runs]) == []
