@@ -53,7 +53,7 @@ __all__ = ["IDLE_EXIT", "RESULT_KEPT", "AgentSlot", "Message", "NodeInfo", "Remo
 logger = logging.getLogger(__name__)
 
 #: Seconds a slot without a run waits for one before it ends itself.
-IDLE_EXIT = 300.0
+IDLE_EXIT = 60.0
 #: Seconds a finished run's result waits for its engine before the slot drops it.
 RESULT_KEPT = 900.0
 _WATCH_EVERY = 5.0

@@ -122,6 +122,7 @@ class RayPlacement:
         """Connect (if this process is not yet), start the slots, and end them on leaving."""
         cluster = connect(settings.ray_address, allow_public=settings.ray_allow_public)
         placement = cls(settings, SlotPool(settings.claude_bin, cap=cluster.slots), claude)
+        await placement.survey()  # also ends the idle slots an engine of this machine left
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(placement._housekeeping)
@@ -141,13 +142,17 @@ class RayPlacement:
     async def reap(self, record: RunRecord) -> list[int]:
         """After a crash: a run of ``record`` still on a slot is kept for its task to
         re-attach to (:data:`ADOPT_WINDOW`); nothing is killed here, so no pid is returned."""
-        if self._survey is None or time.monotonic() - self._survey[0] > 10:
-            self._survey = (time.monotonic(), await survey())
-        for actor, info in self._survey[1]:
+        for actor, info in await self.survey(fresh=False):
             if info.run_id == record.run_id:
                 logger.info("run %s is still on Ray node %s: its task will re-attach", info.run_id, info.node.hostname)
                 self._adoptable[info.key] = _Adoptable(actor, info)
         return []
+
+    async def survey(self, *, fresh: bool = True) -> list[tuple[Any, RunInfo]]:
+        """The runs on the cluster's slots (any engine's); ``fresh=False``: seconds old will do."""
+        if fresh or self._survey is None or time.monotonic() - self._survey[0] > 10:
+            self._survey = (time.monotonic(), await survey())
+        return self._survey[1]
 
     def close(self) -> None:
         """Stop what is left: runs nobody re-attached to, and every slot of this engine."""

@@ -26,6 +26,7 @@ from functools import cache
 from typing import Any
 
 import anyio
+import psutil
 
 from .ray_actor import AgentSlot, RunInfo
 from .ray_cluster import NAMESPACE, SLOT_RESOURCE
@@ -72,7 +73,7 @@ class SlotPool:
         self.claude_bin = claude_bin  #: the slots look for ``claude`` there as soon as they are up
         self.cap = cap
         self.idle_keep = idle_keep
-        self._prefix = f"slot-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._prefix = f"slot:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._count = 0
         self._idle: list[Slot] = []
         self._live: dict[str, Slot] = {}
@@ -135,7 +136,7 @@ class SlotPool:
 
     def _new(self) -> Slot:
         self._count += 1
-        name = f"{self._prefix}-{self._count}"
+        name = f"{self._prefix}:{self._count}"
         actor = (
             actor_class()
             .options(
@@ -162,23 +163,37 @@ def _kill(actor: Any) -> None:
 
 
 async def survey() -> list[tuple[Any, RunInfo]]:
-    """Every run held by a claudecluster slot of the cluster (any engine's), with its slot."""
+    """Every run held by a claudecluster slot of the cluster (any engine's), with its slot;
+    and, on the way, the end of the idle slots of engines of this machine that are gone
+    (a slot ends itself after :data:`~claudecluster_mcp.ray_actor.IDLE_EXIT` anyway, but
+    meanwhile it holds a ``claude_slot`` the restarted engine needs)."""
     import ray
 
-    def handles() -> list[Any]:
+    def handles() -> list[tuple[str, Any]]:
         found = []
         for name in ray.util.list_named_actors():
             with contextlib.suppress(Exception):
-                found.append(ray.get_actor(name, namespace=NAMESPACE))
+                found.append((name, ray.get_actor(name, namespace=NAMESPACE)))
         return found
 
     found: list[tuple[Any, RunInfo]] = []
 
-    async def ask(actor: Any) -> None:
+    async def ask(name: str, actor: Any) -> None:
         with contextlib.suppress(Exception), anyio.fail_after(_SURVEY_TIMEOUT):
-            found.extend((actor, info) for info in await actor.runs.remote())
+            runs = await actor.runs.remote()
+            found.extend((actor, info) for info in runs)
+            if not runs and _orphaned(name):
+                _kill(actor)
 
     async with anyio.create_task_group() as tg:
-        for actor in await anyio.to_thread.run_sync(handles):
-            tg.start_soon(ask, actor)
+        for name, actor in await anyio.to_thread.run_sync(handles):
+            tg.start_soon(ask, name, actor)
     return found
+
+
+def _orphaned(name: str) -> bool:
+    """A slot named by an engine of this machine that is no longer running."""
+    parts = name.split(":")
+    if len(parts) != 5 or parts[0] != "slot" or parts[1] != socket.gethostname() or not parts[2].isdigit():
+        return False
+    return not psutil.pid_exists(int(parts[2]))

@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -23,11 +24,12 @@ from typing import Any
 import anyio
 import psutil
 import pytest
+import yaml
 
 from claudecluster_mcp.claude_cli import ClaudeBinary
 from claudecluster_mcp.engine import Cluster, EngineSettings
 from claudecluster_mcp.errors import ConfigError
-from claudecluster_mcp.model_server import ScriptedModelServer
+from claudecluster_mcp.model_server import ScriptedModelServer, scripted_env
 from claudecluster_mcp.models import TaskState
 from claudecluster_mcp.proctree import RUN_TAG_VAR
 from claudecluster_mcp.ray_cluster import check_address, connect, disconnect
@@ -138,14 +140,15 @@ def ray_cluster(claude: ClaudeBinary) -> Iterator[RayCluster]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def tagged(prefixes: list[str]) -> list[psutil.Process]:
-    """Living processes of the given runs (by their environment tag), on any node."""
+def tagged(prefixes: list[str]) -> list[str]:
+    """The command lines of the living processes of the given runs (found by their
+    environment tag), on any node."""
     found = []
     for proc in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
             tag = proc.environ().get(RUN_TAG_VAR, "")
-            if tag and any(tag.startswith(prefix) for prefix in prefixes):
-                found.append(proc)
+            if tag and any(tag.startswith(prefix) for prefix in prefixes) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(f"{proc.pid} {' '.join(proc.cmdline())}")
     return found
 
 
@@ -251,3 +254,166 @@ async def test_a_dag_runs_on_both_nodes_within_their_slots_and_merges(
     for node in (HEAD, WORKER):
         assert busy([(r.accepted, r.finished) for r in runs if r.node.address == node]) <= SLOTS
     assert tagged([run.run_id for run in runs]) == []
+
+
+async def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``check`` (process tables have no change notification) until true."""
+    with anyio.fail_after(timeout):
+        while not check():  # noqa: ASYNC110
+            await anyio.sleep(0.2)
+
+
+def _leftover_dirs(run_ids: list[str]) -> list[Path]:
+    tmp = Path(tempfile.gettempdir())
+    return [path for run_id in run_ids for path in tmp.glob(f"ccrun-{run_id}*")]
+
+
+@pytest.mark.claude
+@pytest.mark.anyio
+async def test_cancel_stops_the_agents_on_both_nodes_and_leaves_no_process(
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings, ray_cluster: RayCluster
+) -> None:
+    sleeper = "python3 -c 'import time; time.sleep(300)'"  # (the CLI refuses a bare long `sleep`)
+    server = model_server({"rules": [marker_rule(n, bash_turn(sleeper)) for n in "wxyz"]})
+    settings = engine_settings(server, placement="ray", ray_address=ray_cluster.address, workers=4)
+
+    async with (
+        RayPlacement.open(settings, claude) as placement,
+        Cluster.open(repo, settings=settings, placement=placement) as cluster,
+    ):
+        plan = (await cluster.plan("four sleepers", [marker_task(n) for n in "wxyz"])).plan
+        await cluster.dispatch(plan.id)
+
+        def sleeping() -> list[str]:
+            return [p for p in tagged([run.run_id for run in placement.placed]) if "time.sleep(300)" in p]
+
+        await _until(lambda: len(sleeping()) == 4, 90, "four agents running their Bash tool")
+        runs = [run.run_id for run in placement.placed]
+        assert {run.node.address for run in placement.placed} == {HEAD, WORKER}
+        status = await cluster.cancel(plan.id)
+        with anyio.fail_after(60):
+            status = await cluster.wait(plan.id)
+
+    assert {t.state for t in status.tasks} == {TaskState.CANCELLED}, [(t.id, t.state, t.reason) for t in status.tasks]
+    assert [run.status for run in placement.placed] == ["cancelled"] * 4
+    assert tagged(runs) == []
+    assert _leftover_dirs(runs) == []
+
+
+def _state_db(repo: Path) -> Path:
+    return repo / ".git" / "claudecluster" / "state.db"
+
+
+@pytest.mark.claude
+def test_an_engine_killed_mid_run_reattaches_to_the_run_when_restarted(
+    tmp_path: Path,
+    repo: Path,
+    home: Path,
+    user_env: dict[str, str],
+    model_server: StartServer,
+    ray_cluster: RayCluster,
+    git: Git,
+) -> None:
+    sleeper = "python3 -c 'import time; time.sleep(6)'"
+    model = model_server({"rules": [marker_rule("slow", bash_turn(sleeper), write_turn("slow.txt", "slow\n"))]})
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(yaml.safe_dump({"tasks": [marker_task("slow")]}))
+    env = {
+        **user_env,
+        **{k: ray_cluster.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")},
+        # Agents on the nodes get the model and their HOME from the engine's settings.
+        "CLAUDECLUSTER_AGENT_ENV": json.dumps({**scripted_env(model.url), "HOME": str(home)}),
+        "CLAUDECLUSTER_ALLOWED_TOOLS": '["Bash"]',
+    }
+    command = [sys.executable, "-m", "claudecluster_mcp.cli", "run", "--placement", "ray"]
+    command += ["--ray-address", ray_cluster.address, "--json"]
+
+    engine = subprocess.Popen(
+        [*command, "slow work", "--tasks", str(tasks)],
+        cwd=repo,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        run_id = None
+        while run_id is None or not any("time.sleep(6)" in p for p in tagged([run_id])):  # its Bash tool runs
+            assert engine.poll() is None and time.monotonic() < deadline, "the agent did not get to its Bash tool"
+            time.sleep(0.2)
+            row = None
+            with contextlib.suppress(sqlite3.Error), contextlib.closing(sqlite3.connect(_state_db(repo))) as con:
+                row = con.execute("SELECT plan_id, run_id FROM tasks WHERE state = 'running'").fetchone()
+            plan_id, run_id = row if row else (None, None)
+    finally:
+        engine.kill()  # a crash: the engine has no chance to stop anything
+        engine.wait()
+    assert tagged([run_id]), "the run goes on while no engine listens"
+
+    again = subprocess.run(
+        [*command, "--plan", plan_id], cwd=repo, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+    assert again.returncode == 0, again.stderr[-3000:]
+    report = json.loads(again.stdout)
+    assert [t["state"] for t in report["tasks"]] == ["merged"]
+    # The restarted engine followed the run the crashed one started: the model saw one
+    # conversation, not two, and the task's work was merged once.
+    assert sum(r.turn == 0 for r in model.requests) == 1
+    assert git(repo, "show", f"claudecluster/{plan_id}/integration:slow.txt") == "slow\n"
+    assert git(repo, "log", "--format=%s", f"claudecluster/{plan_id}/integration").count("slow") >= 1
+    assert tagged([run_id]) == []
+    assert _leftover_dirs([run_id]) == []
+
+
+# Last: it takes the second node down.
+@pytest.mark.claude
+@pytest.mark.anyio
+async def test_a_task_whose_node_dies_mid_run_completes_on_the_other_node_and_merges_once(
+    claude: ClaudeBinary,
+    repo: Path,
+    model_server: StartServer,
+    engine_settings: Settings,
+    ray_cluster: RayCluster,
+    git: Git,
+) -> None:
+    import ray
+
+    sleeper = "python3 -c 'import time; time.sleep(4)'"
+    server = model_server({"rules": [marker_rule("lost", bash_turn(sleeper), write_turn("lost.txt", "once\n"))]})
+    settings = engine_settings(server, placement="ray", ray_address=ray_cluster.address, workers=1)
+
+    class Holder:  # defined here: Ray pickles it by value, the nodes cannot import this test module
+        async def ping(self) -> bool:
+            return True
+
+    # The head's slots are taken, so the run starts on the other node.
+    holder = ray.remote(num_cpus=0, resources={"claude_slot": 1, f"node:{HEAD}": 0.01})(Holder)
+    holders = [holder.remote() for _ in range(SLOTS)]
+    for held in holders:
+        await held.ping.remote()
+
+    async with (
+        RayPlacement.open(settings, claude) as placement,
+        Cluster.open(repo, settings=settings, placement=placement) as cluster,
+    ):
+        plan = (await cluster.plan("survive a node", [marker_task("lost")])).plan
+        await cluster.dispatch(plan.id)
+        await _until(
+            lambda: any("time.sleep(4)" in p for p in tagged([r.run_id for r in placement.placed])), 90, "agent"
+        )
+        for held in holders:
+            ray.kill(held)
+        ray_cluster.worker.raylet().kill()  # the node dies (its `ray start` ends the rest)
+        with anyio.fail_after(90):
+            status = await cluster.wait(plan.id)
+        await cluster.merge(plan.id)
+
+    task = status.task("lost")
+    assert task.state is TaskState.MERGED, (task.state, task.reason)
+    assert task.attempts == 1  # losing a node is not the task's fault
+    assert [(r.node.address, r.status) for r in placement.placed] == [(WORKER, ""), (HEAD, "succeeded")]
+    assert (repo / "lost.txt").read_text() == "once\n"
+    assert git(repo, "log", "--format=%s", "--", "lost.txt").strip().count("\n") == 0  # merged once
+    assert tagged([placement.placed[0].run_id]) == []
