@@ -28,7 +28,8 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
+import re
+import shutil
 import socket
 import tempfile
 import time
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 
 from .agent import AgentRun
 from .agent_spec import AgentSpec
@@ -59,6 +61,8 @@ RESULT_KEPT = 900.0
 _WATCH_EVERY = 5.0
 
 Message = tuple[Any, ...]
+# The temporary directories of a slot process (its pid in the name): see _sweep_stale_dirs.
+_STALE = re.compile(r"ccray-(\d+)-[a-z0-9_]+|ccrun-[0-9a-f]{12}-(\d+)")
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,8 @@ class AgentSlot:
         if self._node is None:
             import ray
 
+            await anyio.to_thread.run_sync(_sweep_stale_dirs)
+
             node_id = ray.get_runtime_context().get_node_id()
             address = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
             self._node = NodeInfo(node_id, address, socket.gethostname(), os.getpid())
@@ -216,7 +222,7 @@ class AgentSlot:
         job = run.job
         result = RunResult(error=AgentError("the run ended without a result"))
         try:
-            with tempfile.TemporaryDirectory(prefix="ccray-") as tmp:
+            with tempfile.TemporaryDirectory(prefix=f"ccray-{os.getpid()}-") as tmp:
                 result = await self._agent(run, bundle, Path(tmp), node)
         except ClusterError as exc:
             result = RunResult(error=exc)
@@ -247,10 +253,10 @@ class AgentSlot:
         def event(item: AgentEvent) -> None:
             run.add(("event", item))
 
-        # Its own tag and TMPDIR per attempt: a retry may land on a machine whose leftovers
-        # of an earlier attempt (a node that died) are still being swept.
+        # Its own tag and TMPDIR per slot process: a retry may land on a machine that still
+        # has the TMPDIR of an attempt whose node died (see _sweep_stale_dirs).
         agent = run.agent = AgentRun(
-            spec, claude=claude, on_event=event, on_start=started, run_id=f"{job.run_id}-{secrets.token_hex(2)}"
+            spec, claude=claude, on_event=event, on_start=started, run_id=f"{job.run_id}-{os.getpid()}"
         )
         if run.cancel_reason is not None:
             agent.cancel(run.cancel_reason)
@@ -286,3 +292,11 @@ class AgentSlot:
                 with contextlib.suppress(Exception):
                     ray.kill(ray.get_runtime_context().current_actor)
                 return
+
+
+def _sweep_stale_dirs() -> None:
+    """Remove what slots that died on this machine (a lost node, a killed worker) could
+    not: their temporary repositories (``ccray-<pid>-…``) and runs' TMPDIRs (``ccrun-<run>-<pid>``)."""
+    for path in Path(tempfile.gettempdir()).iterdir():
+        if (found := _STALE.fullmatch(path.name)) and not psutil.pid_exists(int(found[1] or found[2])):
+            shutil.rmtree(path, ignore_errors=True)

@@ -248,7 +248,7 @@ class RayAgentHandle:
             if outcome is not None:
                 return outcome
         bundle, size = await self.placement.bundle_of(worktree, snapshot)
-        losses = 0
+        losses = dead_slots = 0
         while True:
             slot = await self.placement.pool.acquire()
             placed = Placed(self.run_id, NodeInfo("", "", "?", 0), time.time(), bundle_out=size)
@@ -261,12 +261,15 @@ class RayAgentHandle:
                 self.placement.pool.discard(slot)  # someone else's run: not ours to wait for
             except _lost_errors() as exc:
                 self.placement.pool.discard(slot)
-                if not placed.accepted:
-                    continue  # the slot died before the run began there: nothing was lost
+                if not placed.accepted:  # the slot died before the run began there: nothing was lost
+                    dead_slots += 1
+                    if dead_slots > MAX_NODE_LOSSES:
+                        raise AgentError(f"no slot of the Ray cluster could start: {_first_line(exc)}") from exc
+                    continue
                 losses += 1
                 logger.warning("run %s: lost Ray node %s (%s); starting again", self.run_id, placed.node.address, exc)
                 if losses > MAX_NODE_LOSSES:
-                    raise AgentError(f"the agent's Ray node was lost {losses} times (last: {exc})") from exc
+                    raise AgentError(f"lost the agent's Ray node {losses} times (last: {_first_line(exc)})") from exc
 
     async def _run_on(self, slot: Slot, job: RemoteJob, bundle: Any, placed: Placed) -> AgentOutcome:
         pool = self.placement.pool
@@ -363,6 +366,10 @@ class RayAgentHandle:
         placed.applied, placed.agent_s = time.time(), result.outcome.duration_s
         placed.bundle_back, placed.status = len(result.bundle), result.outcome.status.value
         return result.outcome.model_copy(update={"run_id": self.run_id, "log_path": log})
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def _default_log(run_id: str) -> Path:

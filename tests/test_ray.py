@@ -290,6 +290,7 @@ async def test_cancel_stops_the_agents_on_both_nodes_and_leaves_no_process(
         await _until(lambda: len(sleeping()) == 4, 90, "four agents running their Bash tool")
         runs = [run.run_id for run in placement.placed]
         assert {run.node.address for run in placement.placed} == {HEAD, WORKER}
+        assert len(_leftover_dirs(runs)) == 4  # each run's TMPDIR, on its node
         status = await cluster.cancel(plan.id)
         with anyio.fail_after(60):
             status = await cluster.wait(plan.id)
@@ -417,3 +418,5 @@ async def test_a_task_whose_node_dies_mid_run_completes_on_the_other_node_and_me
     assert (repo / "lost.txt").read_text() == "once\n"
     assert git(repo, "log", "--format=%s", "--", "lost.txt").strip().count("\n") == 0  # merged once
     assert tagged([placement.placed[0].run_id]) == []
+    # What the lost node's slot could not remove, the next slot on the machine did.
+    assert _leftover_dirs([placement.placed[0].run_id]) == []
