@@ -24,6 +24,7 @@ BENCHES = {
     "mcp": ("bench_mcp.py", []),
     "race": ("bench_race.py", []),
     "sandbox": ("bench_sandbox.py", []),
+    "ray": ("bench_ray.py", []),
 }
 
 
@@ -93,6 +94,12 @@ def results_table(results: dict[str, Any]) -> Table:
         # A cost to know, not a bar to pass: the sandbox is on by default either way.
         row("agent run, sandbox / none: wall", sandbox["wall_ratio"], "measured", True, "x")
         row("agent run, sandbox / none: CPU", sandbox["cpu_ratio"], "measured", True, "x")
+    if "ray" in results:
+        ray = results["ray"]
+        warm, cold = ray["ray_warm"]["overhead_s_median"], ray["ray_cold"]["overhead_s_median"]
+        row("Ray placement: per-task overhead, median", warm, "<= 0.5 s", warm <= 0.5, " s")
+        row("Ray placement: the same while slots start", cold, "measured", True, " s")
+        row("Ray (2 nodes x 10) / local (20 slots): wall", ray["wall_ratio_warm_vs_local"], "measured", True, "x")
     table = Table(title="claudecluster benchmarks (details: BENCHMARKS.md)", title_justify="left")
     for column in ("measurement", "measured", "target", ""):
         table.add_column(column)

@@ -100,6 +100,8 @@ class RunResult:
     bundle: bytes = b""
     transcript: bytes = b""
     error: ClusterError | None = None
+    #: clock times on the node: "received", "checked_out", "agent_done", "result_ready"
+    times: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -237,7 +239,9 @@ class AgentSlot:
 
     async def _agent(self, run: _Run, bundle: bytes, tmp: Path, node: NodeInfo) -> RunResult:
         job = run.job
+        times = {"received": time.time()}
         worktree = await checkout_snapshot(tmp / "wt", bundle, job.snapshot, job.identity)
+        times["checked_out"] = time.time()
         claude = await anyio.to_thread.run_sync(find_claude, job.claude_bin)
         if job.spec.sandbox is not None and not (support := sandbox_support()).available:
             raise ConfigError(
@@ -261,10 +265,12 @@ class AgentSlot:
         if run.cancel_reason is not None:
             agent.cancel(run.cancel_reason)
         outcome = await agent.run()
+        times["agent_done"] = time.time()
         snapshot = await take_snapshot(worktree, job.identity, files=True)
         data = await make_bundle(worktree, snapshot.tips, exclude=job.snapshot.tips.values())
         transcript = await anyio.Path(log).read_bytes() if log.exists() else b""
-        return RunResult(outcome, snapshot, data, transcript)
+        times["result_ready"] = time.time()
+        return RunResult(outcome, snapshot, data, transcript, times=times)
 
     def _forget(self, run: _Run) -> None:
         if self._run is run:

@@ -80,6 +80,7 @@ class Placed:
     bundle_back: int = 0
     status: str = ""
     adopted: bool = False
+    node_times: dict[str, float] = field(default_factory=dict)  #: the node's clock times (RunResult.times)
 
     @property
     def overhead_s(self) -> float:
@@ -365,6 +366,7 @@ class RayAgentHandle:
                 await actor.release.remote(self.run_id)
         placed.applied, placed.agent_s = time.time(), result.outcome.duration_s
         placed.bundle_back, placed.status = len(result.bundle), result.outcome.status.value
+        placed.node_times = result.times
         return result.outcome.model_copy(update={"run_id": self.run_id, "log_path": log})
 
 
