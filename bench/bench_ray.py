@@ -269,6 +269,7 @@ async def bench(args: argparse.Namespace, address: str, node_pids: list[int], tm
             RayPlacement.open(settings, claude) as placement,
             Cluster.open(bench_repo(tmp / "ray" / "repo"), settings=settings, placement=placement) as cluster,
         ):
+            placement.pool.idle_keep = 3600  # the steady state of a long plan: slots stay busy
             for name in ("ray_cold", "ray_warm"):
                 first = len(placement.placed)
                 results[name] = await one_round(cluster, tasks, node_pids)

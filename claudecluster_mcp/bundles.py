@@ -31,7 +31,7 @@ from pathlib import Path
 
 import anyio
 
-from .workspace import current_branch, git, rev_parse
+from .workspace import git
 
 __all__ = [
     "Snapshot",
@@ -74,55 +74,54 @@ def _identity_args(identity: tuple[str, str]) -> list[str]:
     return ["-c", f"user.name={identity[0]}", "-c", f"user.email={identity[1]}"]
 
 
-async def _merge_head(worktree: Path) -> str | None:
-    found = await git(worktree, "rev-parse", "--verify", "--quiet", "MERGE_HEAD", check=False)
-    return found.stdout.strip() or None
+async def _state(worktree: Path) -> tuple[str, str | None, str | None, Path]:
+    """(HEAD, its branch or None, MERGE_HEAD or None, the worktree's git dir), in one git call."""
+    found = await git(worktree, "rev-parse", "HEAD", "--symbolic-full-name", "HEAD", "--absolute-git-dir")
+    head, ref, git_dir = found.stdout.split("\n")[:3]
+    merge_file = Path(git_dir) / "MERGE_HEAD"
+    merge_head = merge_file.read_text().split()[0] if merge_file.is_file() else None
+    return head, ref.removeprefix("refs/heads/") if ref.startswith("refs/heads/") else None, merge_head, Path(git_dir)
 
 
 async def take_snapshot(worktree: Path, identity: tuple[str, str], *, files: bool = False) -> Snapshot:
     """The worktree's state. Its files are recorded as a files commit when they differ
     from ``HEAD`` outside an unfinished merge (a node re-does that merge instead), or always
     with ``files`` (the node's result). Without ``files`` the index is left as it was."""
-    head = await rev_parse(worktree, "HEAD")
-    branch = await current_branch(worktree)
-    merge_head = await _merge_head(worktree)
+    head, branch, merge_head, git_dir = await _state(worktree)
     if not files:
         dirty = (await git(worktree, "status", "--porcelain", "--untracked-files=all")).stdout.strip()
         if merge_head or not dirty:
             return Snapshot(head, branch, merge_head)
-    tree = await _tree_of_files(worktree, keep_index=not files)
+    index = git_dir / "index"
+    saved = index.read_bytes() if not files and index.exists() else None
+    try:  # the tree of every file in the worktree, through the index (put back if it matters)
+        await git(worktree, "add", "--all")
+        tree = (await git(worktree, "write-tree")).stdout.strip()
+    finally:
+        if saved is not None:
+            index.write_bytes(saved)
     message = "claudecluster: the worktree's files"
     commit = await git(worktree, *_identity_args(identity), "commit-tree", tree, "-p", head, "-m", message)
     return Snapshot(head, branch, merge_head, commit.stdout.strip())
 
 
-async def _tree_of_files(worktree: Path, *, keep_index: bool) -> str:
-    """The tree of every file in the worktree, through the index (put back if asked)."""
-    index = Path((await git(worktree, "rev-parse", "--path-format=absolute", "--git-path", "index")).stdout.strip())
-    saved = index.read_bytes() if keep_index and index.exists() else None
-    try:
-        await git(worktree, "add", "--all")
-        return (await git(worktree, "write-tree")).stdout.strip()
-    finally:
-        if saved is not None:
-            index.write_bytes(saved)
-
-
-async def make_bundle(repo: Path, tips: Mapping[str, str], exclude: Iterable[str] = ()) -> bytes:
+async def make_bundle(
+    repo: Path, tips: Mapping[str, str], exclude: Iterable[str] = (), *, scratch: bool = False
+) -> bytes:
     """A bundle of ``tips`` (name → commit) and their history, minus what ``exclude`` reaches
-    (commits the receiver has). The tips get temporary refs, as bundles name refs only."""
+    (commits the receiver has). The tips get temporary refs, as bundles name refs only;
+    in a ``scratch`` repository (a node's, removed afterwards) they are left there."""
     prefix = f"refs/claudecluster/bundle/{secrets.token_hex(6)}"
-    refs = [f"{prefix}/{name}" for name in tips]
+    refs = {f"{prefix}/{name}": sha for name, sha in tips.items()}
     try:
-        for ref, sha in zip(refs, tips.values(), strict=True):
+        for ref, sha in refs.items():
             await git(repo, "update-ref", "--no-deref", ref, sha)
         with tempfile.TemporaryDirectory(prefix="ccbundle-") as tmp:
             path = Path(tmp) / "out.bundle"
-            excluded = [f"^{sha}" for sha in exclude]
-            await git(repo, "bundle", "create", "--quiet", str(path), *refs, *excluded)
+            await git(repo, "bundle", "create", "--quiet", str(path), *refs, *(f"^{sha}" for sha in exclude))
             return await anyio.Path(path).read_bytes()
     finally:
-        for ref in refs:
+        for ref in [] if scratch else refs:
             with contextlib.suppress(Exception):
                 await git(repo, "update-ref", "-d", ref)
 
@@ -139,8 +138,10 @@ async def checkout_snapshot(path: Path, data: bytes, snapshot: Snapshot, identit
     """Node side: a new repository at ``path`` in the state ``snapshot`` describes (the same
     branch, an unfinished merge re-done, uncommitted files restored), committing as ``identity``."""
     await git(path.parent, "init", "--quiet", str(path))
-    for key, value in zip(("user.name", "user.email"), identity, strict=True):
-        await git(path, "config", key, value)
+    # The agent commits as the engine's repository would (one file write, not two git calls).
+    name, email = (value.replace("\\", "\\\\").replace('"', '\\"') for value in identity)
+    with (path / ".git" / "config").open("a") as config:
+        config.write(f'[user]\n\tname = "{name}"\n\temail = "{email}"\n')
     await unbundle(path, data)
     if snapshot.branch:
         await git(path, "checkout", "--quiet", "-B", snapshot.branch, snapshot.head)
@@ -160,7 +161,7 @@ async def apply_snapshot(worktree: Path, data: bytes, snapshot: Snapshot) -> Non
     task branch) at the node's, its files uncommitted, an unfinished merge kept unfinished."""
     await unbundle(worktree, data)
     await git(worktree, "update-ref", "-m", "claudecluster: result from a Ray node", "HEAD", snapshot.head)
-    merging = await _merge_head(worktree)
+    merging = (await _state(worktree))[2]
     if snapshot.merge_head and merging != snapshot.merge_head:
         await git(worktree, "update-ref", "--no-deref", "MERGE_HEAD", snapshot.merge_head)
     elif merging and not snapshot.merge_head:

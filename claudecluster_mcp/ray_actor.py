@@ -55,7 +55,7 @@ __all__ = ["IDLE_EXIT", "RESULT_KEPT", "AgentSlot", "Message", "NodeInfo", "Remo
 logger = logging.getLogger(__name__)
 
 #: Seconds a slot without a run waits for one before it ends itself.
-IDLE_EXIT = 60.0
+IDLE_EXIT = 180.0
 #: Seconds a finished run's result waits for its engine before the slot drops it.
 RESULT_KEPT = 900.0
 _WATCH_EVERY = 5.0
@@ -267,7 +267,9 @@ class AgentSlot:
         outcome = await agent.run()
         times["agent_done"] = time.time()
         snapshot = await take_snapshot(worktree, job.identity, files=True)
-        data = await make_bundle(worktree, snapshot.tips, exclude=job.snapshot.tips.values())
+        known = set(job.snapshot.tips.values())  # the engine has these; HEAD is the files commit's parent
+        tips = {name: sha for name, sha in snapshot.tips.items() if name != "head" and sha not in known}
+        data = await make_bundle(worktree, tips, exclude=known, scratch=True)
         transcript = await anyio.Path(log).read_bytes() if log.exists() else b""
         times["result_ready"] = time.time()
         return RunResult(outcome, snapshot, data, transcript, times=times)

@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 
 from .agent_spec import AgentSpec
-from .bundles import Snapshot, make_bundle
+from .bundles import Snapshot, git_identity, make_bundle
 from .claude_cli import ClaudeBinary
 from .events import AgentEvent
 from .placement import RunRecord
@@ -62,6 +62,7 @@ class RayPlacement:
         self._adoptable: dict[str, FoundRun] = {}
         self._bundles: OrderedDict[tuple[str, ...], Any] = OrderedDict()
         self._survey: tuple[float, list[tuple[Any, RunInfo]]] | None = None
+        self._identity: tuple[str, str] | None = None
 
     @classmethod
     @asynccontextmanager
@@ -113,6 +114,12 @@ class RayPlacement:
             end_run(left.actor, left.info.run_id)
         self._adoptable.clear()
         self.pool.close()
+
+    async def identity(self, worktree: Path) -> tuple[str, str]:
+        """Who commits on the nodes: the repository's committer (looked up once)."""
+        if self._identity is None:
+            self._identity = await git_identity(worktree)
+        return self._identity
 
     async def bundle_of(self, worktree: Path, snapshot: Snapshot) -> tuple[Any, int]:
         """The snapshot's bundle in Ray's object store (made once per snapshot), and its size."""

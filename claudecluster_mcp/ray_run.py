@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .agent_spec import AgentSpec
-from .bundles import apply_snapshot, git_identity, take_snapshot
+from .bundles import apply_snapshot, take_snapshot
 from .errors import AgentError
 from .events import AgentEvent, AssistantText, InitEvent, ToolUse
 from .outcome import AgentOutcome
@@ -144,7 +144,7 @@ class RayAgentHandle:
             raise AgentError("an agent run can only be run once")
         self._ran = True
         worktree = self.spec.cwd
-        identity = await git_identity(worktree)
+        identity = await self.placement.identity(worktree)
         snapshot = await take_snapshot(worktree, identity)
         job = RemoteJob(self.run_id, self.spec, snapshot, identity, self.placement.settings.claude_bin, str(worktree))
         if self._adopt is not None:

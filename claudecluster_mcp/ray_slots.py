@@ -36,7 +36,7 @@ __all__ = ["IDLE_KEEP", "Slot", "SlotPool", "actor_class", "survey"]
 logger = logging.getLogger(__name__)
 
 #: Seconds an idle slot is kept for the next run before the engine ends it.
-IDLE_KEEP = 30.0
+IDLE_KEEP = 120.0
 _SURVEY_TIMEOUT = 10.0
 
 
