@@ -137,10 +137,14 @@ async def unbundle(repo: Path, data: bytes) -> None:
 async def checkout_snapshot(path: Path, data: bytes, snapshot: Snapshot, identity: tuple[str, str]) -> Path:
     """Node side: a new repository at ``path`` in the state ``snapshot`` describes (the same
     branch, an unfinished merge re-done, uncommitted files restored), committing as ``identity``."""
-    await git(path.parent, "init", "--quiet", str(path))
+    # The git directory lies beside the worktree, as a linked worktree's does on the engine:
+    # the sandbox makes only the worktree (and TMPDIR) writable, so an agent cannot write
+    # the repository's history, hooks or config there any more than it can locally.
+    git_dir = path.with_name(path.name + ".git")
+    await git(path.parent, "init", "--quiet", f"--separate-git-dir={git_dir}", str(path))
     # The agent commits as the engine's repository would (one file write, not two git calls).
     name, email = (value.replace("\\", "\\\\").replace('"', '\\"') for value in identity)
-    with (path / ".git" / "config").open("a") as config:
+    with (git_dir / "config").open("a") as config:
         config.write(f'[user]\n\tname = "{name}"\n\temail = "{email}"\n')
     await unbundle(path, data)
     if snapshot.branch:

@@ -189,8 +189,14 @@ class RayAgentHandle:
         self._actor = slot.actor
         if self._cancel is not None:
             slot.actor.cancel.remote(self.run_id, self._cancel)
-        result = await self._follow(slot.actor, placed, on_cancel=lambda: pool.discard(slot))
-        outcome = await self._bring_back(slot.actor, result, placed)
+        try:
+            result = await self._follow(slot.actor, placed, on_cancel=lambda: pool.discard(slot))
+            outcome = await self._bring_back(slot.actor, result, placed)
+        except _lost_errors():
+            raise  # run() tries another slot
+        except BaseException as exc:  # the run's own error, or the engine cancelled
+            pool.discard(slot) if isinstance(exc, anyio.get_cancelled_exc_class()) else pool.release(slot)
+            raise
         pool.release(slot)
         return outcome
 

@@ -325,6 +325,41 @@ async def test_cancel_stops_the_agents_on_both_nodes_and_leaves_no_process(
     assert _leftover_dirs(runs) == []
 
 
+@pytest.mark.claude
+@pytest.mark.sandbox
+@pytest.mark.anyio
+async def test_an_agent_on_a_node_is_sandboxed_as_a_local_one(
+    claude: ClaudeBinary,
+    repo: Path,
+    model_server: StartServer,
+    engine_settings: Settings,
+    ray_cluster: RayCluster,
+    git: Git,
+) -> None:
+    def attempt(target: str) -> str:  # the refusal lands in the agent's own file
+        return f"{{ echo pwned > {target}; }} 2>> attempts.log"
+
+    # Its worktree's repository lies beside it on the node (as .git does locally): not writable.
+    attack = "; ".join([attempt(f"{repo}/evil.txt"), attempt("../wt.git/hooks/post-checkout"), "echo mine > mine.txt"])
+    server = model_server({"rules": [marker_rule("boxed", bash_turn(attack))]})
+    settings = engine_settings(server, placement="ray", ray_address=ray_cluster.address, isolation="sandbox")
+
+    async with (
+        RayPlacement.open(settings, claude) as placement,
+        Cluster.open(repo, settings=settings, placement=placement) as cluster,
+    ):
+        plan = (await cluster.plan("boxed", [marker_task("boxed")])).plan
+        await cluster.dispatch(plan.id)
+        with anyio.fail_after(90):
+            status = await cluster.wait(plan.id)
+
+    assert status.task("boxed").state is TaskState.MERGED, status.task("boxed").reason
+    integration = status.plan.integration_branch
+    assert git(repo, "show", f"{integration}:mine.txt") == "mine\n"
+    assert git(repo, "show", f"{integration}:attempts.log").count("Read-only file system") == 2
+    assert not (repo / "evil.txt").exists()
+
+
 def _state_db(repo: Path) -> Path:
     return repo / ".git" / "claudecluster" / "state.db"
 
