@@ -46,6 +46,7 @@ from _common import make_repo, write_scenario  # noqa: E402
 
 from claudecluster_mcp.agent import AgentRun  # noqa: E402
 from claudecluster_mcp.agent_spec import AgentSpec  # noqa: E402
+from claudecluster_mcp.bundles import checkout_snapshot, make_bundle, take_snapshot  # noqa: E402
 from claudecluster_mcp.claude_cli import ClaudeBinary, find_claude  # noqa: E402
 from claudecluster_mcp.engine import Cluster, EngineSettings  # noqa: E402
 from claudecluster_mcp.events import AgentEvent  # noqa: E402
@@ -243,6 +244,50 @@ def ray_figures(placement: RayPlacement, first: int) -> dict[str, Any]:
     }
 
 
+def _commit(repo: Path, name: str, data: bytes) -> None:
+    (repo / name).write_bytes(data)
+    for args in (["add", "-A"], ["commit", "-qm", name]):
+        subprocess.run(["git", "-C", str(repo), "-c", "user.name=b", "-c", "user.email=b@b", *args], check=True)
+
+
+def _big_repo(tmp: Path, megabytes: int) -> tuple[Path, Path]:
+    """A repository with ``megabytes`` MB of incompressible history, and an empty bare cache."""
+    repo = make_repo(tmp / "big")
+    for i in range(megabytes):
+        _commit(repo, f"blob{i}.bin", os.urandom(1_000_000))
+    subprocess.run(["git", "init", "-q", "--bare", str(tmp / "cache.git")], check=True)
+    return repo, tmp / "cache.git"
+
+
+async def bundles(tmp: Path, megabytes: int = 30) -> dict[str, Any]:
+    """What a base costs a node: the whole history in a bundle and unbundled per run, against
+    a slot's object cache that receives only what is new (the tip moved by one commit)."""
+    repo, cache = await anyio.to_thread.run_sync(_big_repo, tmp, megabytes)
+    identity = ("b", "b@b")
+    first = await take_snapshot(repo, identity)  # a slot's first run: its cache gets it all
+    await checkout_snapshot(tmp / "first" / "wt", await make_bundle(repo, first.tips), first, identity, cache=cache)
+    await anyio.to_thread.run_sync(_commit, repo, "small.txt", b"small\n")
+    snapshot = await take_snapshot(repo, identity)
+    started = time.perf_counter()
+    full = await make_bundle(repo, snapshot.tips)
+    full_made = time.perf_counter()
+    await checkout_snapshot(tmp / "full" / "wt", full, snapshot, identity)
+    full_out = time.perf_counter()
+    increment = await make_bundle(repo, snapshot.tips, exclude=[first.head])
+    increment_made = time.perf_counter()
+    await checkout_snapshot(tmp / "inc" / "wt", increment, snapshot, identity, cache=cache)
+    increment_out = time.perf_counter()
+    return {
+        "history_mb": megabytes,
+        "full_bundle_mb": round(len(full) / 1e6, 1),
+        "full_bundle_s": round(full_made - started, 2),
+        "full_checkout_s": round(full_out - full_made, 2),
+        "incremental_bundle_kb": round(len(increment) / 1e3, 1),
+        "incremental_bundle_s": round(increment_made - full_out, 3),
+        "incremental_checkout_s": round(increment_out - increment_made, 3),
+    }
+
+
 @asynccontextmanager
 async def model(tasks: int, latency: float) -> AsyncIterator[ScriptedModelServer]:
     async with ScriptedModelServer(load_scenario(write_scenario(tasks, latency, "ray"))) as server:
@@ -274,6 +319,7 @@ async def bench(args: argparse.Namespace, address: str, node_pids: list[int], tm
                 first = len(placement.placed)
                 results[name] = await one_round(cluster, tasks, node_pids)
                 results[name].update(ray_figures(placement, first))
+    results["bundles"] = await bundles(tmp)
     results["cluster_idle_pss_mb"] = round(idle / 2**20)
     results["overhead_s_median"] = results["ray_warm"]["overhead_s_median"]
     results["overhead_over_local_s_median"] = round(

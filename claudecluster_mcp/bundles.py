@@ -31,6 +31,7 @@ from pathlib import Path
 
 import anyio
 
+from .errors import GitError
 from .workspace import git
 
 __all__ = [
@@ -118,7 +119,12 @@ async def make_bundle(
             await git(repo, "update-ref", "--no-deref", ref, sha)
         with tempfile.TemporaryDirectory(prefix="ccbundle-") as tmp:
             path = Path(tmp) / "out.bundle"
-            await git(repo, "bundle", "create", "--quiet", str(path), *refs, *(f"^{sha}" for sha in exclude))
+            excluded = [f"^{sha}" for sha in exclude]
+            made = await git(repo, "bundle", "create", "--quiet", str(path), *refs, *excluded, check=False)
+            if made.returncode != 0:
+                if "empty bundle" in made.stderr:  # the receiver has it all already
+                    return b""
+                raise GitError(f"git bundle create failed in {repo}: {made.stderr.strip()}")
             return await anyio.Path(path).read_bytes()
     finally:
         for ref in [] if scratch else refs:
@@ -128,25 +134,38 @@ async def make_bundle(
 
 async def unbundle(repo: Path, data: bytes) -> None:
     """Store a bundle's objects in ``repo`` (no ref changes; its prerequisites must be there)."""
+    if not data:  # an empty bundle: nothing new
+        return
     with tempfile.TemporaryDirectory(prefix="ccbundle-") as tmp:
         path = Path(tmp) / "in.bundle"
         await anyio.Path(path).write_bytes(data)
         await git(repo, "bundle", "unbundle", str(path))
 
 
-async def checkout_snapshot(path: Path, data: bytes, snapshot: Snapshot, identity: tuple[str, str]) -> Path:
+async def checkout_snapshot(
+    path: Path, data: bytes, snapshot: Snapshot, identity: tuple[str, str], *, cache: Path | None = None
+) -> Path:
     """Node side: a new repository at ``path`` in the state ``snapshot`` describes (the same
-    branch, an unfinished merge re-done, uncommitted files restored), committing as ``identity``."""
+    branch, an unfinished merge re-done, uncommitted files restored), committing as ``identity``.
+
+    With ``cache`` (a bare repository kept by the node's slot), the bundle's objects go there
+    and the new repository borrows them (``objects/info/alternates``): a slot receives only
+    what it does not have yet (incremental bundles), and no run copies the history."""
     # The git directory lies beside the worktree, as a linked worktree's does on the engine:
     # the sandbox makes only the worktree (and TMPDIR) writable, so an agent cannot write
     # the repository's history, hooks or config there any more than it can locally.
     git_dir = path.with_name(path.name + ".git")
+    path.parent.mkdir(parents=True, exist_ok=True)
     await git(path.parent, "init", "--quiet", f"--separate-git-dir={git_dir}", str(path))
     # The agent commits as the engine's repository would (one file write, not two git calls).
     name, email = (value.replace("\\", "\\\\").replace('"', '\\"') for value in identity)
     with (git_dir / "config").open("a") as config:
         config.write(f'[user]\n\tname = "{name}"\n\temail = "{email}"\n')
-    await unbundle(path, data)
+    if cache is not None:
+        await unbundle(cache, data)
+        (git_dir / "objects" / "info" / "alternates").write_text(f"{cache / 'objects'}\n")
+    else:
+        await unbundle(path, data)
     if snapshot.branch:
         await git(path, "checkout", "--quiet", "-B", snapshot.branch, snapshot.head)
     else:

@@ -49,6 +49,7 @@ from .errors import AgentError, ClusterError, ConfigError
 from .events import AgentEvent
 from .isolation import sandbox_support
 from .outcome import AgentOutcome
+from .workspace import git
 
 __all__ = ["IDLE_EXIT", "RESULT_KEPT", "AgentSlot", "Message", "NodeInfo", "RemoteJob", "RunInfo", "RunResult"]
 
@@ -142,6 +143,7 @@ class AgentSlot:
         self._idle_since = time.monotonic()
         self._watchdog: asyncio.Task[None] | None = None
         self._node: NodeInfo | None = None
+        self._cache: Path | None = None
 
     async def node(self, claude_bin: str | None = None) -> NodeInfo:
         """Where this slot runs, and its ``claude`` (looked up once: it takes a while, and
@@ -151,6 +153,9 @@ class AgentSlot:
             import ray
 
             await anyio.to_thread.run_sync(_sweep_stale_dirs)
+            # The slot's object cache: runs borrow its history, bundles bring only what is new.
+            self._cache = Path(tempfile.mkdtemp(prefix=f"ccray-{os.getpid()}-")) / "cache.git"
+            await git(self._cache.parent, "init", "--bare", "--quiet", str(self._cache))
 
             node_id = ray.get_runtime_context().get_node_id()
             address = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
@@ -210,6 +215,13 @@ class AgentSlot:
             else:
                 self._forget(run)
 
+    async def shutdown(self) -> None:
+        """End the slot (idle: the engine no longer needs it), its object cache removed."""
+        import ray
+
+        self._remove_cache()
+        ray.actor.exit_actor()  # type: ignore[no-untyped-call]
+
     async def runs(self) -> list[RunInfo]:
         """The run this slot holds, if any."""
         run = self._run
@@ -240,7 +252,7 @@ class AgentSlot:
     async def _agent(self, run: _Run, bundle: bytes, tmp: Path, node: NodeInfo) -> RunResult:
         job = run.job
         times = {"received": time.time()}
-        worktree = await checkout_snapshot(tmp / "wt", bundle, job.snapshot, job.identity)
+        worktree = await checkout_snapshot(tmp / "wt", bundle, job.snapshot, job.identity, cache=self._cache)
         times["checked_out"] = time.time()
         claude = await anyio.to_thread.run_sync(find_claude, job.claude_bin)
         if job.spec.sandbox is not None and not (support := sandbox_support()).available:
@@ -274,6 +286,11 @@ class AgentSlot:
         times["result_ready"] = time.time()
         return RunResult(outcome, snapshot, data, transcript, times=times)
 
+    def _remove_cache(self) -> None:
+        if self._cache is not None:
+            shutil.rmtree(self._cache.parent, ignore_errors=True)
+            self._cache = None
+
     def _forget(self, run: _Run) -> None:
         if self._run is run:
             self._run = None
@@ -297,6 +314,7 @@ class AgentSlot:
                 import ray
 
                 logger.info("idle for %.0f s: this slot ends", clock - self._idle_since)
+                self._remove_cache()
                 with contextlib.suppress(Exception):
                     ray.kill(ray.get_runtime_context().current_actor)
                 return

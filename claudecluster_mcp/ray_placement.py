@@ -45,7 +45,7 @@ OnStart = Callable[[int, float], Awaitable[None]]
 #: Seconds a run found after a restart waits for its task to start again before it is stopped.
 ADOPT_WINDOW = 120.0
 _HOUSEKEEPING_EVERY = 5.0
-_BUNDLES_KEPT = 8
+_BUNDLES_KEPT = 32
 _PLACED_KEPT = 10_000
 
 
@@ -77,7 +77,8 @@ class RayPlacement:
                 yield placement
                 tg.cancel_scope.cancel()
         finally:
-            placement.close()
+            with anyio.CancelScope(shield=True):
+                await placement.aclose()
 
     def agent(self, spec: AgentSpec, *, on_event: OnEvent, on_start: OnStart) -> RayAgentHandle:
         """A run for ``spec`` on some slot (or the run a crashed engine left for this task)."""
@@ -108,12 +109,12 @@ class RayPlacement:
             self._survey = (time.monotonic(), await survey())
         return self._survey[1]
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         """Stop what is left: runs nobody re-attached to, and every slot of this engine."""
         for left in self._adoptable.values():
             end_run(left.actor, left.info.run_id)
         self._adoptable.clear()
-        self.pool.close()
+        await self.pool.aclose()
 
     async def identity(self, worktree: Path) -> tuple[str, str]:
         """Who commits on the nodes: the repository's committer (looked up once)."""
@@ -121,13 +122,14 @@ class RayPlacement:
             self._identity = await git_identity(worktree)
         return self._identity
 
-    async def bundle_of(self, worktree: Path, snapshot: Snapshot) -> tuple[Any, int]:
-        """The snapshot's bundle in Ray's object store (made once per snapshot), and its size."""
+    async def bundle_of(self, worktree: Path, snapshot: Snapshot, known: str | None) -> tuple[Any, int]:
+        """The snapshot's bundle, without the history of ``known`` (a commit the slot has),
+        in Ray's object store (made once per snapshot and ``known``), and its size."""
         import ray
 
-        key = tuple(snapshot.tips.values())
+        key = (*snapshot.tips.values(), known or "")
         if key not in self._bundles:
-            data = await make_bundle(worktree, snapshot.tips)
+            data = await make_bundle(worktree, snapshot.tips, exclude=[known] if known else [])
             self._bundles[key] = (await anyio.to_thread.run_sync(ray.put, data), len(data))
             while len(self._bundles) > _BUNDLES_KEPT:
                 self._bundles.popitem(last=False)

@@ -66,6 +66,7 @@ class Placed:
     applied: float = 0.0  #: the result is in the local worktree
     agent_s: float = 0.0  #: the agent's own run time (its outcome's duration)
     bundle_out: int = 0
+    incremental: bool = False  #: the base went as an increment over what the slot had
     bundle_back: int = 0
     status: str = ""
     adopted: bool = False
@@ -151,11 +152,13 @@ class RayAgentHandle:
             outcome = await self._reattach(self._adopt, job)
             if outcome is not None:
                 return outcome
-        bundle, size = await self.placement.bundle_of(worktree, snapshot)
         losses = dead_slots = 0
         while True:
+            requested = time.time()
             slot = await self.placement.pool.acquire()
-            placed = Placed(self.run_id, NodeInfo("", "", "?", 0), time.time(), bundle_out=size)
+            bundle, size = await self.placement.bundle_of(worktree, snapshot, slot.known)
+            placed = Placed(self.run_id, NodeInfo("", "", "?", 0), requested, bundle_out=size)
+            placed.incremental = slot.known is not None
             # A new session per attempt: an attempt lost with its node may have written its own.
             self.session_id = self.session_id if not losses else str(uuid.uuid4())
             spec = self.spec.model_copy(update={"session_id": self.session_id, "resume": None})
@@ -189,6 +192,7 @@ class RayAgentHandle:
         self._actor = slot.actor
         if self._cancel is not None:
             slot.actor.cancel.remote(self.run_id, self._cancel)
+        slot.known = None  # until the run shows that the slot's cache took the bundle
         try:
             result = await self._follow(slot.actor, placed, on_cancel=lambda: pool.discard(slot))
             outcome = await self._bring_back(slot.actor, result, placed)
@@ -197,6 +201,7 @@ class RayAgentHandle:
         except BaseException as exc:  # the run's own error, or the engine cancelled
             pool.discard(slot) if isinstance(exc, anyio.get_cancelled_exc_class()) else pool.release(slot)
             raise
+        slot.known = job.snapshot.head
         pool.release(slot)
         return outcome
 

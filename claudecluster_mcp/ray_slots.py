@@ -57,6 +57,8 @@ class Slot:
     #: done once the slot is up on a node (its result: the slot's NodeInfo)
     ready: concurrent.futures.Future[Any]
     idle_since: float = field(default_factory=time.monotonic)
+    #: a commit whose history the slot's object cache holds (bundles for it leave that out)
+    known: str | None = None
 
     @property
     def warm(self) -> bool:
@@ -130,6 +132,13 @@ class SlotPool:
         for slot in list(self._live.values()):
             self.discard(slot)
 
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """End every slot: idle ones on their own (their object caches removed), then the rest."""
+        async with anyio.create_task_group() as tg:
+            for slot in [s for s in self._idle if s.warm]:
+                tg.start_soon(_shut_down, slot.actor, timeout)
+        self.close()
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()
@@ -153,6 +162,11 @@ class SlotPool:
         slot = Slot(name, actor, actor.node.remote(self.claude_bin).future())
         self._live[name] = slot
         return slot
+
+
+async def _shut_down(actor: Any, timeout: float) -> None:
+    with contextlib.suppress(Exception), anyio.move_on_after(timeout):
+        await actor.shutdown.remote()  # raises ActorDiedError as the slot exits
 
 
 def _kill(actor: Any) -> None:

@@ -274,6 +274,8 @@ async def test_a_dag_runs_on_both_nodes_within_their_slots_and_merges(
     assert "D done" in (settings.state_dir / "logs" / plan.id / "D.1.log").read_text()
     runs = placement.placed
     assert len(runs) == 6 and all(run.status == "succeeded" for run in runs)
+    # A slot's second run got only what was new since its first (D after A and B, and the resolve).
+    assert any(run.incremental for run in runs)
     assert {run.node.address for run in runs} == {HEAD, WORKER}
     for node in (HEAD, WORKER):
         assert busy([(r.accepted, r.finished) for r in runs if r.node.address == node]) <= SLOTS
