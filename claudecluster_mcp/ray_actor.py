@@ -25,6 +25,7 @@ that importing this module does not import Ray.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import os
@@ -155,10 +156,11 @@ class AgentSlot:
             await anyio.to_thread.run_sync(_sweep_stale_dirs)
             # The slot's object cache: runs borrow its history, bundles bring only what is new.
             self._cache = Path(tempfile.mkdtemp(prefix=f"ccray-{os.getpid()}-")) / "cache.git"
+            atexit.register(shutil.rmtree, self._cache.parent, True)  # a worker that exits on its own
             await git(self._cache.parent, "init", "--bare", "--quiet", str(self._cache))
 
             node_id = ray.get_runtime_context().get_node_id()
-            address = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+            address = await anyio.to_thread.run_sync(_address_of, node_id)
             self._node = NodeInfo(node_id, address, socket.gethostname(), os.getpid())
         if self._node.claude_version is None:
             with contextlib.suppress(ClusterError):  # reported by the run that needs it
@@ -216,10 +218,12 @@ class AgentSlot:
                 self._forget(run)
 
     async def shutdown(self) -> None:
-        """End the slot (idle: the engine no longer needs it), its object cache removed."""
+        """End the slot (idle: the engine no longer needs it), its object cache removed, and
+        what slots that died on this machine left (see :func:`_sweep_stale_dirs`)."""
         import ray
 
         self._remove_cache()
+        await anyio.to_thread.run_sync(_sweep_stale_dirs)
         ray.actor.exit_actor()  # type: ignore[no-untyped-call]
 
     async def runs(self) -> list[RunInfo]:
@@ -315,9 +319,19 @@ class AgentSlot:
 
                 logger.info("idle for %.0f s: this slot ends", clock - self._idle_since)
                 self._remove_cache()
+                await anyio.to_thread.run_sync(_sweep_stale_dirs)
                 with contextlib.suppress(Exception):
                     ray.kill(ray.get_runtime_context().current_actor)
                 return
+
+
+def _address_of(node_id: str) -> str:
+    """The address the cluster knows this node by (``ray.util.get_node_ip_address`` in a
+    worker guesses from the routing table, which is wrong for nodes on loopback addresses)."""
+    import ray
+
+    nodes = ray.nodes()  # type: ignore[no-untyped-call]
+    return next((str(n["NodeManagerAddress"]) for n in nodes if n["NodeID"] == node_id), "?")
 
 
 def _sweep_stale_dirs() -> None:

@@ -219,15 +219,14 @@ class RayAgentHandle:
         self._actor = adopt.actor
         try:
             result = await self._follow(adopt.actor, placed, on_cancel=lambda: end_run(adopt.actor, self.run_id))
-            return await self._bring_back(adopt.actor, result, placed)
+            outcome = await self._bring_back(adopt.actor, result, placed)
         except (_Gone, *_lost_errors()):  # type: ignore[misc]
             logger.info("run %s: gone from its slot; the task runs again", self.run_id)
             return None
         finally:
-            import ray
-
             with contextlib.suppress(Exception):
-                ray.kill(adopt.actor, no_restart=True)  # the slot of an engine that is gone
+                adopt.actor.shutdown.remote()  # the slot of an engine that is gone: not ours to keep
+        return outcome
 
     async def _follow(self, actor: Any, placed: Placed, *, on_cancel: Callable[[], None]) -> RunResult:
         """Pass the run's messages on until its result."""

@@ -197,7 +197,7 @@ async def survey() -> list[tuple[Any, RunInfo]]:
             runs = await actor.runs.remote()
             found.extend((actor, info) for info in runs)
             if not runs and _orphaned(name):
-                _kill(actor)
+                actor.shutdown.remote()
 
     async with anyio.create_task_group() as tg:
         for name, actor in await anyio.to_thread.run_sync(handles):

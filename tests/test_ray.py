@@ -111,7 +111,7 @@ def _start_node(ip: str, args: list[str], env: dict[str, str], log: Path) -> Nod
 @pytest.fixture(scope="module")
 def ray_cluster(claude: ClaudeBinary) -> Iterator[RayCluster]:
     """Two nodes of SLOTS claude slots each, token authentication on; this process connected."""
-    tmp = Path(tempfile.mkdtemp(prefix="ccray"))  # short: Ray puts unix sockets below it
+    tmp = Path(tempfile.mkdtemp(prefix="ccrt"))  # short: Ray puts unix sockets below it
     token = tmp / "token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
