@@ -179,17 +179,24 @@ async def checkout_snapshot(
     return path
 
 
-async def apply_snapshot(worktree: Path, data: bytes, snapshot: Snapshot) -> None:
-    """Engine side: put a node's result into the task's worktree: ``HEAD`` (and so the
-    task branch) at the node's, its files uncommitted, an unfinished merge kept unfinished."""
+async def apply_snapshot(worktree: Path, data: bytes, snapshot: Snapshot, sent: Snapshot) -> None:
+    """Engine side: put a node's result (``snapshot``, objects in ``data``) into the task's
+    worktree, which is still as it was sent (``sent``): ``HEAD`` (and so the task branch) at
+    the node's, its files uncommitted, an unfinished merge kept unfinished."""
     await unbundle(worktree, data)
-    await git(worktree, "update-ref", "-m", "claudecluster: result from a Ray node", "HEAD", snapshot.head)
-    merging = (await _state(worktree))[2]
-    if snapshot.merge_head and merging != snapshot.merge_head:
+    if snapshot.head != sent.head:
+        await git(worktree, "update-ref", "-m", "claudecluster: result from a Ray node", "HEAD", snapshot.head)
+    files = snapshot.files or snapshot.head
+    if snapshot.head == sent.head and not (sent.merge_head or snapshot.merge_head or sent.files):
+        # The usual case: the agent committed nothing, the worktree here is still a clean
+        # checkout of HEAD, and the node's files become plain uncommitted changes (one command).
+        await git(worktree, "restore", f"--source={files}", "--worktree", "--", ":/")
+        return
+    if snapshot.merge_head and sent.merge_head != snapshot.merge_head:
         await git(worktree, "update-ref", "--no-deref", "MERGE_HEAD", snapshot.merge_head)
-    elif merging and not snapshot.merge_head:
+    elif sent.merge_head and not snapshot.merge_head:
         await git(worktree, "merge", "--quit")
     await git(worktree, "clean", "-d", "--force", "--quiet")
-    await git(worktree, "read-tree", "-u", "--reset", snapshot.files or snapshot.head)
+    await git(worktree, "read-tree", "-u", "--reset", files)
     if not snapshot.merge_head:
         await git(worktree, "reset", "--quiet")  # uncommitted, as the agent left them

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .agent_spec import AgentSpec
-from .bundles import apply_snapshot, take_snapshot
+from .bundles import Snapshot, apply_snapshot, take_snapshot
 from .errors import AgentError
 from .events import AgentEvent, AssistantText, InitEvent, ToolUse
 from .outcome import AgentOutcome
@@ -195,7 +195,7 @@ class RayAgentHandle:
         slot.known = None  # until the run shows that the slot's cache took the bundle
         try:
             result = await self._follow(slot.actor, placed, on_cancel=lambda: pool.discard(slot))
-            outcome = await self._bring_back(slot.actor, result, placed)
+            outcome = await self._bring_back(slot.actor, result, placed, job.snapshot)
         except _lost_errors():
             raise  # run() tries another slot
         except BaseException as exc:  # the run's own error, or the engine cancelled
@@ -219,7 +219,7 @@ class RayAgentHandle:
         self._actor = adopt.actor
         try:
             result = await self._follow(adopt.actor, placed, on_cancel=lambda: end_run(adopt.actor, self.run_id))
-            outcome = await self._bring_back(adopt.actor, result, placed)
+            outcome = await self._bring_back(adopt.actor, result, placed, job.snapshot)
         except (_Gone, *_lost_errors()):  # type: ignore[misc]
             logger.info("run %s: gone from its slot; the task runs again", self.run_id)
             return None
@@ -266,17 +266,18 @@ class RayAgentHandle:
         except Exception:
             logger.exception("run %s: on_event callback failed", self.run_id)
 
-    async def _bring_back(self, actor: Any, result: RunResult, placed: Placed) -> AgentOutcome:
+    async def _bring_back(self, actor: Any, result: RunResult, placed: Placed, sent: Snapshot) -> AgentOutcome:
         """The node's worktree into the local one, its transcript into the local log."""
+        released = actor.release.remote(self.run_id)  # the slot is free again (we have the result)
         try:
             if result.error is not None:
                 raise result.error
             assert result.outcome is not None and result.snapshot is not None
-            await apply_snapshot(self.spec.cwd, result.bundle, result.snapshot)
+            await apply_snapshot(self.spec.cwd, result.bundle, result.snapshot, sent)
             log = await _append_transcript(self.spec.log_path or _default_log(self.run_id), result.transcript)
         finally:
             with contextlib.suppress(Exception):
-                await actor.release.remote(self.run_id)
+                await released  # before the slot can take another run
         placed.applied, placed.agent_s = time.time(), result.outcome.duration_s
         placed.bundle_back, placed.status = len(result.bundle), result.outcome.status.value
         placed.node_times = result.times
