@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -114,26 +115,35 @@ def cpu_of(pids: list[int]) -> float:
     return total
 
 
-def pss_of(pids: list[int]) -> int:
+def pss_of(pids: list[int], but: list[int] | None = None) -> int:
     """Proportional set size (shared pages split between their users: Ray's workers share
-    its object store and libraries) of the processes below ``pids``, in bytes."""
+    its object store and libraries) of the processes below ``pids`` and not below ``but``,
+    in bytes."""
     total = 0
+    excluded = {proc.pid for proc in tree(but or [])}
     for proc in tree(pids):
+        if proc.pid in excluded:
+            continue
         with contextlib.suppress(OSError), open(f"/proc/{proc.pid}/smaps_rollup") as rollup:
             total += next(int(line.split()[1]) * 1024 for line in rollup if line.startswith("Pss:"))
     return total
 
 
 class PeakMemory:
-    """Samples the memory (PSS) of process trees every 0.5 s while a round runs."""
+    """Samples the memory (PSS) of the engine's and the cluster's process trees every 0.5 s
+    while a round runs: each one's peak, and the peak of their sum."""
 
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
-        self.peak = 0
+    def __init__(self, engine: list[int], cluster: list[int], nodes: list[int]) -> None:
+        self.engine, self.cluster, self.nodes = engine, cluster, nodes
+        self.peaks = {"engine": 0, "cluster": 0, "both": 0}
 
     async def run(self) -> None:
         while True:
-            self.peak = max(self.peak, await anyio.to_thread.run_sync(pss_of, self.pids))
+            # The cluster's nodes are this process's children too: counted on their side only.
+            engine = await anyio.to_thread.run_sync(pss_of, self.engine, self.nodes)
+            cluster = await anyio.to_thread.run_sync(pss_of, self.cluster)
+            for key, value in (("engine", engine), ("cluster", cluster), ("both", engine + cluster)):
+                self.peaks[key] = max(self.peaks[key], value)
             await anyio.sleep(0.5)
 
 
@@ -146,6 +156,7 @@ class TimedLocal(LocalPlacement):
     def __init__(self, claude: ClaudeBinary) -> None:
         super().__init__(claude)
         self.runs: list[tuple[float, float]] = []
+        self.durations: dict[str, float] = {}  # run id -> the agent's own run time
 
     def agent(self, spec: AgentSpec, *, on_event: OnEvent, on_start: OnStart) -> AgentRun:
         run = AgentRun(spec, claude=self.claude, on_event=on_event, on_start=on_start)
@@ -155,6 +166,7 @@ class TimedLocal(LocalPlacement):
             started = time.time()
             outcome = await original()
             self.runs.append((time.time() - started, outcome.duration_s))
+            self.durations[run.run_id] = outcome.duration_s
             return outcome
 
         run.run = timed  # type: ignore[method-assign]
@@ -186,10 +198,19 @@ def bench_repo(path: Path) -> Path:
     return path
 
 
-async def one_round(cluster: Cluster, tasks: list[dict[str, Any]], pids: list[int]) -> dict[str, Any]:
+async def one_round(
+    cluster: Cluster,
+    tasks: list[dict[str, Any]],
+    pids: list[int],
+    durations: Callable[[], dict[str, float]],
+    nodes: list[int],
+) -> dict[str, Any]:
     """Plan, run and wait for ``tasks``: wall, CPU (this process's children and the ``pids``
-    trees) and peak memory (this process and the ``pids`` trees)."""
-    peak = PeakMemory([os.getpid(), *pids])
+    trees), peak memory (this process and the ``pids`` trees), and each task's time from
+    running to succeeded (committed here) beyond its agent's own run time (``durations``:
+    run id -> agent run time), the placement's cost as the task sees it."""
+    peak = PeakMemory([os.getpid()], pids, nodes)
+    load = os.getloadavg()[0]
     me0, kids0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cluster0 = await anyio.to_thread.run_sync(cpu_of, pids)
     async with anyio.create_task_group() as tg:
@@ -200,6 +221,7 @@ async def one_round(cluster: Cluster, tasks: list[dict[str, Any]], pids: list[in
         status = await cluster.wait(plan.id, timeout=900)
         wall = time.monotonic() - started
         tg.cancel_scope.cancel()
+    events = await cluster.store.events(plan.id)
     me1, kids1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cluster1 = await anyio.to_thread.run_sync(cpu_of, pids)
     assert all(t.state is TaskState.MERGED for t in status.tasks), [(t.id, t.state, t.reason) for t in status.tasks]
@@ -208,13 +230,24 @@ async def one_round(cluster: Cluster, tasks: list[dict[str, Any]], pids: list[in
         return float(r.ru_utime + r.ru_stime)
 
     engine, children, nodes = cpu(me1) - cpu(me0), cpu(kids1) - cpu(kids0), cluster1 - cluster0
+    moves: dict[str, dict[str, float]] = {}
+    for event in events:
+        if event["kind"] == "state" and event["task_id"]:
+            at = datetime.fromisoformat(event["at"]).timestamp()
+            moves.setdefault(event["task_id"], {}).setdefault(event["data"]["state"], at)
+    agent = durations()
+    beyond = [moves[t.id]["succeeded"] - moves[t.id]["running"] - agent[t.run_id] for t in status.tasks if t.run_id]
     return {
         "wall_s": round(wall, 2),
+        "running_to_succeeded_beyond_agent_s_median": median(beyond),
         "cpu_total_s": round(engine + children + nodes, 1),
         "cpu_engine_s": round(engine, 1),
         "cpu_engine_children_s": round(children, 1),  # git, and local agents
         "cpu_cluster_s": round(nodes, 1),  # Ray's processes, slots and the agents on them
-        "peak_pss_mb": round(peak.peak / 2**20),  # this process and its children, and the cluster's
+        # PSS: shared pages split between their users (the agents share claude's binary, the
+        # slots Ray's libraries); the engine's process tree (local agents included), the cluster's
+        **{f"peak_pss_{key}_mb": round(value / 2**20) for key, value in peak.peaks.items()},
+        "load_average_1min": [round(load, 1), round(os.getloadavg()[0], 1)],  # other work on the box
     }
 
 
@@ -305,7 +338,7 @@ async def bench(args: argparse.Namespace, address: str, node_pids: list[int], tm
         local = TimedLocal(claude)
         settings = settings_for(tmp, "local", server, workers)
         async with Cluster.open(bench_repo(tmp / "local" / "repo"), settings=settings, placement=local) as cluster:
-            results["local"] = await one_round(cluster, tasks, [])
+            results["local"] = await one_round(cluster, tasks, [], lambda: local.durations, node_pids)
         results["local"]["overhead_s_median"] = median([wall - agent for wall, agent in local.runs])
         results["local"]["agent_s_median"] = median([agent for _, agent in local.runs])
 
@@ -317,7 +350,9 @@ async def bench(args: argparse.Namespace, address: str, node_pids: list[int], tm
             placement.pool.idle_keep = 3600  # the steady state of a long plan: slots stay busy
             for name in ("ray_cold", "ray_warm"):
                 first = len(placement.placed)
-                results[name] = await one_round(cluster, tasks, node_pids)
+                results[name] = await one_round(
+                    cluster, tasks, node_pids, lambda: {r.run_id: r.agent_s for r in placement.placed}, node_pids
+                )
                 results[name].update(ray_figures(placement, first))
     results["bundles"] = await bundles(tmp)
     results["cluster_idle_pss_mb"] = round(idle / 2**20)
@@ -325,6 +360,8 @@ async def bench(args: argparse.Namespace, address: str, node_pids: list[int], tm
     results["overhead_over_local_s_median"] = round(
         results["ray_warm"]["overhead_s_median"] - results["local"]["overhead_s_median"], 3
     )
+    key = "running_to_succeeded_beyond_agent_s_median"
+    results["task_cost_over_local_s_median"] = round(results["ray_warm"][key] - results["local"][key], 3)
     results["wall_ratio_warm_vs_local"] = round(results["ray_warm"]["wall_s"] / results["local"]["wall_s"], 2)
     return results
 
