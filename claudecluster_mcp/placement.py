@@ -29,7 +29,7 @@ from .outcome import AgentOutcome
 from .proctree import ProcessTree
 from .settings import EngineSettings
 
-__all__ = ["AgentHandle", "AgentPlacement", "LocalPlacement", "RunRecord", "open_placement"]
+__all__ = ["AgentHandle", "AgentPlacement", "LocalPlacement", "RunRecord", "open_placement", "reap_local"]
 
 OnEvent = Callable[[AgentEvent], None]
 OnStart = Callable[[int, float], Awaitable[None]]
@@ -94,7 +94,12 @@ class LocalPlacement:
 
     async def reap(self, record: RunRecord) -> list[int]:
         """Kill the run's processes (by pid + start time, and by its environment tag)."""
-        return await anyio.to_thread.run_sync(_kill_leftovers, record)
+        return await reap_local(record)
+
+
+async def reap_local(record: RunRecord) -> list[int]:
+    """Kill what is left of a run on this machine and remove its files; the pids killed."""
+    return await anyio.to_thread.run_sync(_kill_leftovers, record)
 
 
 @asynccontextmanager

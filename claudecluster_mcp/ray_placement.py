@@ -28,7 +28,7 @@ from .agent_spec import AgentSpec
 from .bundles import Snapshot, git_identity, make_bundle
 from .claude_cli import ClaudeBinary
 from .events import AgentEvent
-from .placement import RunRecord
+from .placement import RunRecord, reap_local
 from .ray_actor import RunInfo
 from .ray_cluster import SLOT_RESOURCE, connect
 from .ray_run import FoundRun, Placed, RayAgentHandle, end_run
@@ -90,12 +90,15 @@ class RayPlacement:
 
     async def reap(self, record: RunRecord) -> list[int]:
         """After a crash: a run of ``record`` still on a slot is kept for its task to
-        re-attach to (:data:`ADOPT_WINDOW`); nothing is killed here, so no pid is returned."""
+        re-attach to (:data:`ADOPT_WINDOW`). A run no slot holds may have been a local one
+        (the engine ran with ``placement = "local"`` before): its processes here are killed,
+        as the local placement would."""
         for actor, info in await self.survey(fresh=False):
             if info.run_id == record.run_id:
                 logger.info("run %s is still on Ray node %s: its task will re-attach", info.run_id, info.node.hostname)
                 self._adoptable[info.key] = FoundRun(actor, info)
-        return []
+                return []
+        return await reap_local(record)
 
     def record(self, placed: Placed) -> None:
         """Keep an attempt in :attr:`placed` (the last :data:`_PLACED_KEPT` of them)."""

@@ -310,8 +310,8 @@ async def test_cancel_stops_the_agents_on_both_nodes_and_leaves_no_process(
         plan = (await cluster.plan("four sleepers", [marker_task(n) for n in "wxyz"])).plan
         await cluster.dispatch(plan.id)
 
-        def sleeping() -> list[str]:
-            return [p for p in tagged([run.run_id for run in placement.placed]) if "time.sleep(300)" in p]
+        def sleeping() -> list[str]:  # the runs whose Bash tool is running
+            return [r.run_id for r in placement.placed if any("time.sleep(300)" in p for p in tagged([r.run_id]))]
 
         await _until(lambda: len(sleeping()) == 4, 90, "four agents running their Bash tool")
         runs = [run.run_id for run in placement.placed]
