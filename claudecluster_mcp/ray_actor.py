@@ -5,7 +5,9 @@ it lives, so a node never runs more agents than it has slots). It runs one agent
 with the very runner a local placement uses (:class:`~claudecluster_mcp.agent.AgentRun`:
 pty, stream-json parsing, timeouts, memory cap, the sandbox when the node has it, the
 per-run reaper and the sweep of leftover processes), in a temporary repository rebuilt from
-the engine's bundle (:mod:`~claudecluster_mcp.bundles`), and removed after the run.
+the engine's bundle (:mod:`~claudecluster_mcp.bundles`), and removed after the run. The
+slot keeps the history it has received in an object cache that its runs borrow from, so
+the engine sends each slot only what is new.
 
 Everything the run produces is kept as a list of messages, read by the engine with
 :meth:`AgentSlot.events` from any offset: an engine that restarted can read a run again

@@ -3,13 +3,15 @@ actors, started ahead of need and reused from run to run.
 
 A new slot costs a new Ray worker process (0.7 to 1.2 s, and a node starts only as many at
 once as it has CPUs); a slot that is already up takes a run in milliseconds. So the pool
-starts as many slots as the engine has workers when it opens (Ray places them on nodes
-with a free ``claude_slot``, spread over the nodes), hands out the warm ones first, and
-ends slots that stayed idle for :data:`IDLE_KEEP` seconds (a slot holds its
-``claude_slot`` while it lives, and other engines may want it).
+starts as many slots as the engine has workers at its first agent (Ray places them on
+nodes with a free ``claude_slot``, spread over the nodes), never more than the cluster has
+slots (one more would only wait for one of ours), hands out the warm ones first, and ends
+slots that stayed idle for :data:`IDLE_KEEP` seconds (a slot holds its ``claude_slot``
+while it lives, and other engines may want it). Each slot remembers the last base it got
+(:attr:`Slot.known`), so that the next one goes to it as an increment.
 
 Slots are detached, named actors in the ``claudecluster`` namespace: after an engine
-restart, :meth:`SlotPool.survey` finds the runs of slots that outlived their engine.
+restart, :func:`survey` finds the runs of slots that outlived their engine.
 """
 
 from __future__ import annotations
