@@ -208,7 +208,10 @@ def test_run_refuses_a_missing_or_public_ray_address_before_any_agent_starts(
 
 
 def test_importing_the_package_does_not_import_ray() -> None:
-    code = "import sys, claudecluster_mcp, claudecluster_mcp.placement; print('ray' in sys.modules)"
+    # Not even the Ray placement's own modules: Ray is imported when a cluster is used.
+    modules = ["placement", "commands", "hub", "server", "cli", "ray_placement", "ray_run", "ray_slots", "ray_actor"]
+    code = f"import sys, claudecluster_mcp; import {', '.join(f'claudecluster_mcp.{m}' for m in modules)}; "
+    code += "print('ray' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
 
