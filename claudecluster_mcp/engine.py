@@ -58,7 +58,7 @@ from .registry import Registry
 from .retry import RateLimitPause
 from .scheduler import Scheduler, held_up
 from .settings import MAX_WORKERS, EngineSettings, default_state_dir
-from .signals import Pulse
+from .signals import Pulse, Watcher
 from .store import Store, StoredEvent, now, state_db_path
 from .task_runner import TaskRunner
 from .workspace import check_branch_name, current_branch, repo_root, rev_parse, update_ref
@@ -124,6 +124,12 @@ class Cluster:
                 finally:
                     cluster.merges.close()
                     tg.cancel_scope.cancel()
+
+    def watch(self, watcher: Watcher) -> Callable[[], None]:
+        """Call ``watcher`` with every change of this repository's state from now on, right
+        after it is committed (see :class:`~claudecluster_mcp.signals.Change`); returns the
+        unwatch function. The MCP server's notifications are built on this."""
+        return self.store.watchers.watch(watcher)
 
     @property
     def claude(self) -> ClaudeBinary | None:

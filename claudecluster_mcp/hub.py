@@ -37,6 +37,7 @@ from .errors import ClusterError, RepositoryError, StateError
 from .models import PlanState
 from .registry import Registry
 from .settings import EngineSettings
+from .signals import Watchers
 from .store import Store, state_db_path
 from .workspace import git, repo_root
 
@@ -104,6 +105,8 @@ class Hub:
         self._plans: dict[str, Path] = {}  # plan id → repository root, as looked up
         self._lock = anyio.Lock()
         self._tg: TaskGroup | None = None
+        #: Every change of every open repository's state (the clusters' own feeds, joined).
+        self.changes = Watchers()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -277,8 +280,12 @@ class Hub:
         try:
             async with Cluster.open(root, settings=engine, claude=claude) as cluster:
                 hosted.cluster = cluster
-                task_status.started(hosted)
-                await anyio.sleep_forever()
+                unwatch = cluster.watch(self.changes.emit)
+                try:
+                    task_status.started(hosted)
+                    await anyio.sleep_forever()
+                finally:
+                    unwatch()
         except Exception:
             if hosted.cluster is None:
                 raise  # failed to open: the caller of tg.start() gets the error

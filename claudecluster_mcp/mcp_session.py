@@ -1,6 +1,7 @@
-"""What every MCP request handler shares: the hub of the session (handed over by the server
-lifespan, filled into tools by the SDK's resolver) and the one mapping of a
-:class:`~claudecluster_mcp.errors.ClusterError` to an MCP error, for tools and resources."""
+"""What every MCP request handler shares: the hub of the session and the
+:class:`~claudecluster_mcp.notifications.Broadcaster` of its notifications (handed over by
+the server lifespan; the hub is filled into tools by the SDK's resolver), and the one mapping
+of a :class:`~claudecluster_mcp.errors.ClusterError` to an MCP error, for tools and resources."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ from typing import Annotated, Any, Literal
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.resolve import Resolve
+from mcp.server.subscriptions import SubscriptionBus
 
 from .errors import ClusterError, ConfigError, NotFoundError
 from .hub import Hub, HubRef
+from .notifications import Broadcaster
 
-__all__ = ["HUB_KEY", "HubDep", "current_hub", "hub_of", "lifespan", "reported"]
+__all__ = ["BROADCASTER_KEY", "HUB_KEY", "HubDep", "current_hub", "hub_of", "lifespan", "reported"]
 
 HUB_KEY = "hub"
+BROADCASTER_KEY = "broadcaster"
 
 # -- errors: the one mapping ---------------------------------------------------------------
 
@@ -41,13 +45,26 @@ def reported(kind: Literal["tool", "resource"]) -> Iterator[None]:
 # -- finding the hub -----------------------------------------------------------------------
 
 
-def lifespan(ref: HubRef) -> Callable[[MCPServer[Any]], AbstractAsyncContextManager[dict[str, Any]]]:
-    """The server lifespan handing sessions ``ref``; the hub itself outlives sessions (the
-    SSE transport enters the lifespan once per connection)."""
+def lifespan(
+    ref: HubRef, bus: SubscriptionBus | None = None
+) -> Callable[[MCPServer[Any]], AbstractAsyncContextManager[dict[str, Any]]]:
+    """The server lifespan handing sessions ``ref`` and a broadcaster of the hub's changes;
+    the hub itself outlives sessions (stdio and Streamable HTTP enter the lifespan once, the
+    SSE transport once per connection). ``bus``, the server's subscription bus, gets resource
+    updates for 2026-07-28 sessions from the first lifespan that serves it."""
+    served: set[int] = set()
 
     @asynccontextmanager
     async def enter(_: MCPServer[Any]) -> AsyncIterator[dict[str, Any]]:
-        yield {HUB_KEY: ref}
+        claim = bus is not None and id(bus) not in served
+        if claim:
+            served.add(id(bus))
+        try:
+            async with Broadcaster.serving(ref, bus if claim else None) as broadcaster:
+                yield {HUB_KEY: ref, BROADCASTER_KEY: broadcaster}
+        finally:
+            if claim:
+                served.discard(id(bus))
 
     return enter
 

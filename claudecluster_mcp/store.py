@@ -32,6 +32,7 @@ from .errors import NotFoundError, StateError, StoreError
 from .models import FINAL_STATES, TRANSITIONS, Plan, PlanState, PlanStatus, Priority, Task, TaskState
 from .redact import private_dir, private_file, redact, redact_data
 from .schema import decode, encode, migrate, quote
+from .signals import Change, Watchers
 from .sqlite_errors import sqlite_errors, translate_sqlite_errors
 from .workspace import git_common_dir
 
@@ -83,6 +84,9 @@ class Store:
         self.path = path
         # One connection: transactions of concurrent tasks must not interleave on it.
         self._lock = anyio.Lock()
+        #: Observers of committed changes (plans created, task moves, agent events, plan
+        #: updates); each is told after its transaction committed, never inside it.
+        self.watchers = Watchers()
 
     @classmethod
     @asynccontextmanager
@@ -145,6 +149,7 @@ class Store:
                     f"INSERT INTO tasks ({', '.join(map(quote, columns))}) VALUES ({', '.join('?' * len(columns))})",
                     values,
                 )
+        self.watchers.emit(Change(plan.id, None, "plan", {"goal": plan.goal, "tasks": len(tasks)}))
 
     async def _insert_task(self, db: aiosqlite.Connection, task: Task, seq: int) -> None:
         row = {**task.model_dump(), "seq": seq}
@@ -161,6 +166,7 @@ class Store:
             ) as c:
                 row = await c.fetchone()
             await self._insert_task(db, task, int(row[0]) if row else 0)
+        self.watchers.emit(Change(task.plan_id, task.id, "task_added", {"state": task.state.value}))
 
     async def plan(self, plan_id: str) -> Plan:
         """The plan with this id (:class:`NotFoundError` if none)."""
@@ -192,6 +198,7 @@ class Store:
             )
             if cursor.rowcount == 0:
                 raise NotFoundError(f"no plan {plan_id!r}")
+        self.watchers.emit(Change(plan_id, None, "plan_state", _brief_plan(fields)))
 
     # -- tasks ------------------------------------------------------------------------------
 
@@ -306,7 +313,8 @@ class Store:
                 if row is None:
                     raise NotFoundError(f"plan {plan_id!r} has no task {task_id!r}")
                 raise StateError(f"task {plan_id}/{task_id} cannot move from {row[0]} to {to.value}")
-            await self._event(db, plan_id, task_id, "state", {"state": to.value, **_brief(fields)})
+            stored = await self._event(db, plan_id, task_id, "state", {"state": to.value, **_brief(fields)})
+        self.watchers.emit(Change(plan_id, task_id, "state", stored))
         return await self.task(plan_id, task_id)
 
     async def update_task(self, plan_id: str, task_id: str, **fields: Any) -> None:
@@ -330,16 +338,20 @@ class Store:
         task_id: str | None,
         kind: str,
         data: Mapping[str, Any],
-    ) -> None:
+    ) -> Any:
+        """Append an event row; returns ``data`` as stored (redacted)."""
+        clean = redact_data(data)
         await db.execute(
             "INSERT INTO events (plan_id, task_id, at, kind, data) VALUES (?, ?, ?, ?, ?)",
-            [plan_id, task_id, now().isoformat(), kind, json.dumps(redact_data(data), default=str)],
+            [plan_id, task_id, now().isoformat(), kind, json.dumps(clean, default=str)],
         )
+        return clean
 
     async def append_event(self, plan_id: str, task_id: str | None, kind: str, data: Mapping[str, Any]) -> None:
         """Append to the event log (never updated or deleted)."""
         async with self.transaction() as db:
-            await self._event(db, plan_id, task_id, kind, data)
+            stored = await self._event(db, plan_id, task_id, kind, data)
+        self.watchers.emit(Change(plan_id, task_id, kind, stored))
 
     async def events(
         self, plan_id: str, task_id: str | None = None, *, after: int = 0, limit: int | None = None
@@ -390,6 +402,11 @@ class Store:
 def _brief(fields: Mapping[str, Any]) -> dict[str, Any]:
     keep = ("attempts", "reason", "commit", "merge_commit", "turns", "cost_usd")
     return {k: encode(k, v) for k, v in fields.items() if k in keep and v not in (None, "")}
+
+
+def _brief_plan(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """What observers learn of a plan update: its state and reason, if set."""
+    return {k: encode(k, v) for k, v in fields.items() if k in ("state", "reason") and v not in (None, "")}
 
 
 def _task_rows(tasks: Sequence[Task]) -> tuple[list[str], list[list[Any]]]:

@@ -1,5 +1,5 @@
-"""How the server is reached: stdio, and one Starlette app serving Streamable HTTP at /mcp,
-legacy SSE at /sse + /messages/, /health and /metrics; for HTTP, bearer-token auth (a token
+"""How the server is reached: stdio, and one Starlette app serving (resumable) Streamable HTTP
+at /mcp, legacy SSE at /sse + /messages/, /health and /metrics; for HTTP, bearer-token auth (a token
 generated on first start unless one is given, or ``--no-auth`` on loopback only), Host/Origin
 (DNS-rebinding) validation and a request-size limit.
 
@@ -36,6 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .errors import ConfigError
+from .event_store import RETRY_MS, ResumableStreams
 from .hub import Hub, HubRef
 from .models import TaskState
 
@@ -321,10 +322,12 @@ def http_app(
     metrics: Metrics,
     max_request_bytes: int,
 ) -> Starlette:
-    """One Starlette app: Streamable HTTP at /mcp, legacy SSE at /sse + /messages/, /health
-    and /metrics, refusing bodies over ``max_request_bytes``. The hub (from ``make_hub``) runs
-    in the app's lifespan."""
-    streamable = mcp.streamable_http_app(transport_security=security, host=host)
+    """One Starlette app: Streamable HTTP at /mcp (resumable: see
+    :mod:`~claudecluster_mcp.event_store`), legacy SSE at /sse + /messages/, /health and
+    /metrics, refusing bodies over ``max_request_bytes``. The hub (from ``make_hub``) runs in
+    the app's lifespan."""
+    streamable = mcp.streamable_http_app(transport_security=security, host=host, retry_interval=RETRY_MS)
+    ResumableStreams().install(mcp.session_manager)
     sse = mcp.sse_app(transport_security=security, host=host)
 
     async def health(request: Request) -> Response:
