@@ -33,6 +33,7 @@ from .preflight import check_model
 from .registry import Registry
 from .report import diffstats, event_line, status_table, to_html, to_json, to_markdown
 from .store import Store, state_db_path
+from .views import merge_summary
 from .workspace import repo_root
 
 __all__ = [
@@ -143,7 +144,9 @@ async def run_command(
         for task in status.tasks:
             if task.state is TaskState.HELD:
                 console.print(f"[yellow]held:[/] {escape(task.id)} {escape(task.reason)}")
-        if report is not None:
+        if report is not None and report.kind in ("conflict", "gate_failed"):
+            console.print(f"[red]not merged[/]: {escape(merge_summary(report))}")
+        elif report is not None:
             console.print(f"merged into [bold]{report.target}[/] ({report.kind}); undo: {report.undo}")
         elif _exit_code(status) == EXIT_OK:
             console.print(f"all merged on {status.plan.integration_branch}; `claudecluster merge {plan_id}` to land it")
@@ -297,6 +300,10 @@ async def merge_command(console: Console, plan_id: str, *, repo: Path | None, ta
         report = await cluster.merge(plan_id, target, dry_run=dry_run)
     if report.kind == "conflict":
         console.print(f"[red]conflict[/] merging into {report.target}: {', '.join(report.conflicts)}; nothing changed")
+        return EXIT_FAILED
+    if report.kind == "gate_failed":
+        console.print(f"[red]gate failed[/] on the merge into {report.target}; nothing changed:")
+        console.print(escape(report.gate_output or ""))
         return EXIT_FAILED
     verb = "would be merged" if dry_run else "merged"
     console.print(

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from .models import (
 from .placement import AgentPlacement, LocalPlacement
 from .planner import plan_with_claude
 from .preflight import check_model
+from .progress import Progress, ticking
 from .prompts import task_prompt
 from .recovery import EngineLease, recover
 from .registry import Registry
@@ -60,7 +61,7 @@ from .scheduler import Scheduler, held_up
 from .settings import MAX_WORKERS, EngineSettings, default_state_dir
 from .signals import Pulse, Watcher
 from .store import Store, StoredEvent, now, state_db_path
-from .task_runner import TaskRunner
+from .task_runner import TaskRunner, summary
 from .workspace import check_branch_name, current_branch, repo_root, rev_parse, update_ref
 
 __all__ = ["STATUS_FOCUS", "Cluster", "EngineSettings", "FinalMerge", "default_state_dir"]
@@ -68,8 +69,6 @@ __all__ = ["STATUS_FOCUS", "Cluster", "EngineSettings", "FinalMerge", "default_s
 #: Plans bigger than this list only the tasks that need attention in dispatch/cancel answers.
 STATUS_FOCUS = 50
 _ENDED = (PlanState.DONE, PlanState.CANCELLED, PlanState.FAILED)
-
-Progress = Callable[[int, int, str], Awaitable[None]]
 
 
 class Cluster:
@@ -163,11 +162,12 @@ class Cluster:
         target: str | None = None,
         merge_policy: MergePolicy | None = None,
         gate: Sequence[str] | None = None,
+        on_progress: Progress | None = None,
     ) -> PlanStatus:
         """Validate and store a plan. The base is ``base_ref`` (any commit-ish; default: the
         branch checked out now); an integration branch is created there; ``target`` (default:
         the branch checked out now) is where :meth:`merge` puts the result. Without ``tasks``, a read-only Claude Code
-        planning run splits the goal into tasks."""
+        planning run splits the goal into tasks, telling ``on_progress`` what it does meanwhile."""
         if not goal.strip():
             raise ConfigError("the goal is empty")
         if len(goal.encode("utf-8", "surrogatepass")) > MAX_GOAL_BYTES:
@@ -176,7 +176,10 @@ class Cluster:
                 f"{MAX_GOAL_BYTES // 1024} KiB (MAX_GOAL_BYTES): put the details in the tasks' prompts"
             )
         # Validation is CPU-bound on big plans: off the event loop, so other sessions go on.
-        specs = await self._planned(goal) if tasks is None else await anyio.to_thread.run_sync(parse_tasks, tasks)
+        if tasks is None:
+            specs = await self._planned(goal, on_progress)
+        else:
+            specs = await anyio.to_thread.run_sync(parse_tasks, tasks)
         specs, warnings = await anyio.to_thread.run_sync(
             lambda: checked_plan(specs, serialize=self.settings.serialize_overlaps)
         )
@@ -220,18 +223,21 @@ class Cluster:
             await check_model(self.settings, repo=self.repo)
             self._model_checked = True
 
-    async def _planned(self, goal: str) -> list[TaskSpec]:
+    async def _planned(self, goal: str, on_progress: Progress | None) -> list[TaskSpec]:
         await self._check_model()
         claude = self.claude if self.claude is not None else await anyio.to_thread.run_sync(find_claude)
-        return await plan_with_claude(
-            self.repo,
-            goal,
-            claude=claude,
-            env=self.settings.agent_env,
-            config_dir=self.settings.claude_config_dir,
-            model=self.settings.model,
-            log_dir=self.settings.state_dir / "logs" / "planner" / secrets.token_hex(4),
-        )
+        async with ticking(on_progress) as ticker:
+            await ticker.stage("the planning agent is reading the repository")
+            return await plan_with_claude(
+                self.repo,
+                goal,
+                claude=claude,
+                env=self.settings.agent_env,
+                config_dir=self.settings.claude_config_dir,
+                model=self.settings.model,
+                log_dir=self.settings.state_dir / "logs" / "planner" / secrets.token_hex(4),
+                on_event=lambda event: ticker.note(f"planning agent: {summary(event)}"),
+            )
 
     # -- dispatch, status, wait, cancel --------------------------------------------------------
 
@@ -372,11 +378,15 @@ class Cluster:
 
     # -- the final merge ----------------------------------------------------------------------
 
-    async def merge(self, plan_id: str, target: str | None = None, *, dry_run: bool = False) -> FinalMerge:
+    async def merge(
+        self, plan_id: str, target: str | None = None, *, dry_run: bool = False, on_progress: Progress | None = None
+    ) -> FinalMerge:
         """Merge the plan's integration branch into ``target`` (default: the plan's target
         branch): fast-forward when possible, else a merge commit after a clean merge-tree
-        check. Refuses a dirty checked-out target; records the previous tip for undo."""
-        return await self.merges.land(await self.store.status(plan_id), target, dry_run=dry_run)
+        check, which the plan's gate must pass. Refuses a dirty checked-out target; records
+        the previous tip for undo. ``on_progress`` hears the stages (and the gate's heartbeat)."""
+        status = await self.store.status(plan_id)
+        return await self.merges.land(status, target, dry_run=dry_run, on_progress=on_progress)
 
 
 # What one agent prompt, as the engine builds it, may take of the OS's single-argument limit:

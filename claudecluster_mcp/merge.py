@@ -39,6 +39,7 @@ __all__ = ["GateResult", "MergeOutcome", "MergeResult", "merge_into", "merge_tre
 
 Journal = Callable[[str, str, str], Awaitable[int]]  # (ref, old, new) -> entry number
 JournalEnd = Callable[[int, str], Awaitable[None]]  # (entry number, "done" | "undone")
+Stage = Callable[[str], Awaitable[None]]  # told what the merge does next, for progress
 
 
 class MergeOutcome(enum.StrEnum):
@@ -163,6 +164,8 @@ async def merge_into(
     gate: Sequence[str] | None = None,
     gate_timeout: float = 600,
     gate_sandbox: SandboxPolicy | None = None,
+    gate_fast_forward: bool = True,
+    on_stage: Stage | None = None,
     journal: Journal | None = None,
     journal_end: JournalEnd | None = None,
     base: str | None = None,
@@ -179,7 +182,9 @@ async def merge_into(
         entirely or not at all. Without ``checkout`` no working tree is touched; with it (the
         worktree that has ``branch`` checked out) the ref moves by ``git merge --ff-only`` to
         the prepared commit there, which updates its files. ``dry_run`` stops before the gate;
-    ``gate_sandbox`` confines the gate (:func:`run_gate`).
+    ``gate_sandbox`` confines the gate (:func:`run_gate`); ``gate_fast_forward=False`` runs it
+    only on a new merge commit (a fast-forward lands a commit that was gated before).
+    ``on_stage`` is told each step (conflict check, gate, ref update) as it begins.
 
         ``base`` (the commit ``commit`` was built on, an ancestor of the branch) and
         ``tip_hint`` (the branch tip as last seen) let the common cases skip git calls; the
@@ -194,16 +199,22 @@ async def merge_into(
             return MergeResult(MergeOutcome.ALREADY_MERGED, old_tip=tip, new_tip=tip)
         new, fast_forward = commit, True
         if base != tip:
+            if on_stage:
+                await on_stage(f"checking {commit[:12]} against {ref} for conflicts")
             check = await merge_tree(repo, tip, commit)
             if not check.clean:
                 return MergeResult(MergeOutcome.CONFLICT, old_tip=tip, conflicts=check.conflicts)
             new, fast_forward = await _merge_commit(repo, check.tree, tip, commit, message), False
         if dry_run:
             return MergeResult(MergeOutcome.MERGED, old_tip=tip, new_tip=new, fast_forward=fast_forward)
-        if gate:
+        if gate and (gate_fast_forward or not fast_forward):
+            if on_stage:
+                await on_stage(f"running the gate on {new[:12]}: {' '.join(gate)}")
             verdict = await run_gate(repo, new, gate, timeout=gate_timeout, sandbox=gate_sandbox)
             if not verdict.ok:
                 return MergeResult(MergeOutcome.GATE_FAILED, old_tip=tip, gate=verdict)
+        if on_stage:
+            await on_stage(f"moving {ref} to {new[:12]}")
         with anyio.CancelScope(shield=True):
             entry = await journal(ref, tip, new) if journal else 0
             try:

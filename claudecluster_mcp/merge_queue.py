@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from .errors import StateError
 from .merge import MergeOutcome, MergeResult, merge_into
 from .models import FINAL_STATES, MergePolicy, Plan, PlanState, PlanStatus, Task, TaskKind, TaskState
+from .progress import Progress, ticking
 from .prompts import GATE_FAILED_PREFIX, merge_message, resolve_prompt
 from .settings import EngineSettings, protected
 from .signals import Pulse
@@ -49,12 +50,15 @@ class FinalMerge(BaseModel):
 
     plan_id: str
     target: str
-    kind: str = Field(description="fast-forward | merge | up-to-date | conflict")
+    kind: str = Field(description="fast-forward | merge | up-to-date | conflict | gate_failed")
     dry_run: bool
     previous_tip: str | None
     new_tip: str | None
     conflicts: list[str] = Field(default_factory=list)
     undo: str | None = Field(default=None, description="command that undoes the merge")
+    gate_output: str | None = Field(
+        default=None, description="the tail of the gate's output, when it failed on the merge commit"
+    )
     tasks: dict[str, str] = Field(default_factory=dict, description="task id → state")
 
 
@@ -214,11 +218,15 @@ class MergeQueue:
         reason = f"conflicts in {listed}; resolving in {resolve_id}"
         await self.store.move(plan.id, task.id, TaskState.CONFLICTED, reason=reason)
 
-    async def land(self, status: PlanStatus, target: str | None, *, dry_run: bool) -> FinalMerge:
+    async def land(
+        self, status: PlanStatus, target: str | None, *, dry_run: bool, on_progress: Progress | None = None
+    ) -> FinalMerge:
         """Merge a finished plan's integration branch into ``target`` (default: the plan's
         target branch) through the same :func:`merge_into` as every task: fast-forward when
-        possible, else a merge commit after a clean merge-tree check; journalled; a
-        checked-out target must be clean and has its files updated."""
+        possible, else a merge commit after a clean merge-tree check, which must pass the
+        plan's gate (a fast-forward lands the integration tip, gated already); journalled; a
+        checked-out target must be clean and has its files updated. ``on_progress`` hears
+        each stage, and a heartbeat while the gate runs."""
         plan = status.plan
         unfinished = [t.id for t in status.tasks if t.state not in FINAL_STATES]
         if unfinished:
@@ -242,19 +250,28 @@ class MergeQueue:
         checkout = await worktree_of_branch(self.repo, target)
         if checkout is not None and not dry_run:
             await require_clean(checkout, f"merging plan {plan.id} into {target}")
-        result = await merge_into(
-            self.repo,
-            ref,
-            source,
-            merge_message(plan),
-            journal=lambda ref, old, new: self.store.begin_merge(plan.id, None, ref, old, new),
-            journal_end=self.store.end_merge,
-            tip_hint=previous,
-            checkout=checkout,
-            dry_run=dry_run,
-        )
+        async with ticking(on_progress) as ticker:
+            result = await merge_into(
+                self.repo,
+                ref,
+                source,
+                merge_message(plan),
+                gate=plan.gate,
+                gate_timeout=self.settings.gate_timeout,
+                gate_sandbox=self.settings.sandbox_policy(),
+                gate_fast_forward=False,
+                on_stage=ticker.stage,
+                journal=lambda ref, old, new: self.store.begin_merge(plan.id, None, ref, old, new),
+                journal_end=self.store.end_merge,
+                tip_hint=previous,
+                checkout=checkout,
+                dry_run=dry_run,
+            )
         if result.outcome is MergeOutcome.CONFLICT:
             return report.model_copy(update={"kind": "conflict", "new_tip": None, "conflicts": result.conflicts})
+        if result.outcome is MergeOutcome.GATE_FAILED:
+            output = result.gate.output[-2000:] if result.gate is not None else ""
+            return report.model_copy(update={"kind": "gate_failed", "new_tip": None, "gate_output": output})
         if result.outcome is MergeOutcome.ALREADY_MERGED:
             return report.model_copy(update={"kind": "up-to-date", "new_tip": previous})
         kind = "fast-forward" if result.fast_forward else "merge"

@@ -80,14 +80,23 @@ async def plan(
         MergePolicy | None,
         Field(description="On a merge conflict: 'resolve' (an agent resolves it) or 'report' (stop and say how)."),
     ] = None,
+    ctx: Context | None = None,
 ) -> PlanView:
     """Validate and store a plan for a goal in a git repository, without running anything.
 
     Returns the plan id (use it with `dispatch`, `status`, `merge`), the tasks in dependency
     order, and warnings (e.g. tasks that may edit the same files). Errors name every problem
-    (unknown dependency, duplicate id, cycle, bad ref)."""
+    (unknown dependency, duplicate id, cycle, bad ref). Without `tasks`, progress notifications
+    say what the planning agent does."""
     async with hub.cluster(repo) as cluster:
-        stored = await cluster.plan(goal, tasks, base_ref=base_ref, target=target, merge_policy=merge_policy)
+        stored = await cluster.plan(
+            goal,
+            tasks,
+            base_ref=base_ref,
+            target=target,
+            merge_policy=merge_policy,
+            on_progress=ctx.report_progress if ctx is not None else None,
+        )
     return PlanView.of(stored)
 
 
@@ -161,13 +170,17 @@ async def merge(
     plan_id: Annotated[str, Field(description="The plan to merge.")],
     target: Annotated[str | None, Field(description="Branch to merge into (default: the plan's target).")] = None,
     dry_run: Annotated[bool, Field(description="Only report what would happen.")] = False,
+    ctx: Context | None = None,
 ) -> FinalMerge:
     """Merge the plan's integration branch (all merged tasks) into the target branch: a
-    fast-forward if the target has not moved, else a merge commit after a conflict check.
-    Conflicts are listed and nothing changes; a checked-out target with local changes is
+    fast-forward if the target has not moved, else a merge commit after a conflict check,
+    which must pass the plan's gate (progress notifications meanwhile). Conflicts or a failed
+    gate are reported and nothing changes; a checked-out target with local changes is
     refused. The answer includes the command that undoes the merge."""
     async with hub.cluster_of_plan(plan_id) as cluster:
-        return await cluster.merge(plan_id, target, dry_run=dry_run)
+        return await cluster.merge(
+            plan_id, target, dry_run=dry_run, on_progress=ctx.report_progress if ctx is not None else None
+        )
 
 
 async def cancel(

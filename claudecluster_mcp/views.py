@@ -252,6 +252,8 @@ def merge_summary(merge: FinalMerge) -> str:
     """One line saying what the `merge` tool did (or, dry, would do)."""
     if merge.kind == "conflict":
         return f"plan {merge.plan_id} conflicts with {merge.target} in: {', '.join(merge.conflicts)}; nothing changed"
+    if merge.kind == "gate_failed":
+        return f"plan {merge.plan_id} merged with {merge.target} fails the gate; nothing changed:\n{merge.gate_output}"
     verb = "would be" if merge.dry_run else "was"
     return f"plan {merge.plan_id} {verb} merged into {merge.target} ({merge.kind}); undo: {merge.undo or '-'}"
 
