@@ -221,3 +221,27 @@ def test_what_each_change_says_in_the_log(change: Change, level: str | None, say
     else:
         assert entry is not None and entry.level == level and entry.logger == "claudecluster.p1"
         assert says is not None and entry.data["message"].startswith(says)
+
+
+async def test_2026_sessions_hear_of_changes_on_their_listen_stream(
+    tmp_path: Path, repo: Path, engine_settings: Callable[..., EngineSettings]
+) -> None:
+    mcp, ref, _ = build_server()
+    settings = ServerSettings(roots=[tmp_path], engine=engine_settings())
+    heard: list[Any] = []
+
+    async with ref.running(settings.hub()) as hub, Client(mcp) as client:  # 2026-07-28
+        tasks = [{"id": "a", "prompt": "x"}]
+        planned = await client.call_tool("plan", {"repo": str(repo), "goal": "g", "tasks": tasks})
+        plan_id = planned.structured_content["plan_id"]  # type: ignore[index]
+        uri = f"claudecluster://plans/{plan_id}"
+        async with client.listen(resources_list_changed=True, resource_subscriptions=[uri]) as stream:
+            await hub.clusters[0].store.append_event(plan_id, "a", "text", {"text": "hi"})
+            await client.call_tool("plan", {"repo": str(repo), "goal": "another", "tasks": tasks})
+            with anyio.fail_after(10):
+                async for event in stream:
+                    heard.append(event)
+                    if {type(e).__name__ for e in heard} >= {"ResourceUpdated", "ResourcesListChanged"}:
+                        break
+
+    assert [e.uri for e in heard if type(e).__name__ == "ResourceUpdated"] == [uri]
