@@ -26,6 +26,7 @@ import contextlib
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ from .preflight import check_model
 from .prompts import task_prompt
 from .recovery import EngineLease, recover
 from .registry import Registry
+from .retention import GcReport, Retention
 from .retry import RateLimitPause
 from .scheduler import Scheduler, held_up
 from .settings import MAX_WORKERS, EngineSettings, default_state_dir
@@ -86,6 +88,7 @@ class Cluster:
         self.merges = MergeQueue(repo, store, settings, self.pulse)
         self.runner = TaskRunner(repo, store, settings, placement, self.pulse, pause, self.merges)
         self.scheduler = Scheduler(store, self.runner, self.pulse, pause, settings.workers)
+        self.retention = Retention(repo, store, settings, self.registry, busy=self._busy)
         self._model_checked = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -120,6 +123,7 @@ class Cluster:
                     await recover(root, store, placement, cluster.merges, cluster.scheduler)
                     await tg.start(cluster.scheduler.run)
                     await tg.start(cluster.merges.run)
+                    tg.start_soon(cluster.retention.run)
                     yield cluster
                 finally:
                     cluster.merges.close()
@@ -364,13 +368,21 @@ class Cluster:
         self.pulse.notify()
         return await self.status(plan_id, focus=STATUS_FOCUS)
 
-    # -- the final merge ----------------------------------------------------------------------
+    # -- the final merge, and cleaning up -------------------------------------------------------
 
     async def merge(self, plan_id: str, target: str | None = None, *, dry_run: bool = False) -> FinalMerge:
         """Merge the plan's integration branch into ``target`` (default: the plan's target
         branch): fast-forward when possible, else a merge commit after a clean merge-tree
         check. Refuses a dirty checked-out target; records the previous tip for undo."""
         return await self.merges.land(await self.store.status(plan_id), target, dry_run=dry_run)
+
+    async def collect(self, older_than: timedelta, *, dry_run: bool = False, unmerged: bool = False) -> GcReport:
+        """Remove what finished plans older than ``older_than`` left on disk (the engine does
+        this by itself every hour for ``retention_days``); see :mod:`~claudecluster_mcp.retention`."""
+        return await self.retention.collect(older_than, dry_run=dry_run, unmerged=unmerged)
+
+    def _busy(self, plan_id: str) -> bool:
+        return plan_id in self.scheduler.active or self.scheduler.running(plan_id) or self.merges.merging(plan_id)
 
 
 # What one agent prompt, as the engine builds it, may take of the OS's single-argument limit:

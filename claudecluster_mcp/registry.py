@@ -50,3 +50,8 @@ class Registry:
         if row is None:
             raise NotFoundError(f"unknown plan id {plan_id!r} (recent plans: {', '.join(recent) or 'none'})")
         return Path(row[0])
+
+    def forget(self, plan_ids: list[str]) -> None:
+        """Drop ``plan_ids`` (plans removed by the collector)."""
+        with sqlite_errors(_REGISTRY, self.path), contextlib.closing(self._connect()) as db, db:
+            db.executemany("DELETE FROM plans WHERE id = ?", [[plan_id] for plan_id in plan_ids])
