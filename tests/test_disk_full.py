@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import pytest
 
+from claudecluster_mcp import diskfull
 from claudecluster_mcp.claude_cli import ClaudeBinary
 from claudecluster_mcp.diskfull import disk_full, looks_full, until_written
 from claudecluster_mcp.engine import Cluster, EngineSettings
@@ -161,6 +162,49 @@ async def test_a_full_disk_while_committing_keeps_the_work_and_what_was_merged(
         assert (await cluster.merge(first.plan.id)).kind == "fast-forward"
 
     assert (repo / "A.txt").read_text() == "A\n" and git(repo, "fsck", "--no-dangling") == ""
+
+
+@pytest.mark.claude
+async def test_injected_enospc_from_git_fails_the_task_where_no_disk_can_be_mounted(
+    claude: ClaudeBinary,
+    repo: Path,
+    model_server: StartServer,
+    engine_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    git: Git,
+) -> None:
+    # The same paths as the tmpfs tests, with git's own words injected at the one git call
+    # that meets the full disk (for machines where mounting is not allowed).
+    real_add, real_commit = diskfull.add_worktree, diskfull.commit_all
+
+    async def add_worktree(repo: Path, path: Path, branch: str | None = None, **kw: Any) -> Path:
+        if path.name == "no-room":
+            await real_add(repo, path, branch, **kw)  # a half-done checkout, as git leaves it
+            raise GitError(GIT_CHECKOUT_FULL)
+        return await real_add(repo, path, branch, **kw)
+
+    async def commit_all(worktree: Path, message: str) -> bool:
+        if worktree.name == "no-commit":
+            raise GitError("git add --all failed: fatal: unable to write loose object file: No space left on device")
+        return await real_commit(worktree, message)
+
+    monkeypatch.setattr(diskfull, "add_worktree", add_worktree)
+    monkeypatch.setattr(diskfull, "commit_all", commit_all)
+    monkeypatch.setattr(diskfull, "free_space", lambda path: (4096, 100))
+    rules = [marker_rule(m, write_turn(f"{m}.txt", f"{m}\n")) for m in ("A", "no-room", "no-commit")]
+    async with Cluster.open(
+        repo, workers=1, settings=engine_settings(model_server({"rules": rules})), claude=claude
+    ) as cluster:
+        status = await _run(cluster, [marker_task("A"), marker_task("no-room", "A"), marker_task("no-commit", "A")])
+    no_room, no_commit = status.task("no-room"), status.task("no-commit")
+    assert status.task("A").state is TaskState.MERGED
+    assert no_room.state is TaskState.FAILED and no_room.reason.startswith(
+        "disk full while creating the task's worktree"
+    )
+    assert no_commit.state is TaskState.FAILED
+    assert no_commit.reason.startswith("disk full while committing the agent's work (its changes are still in ")
+    assert no_commit.worktree is not None and (no_commit.worktree / "no-commit.txt").exists()
+    assert "no-room" not in git(repo, "worktree", "list")
 
 
 async def _fill_store(store: Store) -> None:
