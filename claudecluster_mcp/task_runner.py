@@ -18,7 +18,7 @@ import anyio
 
 from .agent_spec import AgentSpec
 from .diskfull import add_worktree_or_full, commit_or_full, disk_full, until_written
-from .errors import ClusterError, DiskFullError, NotFoundError, StateError, StoreError, leaves
+from .errors import ClusterError, DiskFullError, NotFoundError, StateError, leaves
 from .events import AgentEvent, ApiRetry, AssistantText, ResultEvent, StderrLine, ToolResult, ToolUse
 from .merge_queue import MergeQueue
 from .models import ACTIVE_STATES, Plan, Task, TaskKind, TaskState
@@ -369,7 +369,7 @@ async def _record_failure(store: Store, plan: Plan, task: Task, reason: str) -> 
         await until_written(write, f"the failure of task {task.ref}")
     except (StateError, NotFoundError):
         pass
-    except StoreError:
+    except Exception:  # the task stays where it was; recovery sees to it on the next open
         logger.exception("cannot record the failure of task %s", task.ref)
 
 
