@@ -165,6 +165,20 @@ def _cmd_workers(args: argparse.Namespace) -> int:
     return _run_async(workers_command, _console(), args.action, args.count, repo=args.repo)
 
 
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from .gc_command import gc_command
+
+    return _run_async(
+        gc_command,
+        _console(),
+        repo=args.repo,
+        older_than=args.older_than,
+        dry_run=args.dry_run,
+        unmerged=args.unmerged,
+        as_json=args.json,
+    )
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from .commands import export_command
 
@@ -208,6 +222,7 @@ _HANDLERS = {
     "workers": _cmd_workers,
     "merge": _cmd_merge,
     "export": _cmd_export,
+    "gc": _cmd_gc,
     "init": _cmd_init,
     "bench": _cmd_bench,
     "check": _cmd_check,

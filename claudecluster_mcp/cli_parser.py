@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import re
+from datetime import timedelta
 from pathlib import Path
 
 from . import __version__
@@ -158,6 +160,23 @@ def _add_actions(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
     _repo_option(export)
 
+    gc = commands.add_parser(
+        "gc",
+        help="remove what finished plans left on disk (worktrees, transcripts, events, branches)",
+        description="Remove what plans that finished more than AGE ago left: worktrees of tasks that did "
+        "not merge, agent transcripts (also Claude Code's), events, and branches; and the leftovers of killed "
+        "runs. Never touches a running plan, nor commits that no other branch holds (such a plan is trimmed and "
+        "kept) unless --unmerged. A running engine does this itself every hour for retention_days.",
+    )
+    gc.add_argument(
+        "--older-than", type=_age, metavar="AGE", help="e.g. 7d, 12h, 30m, 0 for every finished plan (default: "
+        "retention_days)"
+    )  # fmt: skip
+    gc.add_argument("--dry-run", action="store_true", help="only say what would be removed, and how much")
+    gc.add_argument("--unmerged", action="store_true", help="also delete work that no other branch holds")
+    gc.add_argument("--json", action="store_true", help="print the report as JSON")
+    _repo_option(gc)
+
     init = commands.add_parser(
         "init", help="write claudecluster.toml, register the MCP server in .mcp.json, check claude"
     )
@@ -182,3 +201,14 @@ def _add_bench_and_check(commands: argparse._SubParsersAction[argparse.ArgumentP
         description="Locate the Claude Code CLI the way agents will, and print its version.",
     )
     check.add_argument("--claude", help="path to a claude executable to check")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _age(text: str) -> timedelta:
+    """An age such as ``7d``, ``12h``, ``30m``, ``90s``, ``2w`` (a bare number: days)."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if found is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age such as 7d, 12h, 30m or 0")
+    return timedelta(seconds=float(found[1]) * _UNITS[found[2] or "d"])

@@ -26,6 +26,7 @@ import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from .progress import Progress, ticking
 from .prompts import task_prompt
 from .recovery import EngineLease, recover
 from .registry import Registry
+from .retention import GcReport, Retention
 from .retry import RateLimitPause
 from .scheduler import Scheduler, held_up
 from .settings import MAX_WORKERS, EngineSettings, default_state_dir
@@ -85,6 +87,7 @@ class Cluster:
         self.merges = MergeQueue(repo, store, settings, self.pulse)
         self.runner = TaskRunner(repo, store, settings, placement, self.pulse, pause, self.merges)
         self.scheduler = Scheduler(store, self.runner, self.pulse, pause, settings.workers)
+        self.retention = Retention(repo, store, settings, self.registry, busy=self._busy)
         self._model_checked = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -119,6 +122,7 @@ class Cluster:
                     await recover(root, store, placement, cluster.merges, cluster.scheduler)
                     await tg.start(cluster.scheduler.run)
                     await tg.start(cluster.merges.run)
+                    tg.start_soon(cluster.retention.run)
                     yield cluster
                 finally:
                     cluster.merges.close()
@@ -376,7 +380,7 @@ class Cluster:
         self.pulse.notify()
         return await self.status(plan_id, focus=STATUS_FOCUS)
 
-    # -- the final merge ----------------------------------------------------------------------
+    # -- the final merge, and cleaning up -------------------------------------------------------
 
     async def merge(
         self, plan_id: str, target: str | None = None, *, dry_run: bool = False, on_progress: Progress | None = None
@@ -387,6 +391,14 @@ class Cluster:
         the previous tip for undo. ``on_progress`` hears the stages (and the gate's heartbeat)."""
         status = await self.store.status(plan_id)
         return await self.merges.land(status, target, dry_run=dry_run, on_progress=on_progress)
+
+    async def collect(self, older_than: timedelta, *, dry_run: bool = False, unmerged: bool = False) -> GcReport:
+        """Remove what finished plans older than ``older_than`` left on disk (the engine does
+        this by itself every hour for ``retention_days``); see :mod:`~claudecluster_mcp.retention`."""
+        return await self.retention.collect(older_than, dry_run=dry_run, unmerged=unmerged)
+
+    def _busy(self, plan_id: str) -> bool:
+        return plan_id in self.scheduler.active or self.scheduler.running(plan_id) or self.merges.merging(plan_id)
 
 
 # What one agent prompt, as the engine builds it, may take of the OS's single-argument limit:

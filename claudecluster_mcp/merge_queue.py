@@ -14,6 +14,7 @@ always agree.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from pathlib import Path
@@ -22,6 +23,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from pydantic import BaseModel, Field
 
+from .diskfull import looks_full, until_written
 from .errors import StateError
 from .merge import MergeOutcome, MergeResult, merge_into
 from .models import FINAL_STATES, MergePolicy, Plan, PlanState, PlanStatus, Task, TaskKind, TaskState
@@ -118,8 +120,12 @@ class MergeQueue:
                     await self._merge(plan_id, task_id, self._scope)
                 except Exception as exc:
                     logger.exception("merging %s/%s failed", plan_id, task_id)
-                    with anyio.CancelScope(shield=True), contextlib.suppress(StateError):
-                        await self.store.move(plan_id, task_id, TaskState.FAILED, reason=f"merge failed: {exc}")
+                    reason = f"merge failed: {exc}"
+                    if looks_full(exc, [self.repo]):
+                        reason = f"disk full while merging (its work stays on claudecluster/{plan_id}/{task_id}): {exc}"
+                    fail = functools.partial(self.store.move, plan_id, task_id, TaskState.FAILED, reason=reason)
+                    with contextlib.suppress(StateError):
+                        await until_written(fail, f"the failed merge of {plan_id}/{task_id}")
                 finally:
                     self._current = self._scope = None
                 self.pulse.notify()
@@ -181,9 +187,9 @@ class MergeQueue:
         if task.worktree is not None:
             if self._cleanup is not None:
                 # Off the merge queue's path: the next merge need not wait for the files to go.
-                self._cleanup.start_soon(remove_worktree, self.repo, task.worktree)
+                self._cleanup.start_soon(_remove_merged, self.repo, task.worktree)
             else:
-                await remove_worktree(self.repo, task.worktree)
+                await _remove_merged(self.repo, task.worktree)
 
     async def _conflict(self, plan: Plan, task: Task, files: list[str]) -> None:
         listed = ", ".join(files)
@@ -291,6 +297,13 @@ class MergeQueue:
         report = report.model_copy(update={"undo": f"git branch -D {report.target}"})
         await self.store.update_plan(plan.id, state=PlanState.MERGED, final_merge=report.model_dump(mode="json"))
         return report
+
+
+async def _remove_merged(repo: Path, worktree: Path) -> None:
+    """A merged task's worktree is of no more use: removed even as the engine stops (else it
+    would stay until the retention period ends)."""
+    with anyio.CancelScope(shield=True):
+        await remove_worktree(repo, worktree)
 
 
 def _held_reason(plan: Plan, task: Task, touched: list[str]) -> str:

@@ -8,6 +8,7 @@ allowed transitions (:data:`TRANSITIONS`); the store refuses any other move::
     succeeded → merged | conflicted | gate_failed | pending (gate retry) | failed (merge error)
     succeeded → held (touches protected paths) → succeeded (approved) | cancelled (rejected)
     pending/ready → blocked (a dependency failed) | cancelled
+    ready → failed (its agent could not be started: e.g. a full disk while creating its worktree)
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ ACTIVE_STATES = frozenset({TaskState.RUNNING, TaskState.WAITING})
 _S = TaskState
 TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     _S.PENDING: frozenset({_S.READY, _S.BLOCKED, _S.CANCELLED}),
-    _S.READY: frozenset({_S.RUNNING, _S.PENDING, _S.BLOCKED, _S.CANCELLED}),
+    _S.READY: frozenset({_S.RUNNING, _S.PENDING, _S.BLOCKED, _S.CANCELLED, _S.FAILED}),
     _S.RUNNING: frozenset({_S.WAITING, _S.SUCCEEDED, _S.FAILED, _S.TIMED_OUT, _S.CANCELLED, _S.PENDING}),
     _S.WAITING: frozenset({_S.RUNNING, _S.SUCCEEDED, _S.FAILED, _S.TIMED_OUT, _S.CANCELLED, _S.PENDING}),
     # A succeeded task's branch waits in the merge queue. A failed gate sends it back to its

@@ -61,3 +61,8 @@ class Registry:
                 [len(prefix), prefix, limit],
             ).fetchall()
         return [(row[0], Path(row[1])) for row in rows]
+
+    def forget(self, plan_ids: list[str]) -> None:
+        """Drop ``plan_ids`` (plans removed by the collector)."""
+        with sqlite_errors(_REGISTRY, self.path), contextlib.closing(self._connect()) as db, db:
+            db.executemany("DELETE FROM plans WHERE id = ?", [[plan_id] for plan_id in plan_ids])

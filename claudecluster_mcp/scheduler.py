@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from .diskfull import disk_full
 from .graph import TaskGraph
 from .models import FINAL_STATES, MergePolicy, PlanState, TaskState
 from .retry import RateLimitPause
@@ -107,7 +108,12 @@ class Scheduler:
             try:
                 next_wake = min(next_wake, await self._plan_pass(plan_id, clock, candidates))
             except Exception as exc:
-                await self._fail(plan_id, exc)
+                if not disk_full(exc):
+                    await self._fail(plan_id, exc)
+                    continue
+                # The store cannot write now: nothing is wrong with the plan; try again soon.
+                logger.warning("disk full: scheduling plan %s waits for space (%s)", plan_id, exc)
+                next_wake = min(next_wake, 5.0)
         wait = self.pause.wait_for(clock)
         if wait:
             return min(next_wake, wait)

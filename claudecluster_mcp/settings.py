@@ -82,6 +82,11 @@ class EngineSettings(BaseModel):
     claude_config_dir: Path | None = Field(default=None, description="isolated Claude config dir for agents")
     claude_bin: str | None = Field(default=None, description="path of the claude executable")
     state_dir: Path = Field(default_factory=default_state_dir, description="worktrees, agent logs, plan registry")
+    retention_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="days a finished plan's worktrees, logs and events are kept (then gc removes them; 0: keep)",
+    )
     serialize_overlaps: bool = Field(default=False, description="make tasks touching the same files sequential")
     protected_paths: list[str] = Field(
         default_factory=lambda: list(PROTECTED_PATHS),

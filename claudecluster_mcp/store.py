@@ -126,8 +126,11 @@ class Store:
                 try:
                     yield self._db
                 except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        await self._db.execute("ROLLBACK")
+                    # SQLite rolls back by itself on some errors (a full disk): then a ROLLBACK
+                    # would fail and hide the error that matters.
+                    if self._db.in_transaction:
+                        with anyio.CancelScope(shield=True):
+                            await self._db.execute("ROLLBACK")
                     raise
                 with anyio.CancelScope(shield=True):
                     await self._db.execute("COMMIT")

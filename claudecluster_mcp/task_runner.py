@@ -6,6 +6,7 @@ merging — or decide, from the outcome, to retry, pause the pool for a rate lim
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import re
@@ -16,7 +17,8 @@ from typing import Any
 import anyio
 
 from .agent_spec import AgentSpec
-from .errors import ClusterError, NotFoundError, StateError
+from .diskfull import add_worktree_or_full, commit_or_full, disk_full, until_written
+from .errors import ClusterError, DiskFullError, NotFoundError, StateError, leaves
 from .events import AgentEvent, ApiRetry, AssistantText, ResultEvent, StderrLine, ToolResult, ToolUse
 from .merge_queue import MergeQueue
 from .models import ACTIVE_STATES, Plan, Task, TaskKind, TaskState
@@ -29,10 +31,8 @@ from .settings import EngineSettings
 from .signals import Pulse
 from .store import Store, now
 from .workspace import (
-    add_worktree,
     changed_files,
     changes_fingerprint,
-    commit_all,
     git,
     identity_args,
     remove_worktree,
@@ -100,12 +100,11 @@ class TaskRunner:
             with anyio.CancelScope(shield=True):
                 await _requeue_interrupted(self.store, plan, task)
             raise
-        except Exception as exc:  # a failure of ours (git, store): the task fails, others go on
-            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                current = await self.store.task(plan.id, task.id)
-                target = TaskState.FAILED if current.state in ACTIVE_STATES else TaskState.BLOCKED
-                await self.store.move(plan.id, task.id, target, reason=f"claudecluster error: {exc}")
-            if not isinstance(exc, (StateError, NotFoundError)):
+        except Exception as exc:  # a failure of ours (git, store, a full disk): the task fails, others go on
+            cause = leaves(exc)[0]
+            reason = str(cause) if isinstance(cause, DiskFullError) else f"claudecluster error: {cause}"
+            await _record_failure(self.store, plan, task, reason)
+            if not isinstance(cause, (StateError, NotFoundError, DiskFullError)):
                 logger.exception("task %s failed inside the engine", task.ref)
         finally:
             self.runs.pop(task.ref, None)
@@ -147,10 +146,16 @@ class TaskRunner:
             self.pulse.notify()
             # Unconfined, an agent can write the user's checkout: notice it (_written_outside).
             before = await changes_fingerprint(self.repo) if self.settings.isolation == "none" else None
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._record, plan, task, handle, receive)
-                with send:
-                    outcome = await handle.run()
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._record, plan, task, handle, receive)
+                    with send:
+                        outcome = await handle.run()
+            except Exception as exc:
+                full = [leaf for leaf in leaves(exc) if disk_full(leaf)]
+                if full:
+                    raise DiskFullError(f"disk full while the agent ran (its transcript or events): {full[0]}") from exc
+                raise
         outside = await self._written_outside(before) if before is not None else []
         await self._finish(plan, task, outcome, worktree, base, outside)
 
@@ -164,7 +169,7 @@ class TaskRunner:
         await remove_worktree(self.repo, worktree)
         tip = await self.merges.integration_tip(plan)
         await git(self.repo, "update-ref", "-m", "claudecluster: task branch", f"refs/heads/{branch}", tip)
-        await add_worktree(self.repo, worktree, branch)
+        await add_worktree_or_full(self.repo, worktree, branch, tip)
         if task.kind is TaskKind.RESOLVE and task.resolves:
             original = await self.store.task(plan.id, task.resolves)
             assert original.commit is not None
@@ -260,7 +265,12 @@ class TaskRunner:
                 reason = f"conflict markers remain in {', '.join(leftover)}"
                 await self.store.move(plan.id, task.id, TaskState.FAILED, reason=reason, **results)
                 return
-        committed = await commit_all(worktree, commit_message(plan, task, outcome))
+        try:
+            committed = await commit_or_full(self.repo, worktree, commit_message(plan, task, outcome))
+        except DiskFullError as exc:
+            fail = functools.partial(self.store.move, plan.id, task.id, TaskState.FAILED, reason=str(exc), **results)
+            await until_written(fail, f"the failure of task {task.ref}")
+            return
         head = await rev_parse(worktree, "HEAD")
         files = await changed_files(self.repo, base, head)
         await self.store.move(
@@ -343,6 +353,24 @@ async def has_progress(task: Task) -> bool:
         head = await rev_parse(task.worktree, "HEAD")
         return bool(dirty.stdout.strip()) or head != task.base_commit
     return False
+
+
+async def _record_failure(store: Store, plan: Plan, task: Task, reason: str) -> None:
+    """End a task that failed inside the engine: failed (or blocked, if it was not about to
+    run). On a full disk the record is retried until it is written (or the engine stops):
+    the task keeps its slot meanwhile, so it is not started again and again."""
+
+    async def write() -> None:
+        current = await store.task(plan.id, task.id)
+        runnable = current.state in ACTIVE_STATES or current.state is TaskState.READY
+        await store.move(plan.id, task.id, TaskState.FAILED if runnable else TaskState.BLOCKED, reason=reason)
+
+    try:
+        await until_written(write, f"the failure of task {task.ref}")
+    except (StateError, NotFoundError):
+        pass
+    except Exception:  # the task stays where it was; recovery sees to it on the next open
+        logger.exception("cannot record the failure of task %s", task.ref)
 
 
 async def _requeue_interrupted(store: Store, plan: Plan, task: Task) -> None:
