@@ -80,6 +80,17 @@ async def plan(
         MergePolicy | None,
         Field(description="On a merge conflict: 'resolve' (an agent resolves it) or 'report' (stop and say how)."),
     ] = None,
+    max_cost_usd: Annotated[
+        float | None,
+        Field(
+            gt=0,
+            description="Budget of all the plan's agents together, in USD (default: the max_cost_usd setting): "
+            "once reached, no new agent starts and the plan ends.",
+        ),
+    ] = None,
+    max_tokens: Annotated[
+        int | None, Field(gt=0, description="Token budget of all the plan's agents together (default: the setting).")
+    ] = None,
 ) -> PlanView:
     """Validate and store a plan for a goal in a git repository, without running anything.
 
@@ -87,7 +98,15 @@ async def plan(
     order, and warnings (e.g. tasks that may edit the same files). Errors name every problem
     (unknown dependency, duplicate id, cycle, bad ref)."""
     async with hub.cluster(repo) as cluster:
-        stored = await cluster.plan(goal, tasks, base_ref=base_ref, target=target, merge_policy=merge_policy)
+        stored = await cluster.plan(
+            goal,
+            tasks,
+            base_ref=base_ref,
+            target=target,
+            merge_policy=merge_policy,
+            max_cost_usd=max_cost_usd,
+            max_tokens=max_tokens,
+        )
     return PlanView.of(stored)
 
 
