@@ -24,6 +24,7 @@ from .models import ACTIVE_STATES, Plan, Task, TaskKind, TaskState
 from .outcome import AgentOutcome, OutcomeStatus
 from .placement import AgentHandle, AgentPlacement
 from .ports import PORTS, PortBlocks, fleet_env
+from .proctree import RUN_TAG_VAR
 from .prompts import RESUME_PROMPT, commit_message, task_prompt
 from .redact import private_dir, redactor, register_secrets
 from .retry import FIRST_RATE_LIMIT_PAUSE, RateLimitPause, decide_retry
@@ -104,12 +105,6 @@ class TaskRunner:
         """No more agent of the plan starts: its tasks handed over are cancelled with ``reason``."""
         self._halted[plan_id] = reason
 
-    async def _halted_before_start(self, plan: Plan, task: Task) -> bool:
-        reason = self._halted.get(plan.id)
-        if reason is not None:
-            await self.store.move(plan.id, task.id, TaskState.CANCELLED, reason=reason)
-        return reason is not None
-
     async def run(self, plan_id: str, task_id: str) -> None:
         """Run one task to its next state; never raises for a failure of the task itself."""
         try:
@@ -141,8 +136,6 @@ class TaskRunner:
             await self._attempt_with(plan, task, fleet_env(plan.id, task.id, port_base))
 
     async def _attempt_with(self, plan: Plan, task: Task, fleet: dict[str, str]) -> None:
-        if await self._halted_before_start(plan, task):
-            return
         worktree, base, resuming = await self._prepare(plan, task)
         send, receive = anyio.create_memory_object_stream[AgentEvent](math.inf)
         with send, receive:  # closed on every path, also when the agent never starts
@@ -175,9 +168,13 @@ class TaskRunner:
                 resume=False,
                 last_activity="starting" if resuming else "setting up",
             )
-            if not resuming and not await self._set_up(plan, task, worktree, fleet):
+            # Tagged as the agent's run: crash recovery sweeps what a setup left, too.
+            tagged = {**fleet, RUN_TAG_VAR: handle.run_id}
+            if not resuming and not await self._set_up(plan, task, worktree, tagged):
                 return
-            if await self._halted_before_start(plan, task):
+            halted = self._halted.get(plan.id)  # its plan's budget was reached meanwhile
+            if halted is not None:
+                await self.store.move(plan.id, task.id, TaskState.CANCELLED, reason=halted, finished_at=now())
                 return
             self.runs[task.ref] = handle
             self.pulse.notify()

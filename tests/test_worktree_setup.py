@@ -23,6 +23,7 @@ from claudecluster_mcp.errors import ConfigError, RepositoryError
 from claudecluster_mcp.model_server import ScriptedModelServer
 from claudecluster_mcp.models import TaskState
 from claudecluster_mcp.ports import PortBlocks
+from claudecluster_mcp.report import event_line
 from claudecluster_mcp.scenario import bash_turn, marker_rule, marker_task
 from claudecluster_mcp.task_worktree import copy_files
 
@@ -97,6 +98,7 @@ async def test_setup_copy_files_and_a_port_block_for_each_concurrent_agent(
     assert ".env" not in git(repo, "ls-tree", "-r", "--name-only", plan.integration_branch).split()
     setup = next(e for e in setup_events if e["kind"] == "setup")
     assert setup["data"]["ok"] and setup["data"]["copied"] == [".env"] and "installed" in setup["data"]["output"]
+    assert "setup" in event_line(setup) and "ok in" in event_line(setup) and "installed" in event_line(setup)
 
 
 async def test_a_failing_setup_ends_the_task_with_its_output_and_starts_no_agent(
