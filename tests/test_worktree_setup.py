@@ -123,6 +123,27 @@ async def test_a_failing_setup_ends_the_task_with_its_output_and_starts_no_agent
     assert [r for r in server.requests if r.rule] == []  # no agent ever asked the model anything
 
 
+@pytest.mark.sandbox
+async def test_a_sandboxed_setup_writes_its_worktree_and_nothing_outside(
+    repo: Path, model_server: StartServer, engine_settings: Settings, claude: ClaudeBinary, tmp_path: Path
+) -> None:
+    server = model_server({"rules": [marker_rule("x", bash_turn("true"))]})
+    outside = tmp_path / "escaped.txt"
+    script = f"open('installed.txt', 'w').write('ok'); print('installed'); open({str(outside)!r}, 'w')"
+    settings = engine_settings(server, isolation="sandbox", setup=[sys.executable, "-c", script])
+
+    async with Cluster.open(repo, settings=settings, claude=claude) as cluster:
+        plan = (await cluster.plan("confined setup", [marker_task("x")])).plan
+        await cluster.dispatch(plan.id)
+        with anyio.fail_after(60):
+            status = await cluster.wait(plan.id)
+
+    x = status.task("x")
+    assert x.state is TaskState.FAILED and "installed" in x.reason and "Read-only file system" in x.reason
+    assert x.worktree is not None and (x.worktree / "installed.txt").read_text() == "ok"
+    assert not outside.exists()
+
+
 async def test_copy_files_refuses_a_planted_symlink_out_of_the_repository(
     repo: Path, make_repo: Callable[[Path], Path], tmp_path: Path
 ) -> None:
