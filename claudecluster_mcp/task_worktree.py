@@ -115,9 +115,9 @@ def _copy_plan(repo: Path, globs: Sequence[str]) -> tuple[list[tuple[Path, str]]
                 if relative == ".git" or relative.startswith(".git/"):
                     continue
                 real = source.resolve()
-                if not _inside(real, root):
+                if not _inside(real, root) or _inside(real, root / ".git"):
                     raise RepositoryError(
-                        f"copy_files: {relative} leads to {real}, outside the repository {root}; refused"
+                        f"copy_files: {relative} leads to {real}, outside the repository {root} (or into .git); refused"
                     )
                 if real.is_file():
                     pairs.append((real, relative))
