@@ -106,6 +106,8 @@ def _engine_flags(args: argparse.Namespace) -> dict[str, Any]:
         "gate": args.gate.split() if getattr(args, "gate", None) else None,
         "merge_policy": getattr(args, "merge_policy", None),
         "max_budget_usd": getattr(args, "max_budget_usd", None),
+        "max_cost_usd": getattr(args, "max_cost_usd", None),
+        "max_tokens": getattr(args, "max_tokens", None),
     }
 
 
@@ -133,6 +135,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from .commands import status_command
 
     return _run_async(status_command, _console(), args.plan, repo=args.repo, as_json=args.json)
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from .commands import watch_command
+
+    return _run_async(watch_command, _console(), args.plan, repo=args.repo)
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
@@ -216,6 +224,7 @@ _HANDLERS = {
     "serve": _cmd_serve,
     "run": _cmd_run,
     "status": _cmd_status,
+    "watch": _cmd_watch,
     "logs": _cmd_logs,
     "approve": _cmd_approve,
     "cancel": _cmd_cancel,

@@ -39,6 +39,8 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate", help='command run on each merge candidate, e.g. "pytest -q"')
     p.add_argument("--merge-policy", choices=["resolve", "report"])
     p.add_argument("--max-budget-usd", type=float, help="cost limit per agent run")
+    p.add_argument("--max-cost-usd", type=float, help="cost budget of the whole plan (all its agents)")
+    p.add_argument("--max-tokens", type=int, help="token budget of the whole plan (all its agents)")
 
 
 def _repo_option(p: argparse.ArgumentParser) -> None:
@@ -123,6 +125,16 @@ def _add_readers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     status.add_argument("plan", nargs="?", help="plan id (default: list plans)")
     status.add_argument("--json", action="store_true")
     _repo_option(status)
+
+    watch = commands.add_parser(
+        "watch",
+        help="the live table of a plan another process (serve, run) runs; exits when it is final",
+        description="Follow a plan that `claudecluster serve` or another `claudecluster run` executes: the live "
+        "table of `run`, read from the repository's store (read-only, no engine lease). Exits when the plan is "
+        "final (0 when every task merged, else 1), or when it waits for your approval of a held task.",
+    )
+    watch.add_argument("plan", nargs="?", help="plan id (default: the latest running plan, else the latest plan)")
+    _repo_option(watch)
 
     logs = commands.add_parser("logs", help="show what a task's agent did")
     logs.add_argument("task", help="<plan_id>:<task id>")

@@ -22,7 +22,7 @@ import re
 import shutil
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -185,13 +185,13 @@ async def add_worktree_or_full(repo: Path, worktree: Path, branch: str, tip: str
         ) from exc
 
 
-async def commit_or_full(repo: Path, worktree: Path, message: str) -> bool:
+async def commit_or_full(repo: Path, worktree: Path, message: str, *, exclude: Sequence[str] = ()) -> bool:
     """:func:`~claudecluster_mcp.workspace.commit_all`; on a full disk, git's half-written
     objects of this commit are removed (they would keep the disk full) and
     :class:`DiskFullError` says that the work is still in the worktree."""
     started = time.time()
     try:
-        return await commit_all(worktree, message)
+        return await commit_all(worktree, message, exclude=exclude)
     except ClusterError as exc:
         git_dir = await git_common_dir(repo)
         if not looks_full(exc, [git_dir, worktree]):

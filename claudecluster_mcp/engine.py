@@ -33,14 +33,14 @@ from typing import Any
 import anyio
 
 from .claude_cli import ClaudeBinary, find_claude
-from .errors import ConfigError, NotFoundError, PlanValidationError, StateError, single_errors
-from .graph import TaskGraph, checked_plan, parse_tasks
+from .errors import ConfigError, NotFoundError, StateError, single_errors
+from .events import activity
+from .graph import checked_plan, parse_tasks
 from .isolation import require_isolation
 from .merge_queue import FinalMerge, MergeQueue
 from .models import (
     ACTIVE_STATES,
     FINAL_STATES,
-    MAX_ARG_STRLEN,
     MAX_GOAL_BYTES,
     MergePolicy,
     Plan,
@@ -54,7 +54,7 @@ from .placement import AgentPlacement, LocalPlacement
 from .planner import plan_with_claude
 from .preflight import check_model
 from .progress import Progress, ticking
-from .prompts import task_prompt
+from .prompts import stored_tasks
 from .recovery import EngineLease, recover
 from .registry import Registry
 from .retention import GcReport, Retention
@@ -63,7 +63,7 @@ from .scheduler import Scheduler, held_up
 from .settings import MAX_WORKERS, EngineSettings, default_state_dir
 from .signals import Pulse, Watcher
 from .store import Store, StoredEvent, now, state_db_path
-from .task_runner import TaskRunner, summary
+from .task_runner import TaskRunner
 from .workspace import check_branch_name, current_branch, repo_root, rev_parse, update_ref
 
 __all__ = ["STATUS_FOCUS", "Cluster", "EngineSettings", "FinalMerge", "default_state_dir"]
@@ -166,12 +166,18 @@ class Cluster:
         target: str | None = None,
         merge_policy: MergePolicy | None = None,
         gate: Sequence[str] | None = None,
+        max_cost_usd: float | None = None,
+        max_tokens: int | None = None,
         on_progress: Progress | None = None,
     ) -> PlanStatus:
         """Validate and store a plan. The base is ``base_ref`` (any commit-ish; default: the
         branch checked out now); an integration branch is created there; ``target`` (default:
-        the branch checked out now) is where :meth:`merge` puts the result. Without ``tasks``, a read-only Claude Code
-        planning run splits the goal into tasks, telling ``on_progress`` what it does meanwhile."""
+        the branch checked out now) is where :meth:`merge` puts the result. Without ``tasks``, a
+        read-only Claude Code planning run splits the goal, telling ``on_progress`` what it does
+        meanwhile. ``max_cost_usd`` / ``max_tokens`` (default: the settings') budget all its
+        agents together."""
+        if any(limit is not None and limit <= 0 for limit in (max_cost_usd, max_tokens)):
+            raise ConfigError(f"a budget must be positive (max_cost_usd {max_cost_usd}, max_tokens {max_tokens})")
         if not goal.strip():
             raise ConfigError("the goal is empty")
         if len(goal.encode("utf-8", "surrogatepass")) > MAX_GOAL_BYTES:
@@ -208,10 +214,12 @@ class Cluster:
             merge_policy=merge_policy or self.settings.merge_policy,
             gate=list(gate) if gate is not None else self.settings.gate,
             warnings=warnings,
+            max_cost_usd=max_cost_usd if max_cost_usd is not None else self.settings.max_cost_usd,
+            max_tokens=max_tokens if max_tokens is not None else self.settings.max_tokens,
             created_at=stamp,
             updated_at=stamp,
         )
-        stored = await anyio.to_thread.run_sync(_stored_tasks, plan, specs)
+        stored = await anyio.to_thread.run_sync(stored_tasks, plan, specs)
         ref = f"refs/heads/{plan.integration_branch}"
         if not await update_ref(self.repo, ref, base_commit, None, "claudecluster: plan"):
             raise StateError(f"branch {plan.integration_branch} already exists")
@@ -240,7 +248,7 @@ class Cluster:
                 config_dir=self.settings.claude_config_dir,
                 model=self.settings.model,
                 log_dir=self.settings.state_dir / "logs" / "planner" / secrets.token_hex(4),
-                on_event=lambda event: ticker.note(f"planning agent: {summary(event)}"),
+                on_event=lambda event: ticker.note(f"planning agent: {activity(event)}"),
             )
 
     # -- dispatch, status, wait, cancel --------------------------------------------------------
@@ -399,30 +407,6 @@ class Cluster:
 
     def _busy(self, plan_id: str) -> bool:
         return plan_id in self.scheduler.active or self.scheduler.running(plan_id) or self.merges.merging(plan_id)
-
-
-# What one agent prompt, as the engine builds it, may take of the OS's single-argument limit:
-# the rest is room for a failed gate's output added on a retry (at most ~6 KiB).
-_PROMPT_BUDGET = MAX_ARG_STRLEN - 16 * 1024
-
-
-def _stored_tasks(plan: Plan, specs: list[TaskSpec]) -> list[Task]:
-    """The plan's tasks in topological order, each checked to fit the agent's command line
-    with the text the engine adds around its prompt."""
-    by_id = {s.id: s for s in specs}
-    stamp = plan.created_at
-    stored = [
-        Task(**by_id[tid].model_dump(), plan_id=plan.id, created_at=stamp, updated_at=stamp)
-        for tid in TaskGraph(specs).topological_order()
-    ]
-    for task in stored:
-        size = len(task_prompt(plan, task).encode("utf-8", "surrogatepass"))
-        if size > _PROMPT_BUDGET:
-            raise PlanValidationError(
-                f"invalid plan: task {task.id!r}'s prompt with the goal is {size / 1024:.1f} KiB; the limit is "
-                f"{_PROMPT_BUDGET // 1024} KiB (MAX_ARG_STRLEN {MAX_ARG_STRLEN // 1024} KiB minus room for gate output)"
-            )
-    return stored
 
 
 def _check_workers(count: int) -> int:

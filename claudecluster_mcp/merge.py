@@ -18,7 +18,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,7 +99,13 @@ async def merge_tree(repo: Path, ours: str, theirs: str) -> MergeCheck:
 
 
 async def run_gate(
-    repo: Path, commit: str, argv: Sequence[str], *, timeout: float = 600, sandbox: SandboxPolicy | None = None
+    repo: Path,
+    commit: str,
+    argv: Sequence[str],
+    *,
+    timeout: float = 600,
+    sandbox: SandboxPolicy | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> GateResult:
     """Run ``argv`` (no shell) in a detached worktree of ``commit``; keep its output's tail.
 
@@ -107,19 +113,20 @@ async def run_gate(
     agents' environment allow-list without model credentials (never the server's tokens),
     a private TMPDIR removed afterwards, and with ``sandbox`` a file system read-only except
     its worktree, its TMPDIR and the policy's paths, and no network unless the policy allows
-    some. On timeout or cancellation the gate's whole process group is killed."""
+    some. ``env`` (the task's ``CLAUDECLUSTER_*`` variables) is added. On timeout or
+    cancellation the gate's whole process group is killed."""
     if sandbox is not None:
         require_isolation("sandbox")
     workdir = Path(tempfile.mkdtemp(prefix="claudecluster-gate-"))
     tree, tmpdir = workdir / "tree", workdir / "tmp"
     tmpdir.mkdir(mode=0o700)
-    env = {**scrubbed_env(credentials=False), "TMPDIR": str(tmpdir)}
+    full_env = {**scrubbed_env(credentials=False), **(env or {}), "TMPDIR": str(tmpdir)}
     try:
         await add_worktree(repo, tree, commit=commit)
         command = list(argv) if sandbox is None else confine_argv(argv, sandbox, [tree, tmpdir])
         try:
             with anyio.fail_after(timeout):
-                returncode, output = await _run_group(command, tree, env)
+                returncode, output = await _run_group(command, tree, full_env)
         except TimeoutError:
             return GateResult(ok=False, returncode=None, output=f"gate command timed out after {timeout:g}s")
         except OSError as exc:
@@ -166,6 +173,7 @@ async def merge_into(
     gate_sandbox: SandboxPolicy | None = None,
     gate_fast_forward: bool = True,
     on_stage: Stage | None = None,
+    gate_env: Mapping[str, str] | None = None,
     journal: Journal | None = None,
     journal_end: JournalEnd | None = None,
     base: str | None = None,
@@ -182,9 +190,10 @@ async def merge_into(
         entirely or not at all. Without ``checkout`` no working tree is touched; with it (the
         worktree that has ``branch`` checked out) the ref moves by ``git merge --ff-only`` to
         the prepared commit there, which updates its files. ``dry_run`` stops before the gate;
-    ``gate_sandbox`` confines the gate (:func:`run_gate`); ``gate_fast_forward=False`` runs it
-    only on a new merge commit (a fast-forward lands a commit that was gated before).
-    ``on_stage`` is told each step (conflict check, gate, ref update) as it begins.
+    ``gate_sandbox`` confines the gate and ``gate_env`` is added to its environment
+    (:func:`run_gate`); ``gate_fast_forward=False`` runs it only on a new merge commit (a
+    fast-forward lands a commit that was gated before). ``on_stage`` is told each step
+    (conflict check, gate, ref update) as it begins.
 
         ``base`` (the commit ``commit`` was built on, an ancestor of the branch) and
         ``tip_hint`` (the branch tip as last seen) let the common cases skip git calls; the
@@ -210,7 +219,7 @@ async def merge_into(
         if gate and (gate_fast_forward or not fast_forward):
             if on_stage:
                 await on_stage(f"running the gate on {new[:12]}: {' '.join(gate)}")
-            verdict = await run_gate(repo, new, gate, timeout=gate_timeout, sandbox=gate_sandbox)
+            verdict = await run_gate(repo, new, gate, timeout=gate_timeout, sandbox=gate_sandbox, env=gate_env)
             if not verdict.ok:
                 return MergeResult(MergeOutcome.GATE_FAILED, old_tip=tip, gate=verdict)
         if on_stage:

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -27,6 +28,7 @@ from .diskfull import looks_full, until_written
 from .errors import StateError
 from .merge import MergeOutcome, MergeResult, merge_into
 from .models import FINAL_STATES, MergePolicy, Plan, PlanState, PlanStatus, Task, TaskKind, TaskState
+from .ports import PORTS, fleet_env
 from .progress import Progress, ticking
 from .prompts import GATE_FAILED_PREFIX, merge_message, resolve_prompt
 from .settings import EngineSettings, protected
@@ -140,7 +142,7 @@ class MergeQueue:
             await self.store.move(plan.id, task.id, TaskState.HELD, reason=_held_reason(plan, task, touched))
             return
         result: MergeResult | None = None
-        with scope:
+        with scope, self._gate_env(plan, task) as gate_env:
             result = await merge_into(
                 self.repo,
                 plan.integration_branch,
@@ -149,6 +151,7 @@ class MergeQueue:
                 gate=plan.gate,
                 gate_timeout=self.settings.gate_timeout,
                 gate_sandbox=self.settings.sandbox_policy(),
+                gate_env=gate_env,
                 journal=lambda ref, old, new: self.store.begin_merge(plan.id, task.id, ref, old, new),
                 journal_end=self.store.end_merge,
                 base=task.base_commit,
@@ -159,6 +162,15 @@ class MergeQueue:
                 await self.store.move(plan.id, task.id, TaskState.CANCELLED, reason="cancelled during its merge")
             else:
                 await self._record(plan, task, result)
+
+    @contextlib.contextmanager
+    def _gate_env(self, plan: Plan, task: Task) -> Iterator[dict[str, str] | None]:
+        """The gate's ``CLAUDECLUSTER_*`` variables, with a block of ports held while it runs."""
+        if not plan.gate:
+            yield None
+            return
+        with PORTS.block(self.settings.port_base, self.settings.ports_per_task) as port_base:
+            yield fleet_env(plan.id, task.id, port_base)
 
     async def _record(self, plan: Plan, task: Task, result: MergeResult) -> None:
         if result.new_tip:

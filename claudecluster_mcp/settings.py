@@ -11,8 +11,8 @@ from __future__ import annotations
 import fnmatch
 import os
 from collections.abc import Iterable
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -78,6 +78,16 @@ class EngineSettings(BaseModel):
     gate: list[str] | None = Field(default=None, description="command run on each merge candidate (argv)")
     gate_timeout: float = Field(default=600.0, gt=0, description="seconds a gate run may take")
     gate_retries: int = Field(default=0, ge=0, description="re-runs of a task whose merge failed the gate")
+    setup: list[str] | None = Field(default=None, description="command run in each new worktree before its agent")
+    setup_timeout: float = Field(default=600.0, gt=0, description="seconds a setup run may take")
+    copy_files: list[str] = Field(default_factory=list, description="globs copied from your checkout to new worktrees")
+    port_base: int = Field(default=20000, ge=1024, le=65535, description="first port of the agents' port blocks")
+    ports_per_task: int = Field(default=10, ge=1, le=1000, description="ports in each running agent's block")
+    max_cost_usd: float | None = Field(default=None, gt=0, description="cost budget of a plan (USD)")
+    max_tokens: int | None = Field(default=None, gt=0, description="token budget of a plan")
+    budget_stop: Literal["now", "finish"] = Field(
+        default="now", description="when a plan's budget is reached: stop its running agents now, or let them finish"
+    )
     agent_env: dict[str, str] = Field(default_factory=dict, description="extra environment for agents")
     claude_config_dir: Path | None = Field(default=None, description="isolated Claude config dir for agents")
     claude_bin: str | None = Field(default=None, description="path of the claude executable")
@@ -111,6 +121,15 @@ class EngineSettings(BaseModel):
         if relative := [str(p) for p in paths if not p.is_absolute()]:
             raise ValueError(f"sandbox_write_paths must be absolute (or start with ~): {', '.join(relative)}")
         return paths
+
+    @field_validator("copy_files")
+    @classmethod
+    def _inside_the_repository(cls, value: list[str]) -> list[str]:
+        for glob in value:
+            path = PurePosixPath(glob)
+            if not glob.strip() or path.is_absolute() or glob.startswith("~") or ".." in path.parts:
+                raise ValueError(f"copy_files globs must stay inside the repository (no '..', not absolute): {glob!r}")
+        return value
 
     def sandbox_policy(self) -> SandboxPolicy | None:
         """What sandboxed commands may touch; None when ``isolation`` is ``none``."""

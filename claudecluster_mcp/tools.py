@@ -80,6 +80,17 @@ async def plan(
         MergePolicy | None,
         Field(description="On a merge conflict: 'resolve' (an agent resolves it) or 'report' (stop and say how)."),
     ] = None,
+    max_cost_usd: Annotated[
+        float | None,
+        Field(
+            gt=0,
+            description="Budget of all the plan's agents together, in USD (default: the max_cost_usd setting): "
+            "once reached, no new agent starts and the plan ends.",
+        ),
+    ] = None,
+    max_tokens: Annotated[
+        int | None, Field(gt=0, description="Token budget of all the plan's agents together (default: the setting).")
+    ] = None,
     ctx: Context | None = None,
 ) -> PlanView:
     """Validate and store a plan for a goal in a git repository, without running anything.
@@ -95,6 +106,8 @@ async def plan(
             base_ref=base_ref,
             target=target,
             merge_policy=merge_policy,
+            max_cost_usd=max_cost_usd,
+            max_tokens=max_tokens,
             on_progress=ctx.report_progress if ctx is not None else None,
         )
     return PlanView.of(stored)

@@ -28,6 +28,7 @@ import math
 import os
 import signal
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -332,10 +333,13 @@ async def identity_args(repo: Path) -> list[str]:
     return _identities[key]
 
 
-async def commit_all(worktree: Path, message: str) -> bool:
+async def commit_all(worktree: Path, message: str, *, exclude: Sequence[str] = ()) -> bool:
     """Commit everything changed in ``worktree`` (tracked and untracked, respecting
-    .gitignore; an in-progress merge is concluded). False when there was nothing to commit."""
+    .gitignore; an in-progress merge is concluded), except ``exclude``: files new to the
+    index that stay out of the commit. False when there was nothing to commit."""
     await git(worktree, "add", "--all")
+    if exclude:
+        await git(worktree, "rm", "--cached", "-q", "--ignore-unmatch", "--", *(f":(literal){p}" for p in exclude))
     staged = await git(worktree, "diff", "--cached", "--quiet", ok_codes=(0, 1))
     merging = (await git(worktree, "rev-parse", "--verify", "--quiet", "MERGE_HEAD", check=False)).returncode == 0
     if staged.returncode == 0 and not merging:
