@@ -183,10 +183,10 @@ async def test_injected_enospc_from_git_fails_the_task_where_no_disk_can_be_moun
             raise GitError(GIT_CHECKOUT_FULL)
         return await real_add(repo, path, branch, **kw)
 
-    async def commit_all(worktree: Path, message: str) -> bool:
+    async def commit_all(worktree: Path, message: str, **kw: Any) -> bool:
         if worktree.name == "no-commit":
             raise GitError("git add --all failed: fatal: unable to write loose object file: No space left on device")
-        return await real_commit(worktree, message)
+        return await real_commit(worktree, message, **kw)
 
     monkeypatch.setattr(diskfull, "add_worktree", add_worktree)
     monkeypatch.setattr(diskfull, "commit_all", commit_all)
