@@ -61,7 +61,7 @@ from .settings import MAX_WORKERS, EngineSettings, default_state_dir
 from .signals import Pulse
 from .store import Store, StoredEvent, now, state_db_path
 from .task_runner import TaskRunner
-from .workspace import check_branch_name, current_branch, repo_root, rev_parse, update_ref
+from .workspace import check_target_branch, current_branch, repo_root, rev_parse, update_ref
 
 __all__ = ["STATUS_FOCUS", "Cluster", "EngineSettings", "FinalMerge", "default_state_dir"]
 
@@ -181,7 +181,7 @@ class Cluster:
         target = target or branch_now
         if target is None:
             raise ConfigError("HEAD is detached: name the target branch for the final merge")
-        await check_branch_name(self.repo, target)
+        await check_target_branch(self.repo, target)
         plan_id = "p" + secrets.token_hex(4)
         stamp = now()
         plan = Plan(
