@@ -234,7 +234,6 @@ class Cluster:
         plan = await self.store.plan(plan_id)
         if plan.state in (PlanState.CANCELLED, PlanState.MERGED, PlanState.FAILED):
             raise StateError(f"plan {plan_id} is {plan.state.value}; it cannot be dispatched")
-        await self._check_model()
         only: set[str] | None = None
         if task_ids is not None:
             only = set(task_ids)
@@ -243,7 +242,8 @@ class Cluster:
                 raise NotFoundError(
                     f"plan {plan_id} has no task {', '.join(sorted(unknown))} (tasks: {', '.join(sorted(known))})"
                 )
-        elif plan.state is PlanState.RUNNING and self.scheduler.running_in_full(plan_id):
+        await self._check_model()  # after the cheap checks of the caller's arguments
+        if only is None and plan.state is PlanState.RUNNING and self.scheduler.running_in_full(plan_id):
             # Already running in full: nothing changes, no scheduler pass needed.
             return await self.status(plan_id, focus=STATUS_FOCUS)
         if plan.state is not PlanState.RUNNING:
