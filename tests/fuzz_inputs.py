@@ -112,13 +112,40 @@ def maybe(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 
 
 @st.composite
-def arguments(draw: st.DrawFn, **fields: st.SearchStrategy[Any]) -> dict[str, Any]:
-    """Tool arguments: each field present or not with a valid value (whose text may still be
-    odd), and one time in four a field (or an unknown one) replaced by junk."""
-    drawn: dict[str, Any] = draw(st.fixed_dictionaries({}, optional=fields))
+def arguments(draw: st.DrawFn, required: tuple[str, ...] = (), **fields: st.SearchStrategy[Any]) -> dict[str, Any]:
+    """Tool arguments: the ``required`` fields and some others, each with a valid value
+    (whose text may still be odd); one time in four, a field (or an unknown one) is then
+    replaced by junk or left out."""
+    present = {name: fields[name] for name in required}
+    drawn: dict[str, Any] = draw(
+        st.fixed_dictionaries(present, optional={k: v for k, v in fields.items() if k not in present})
+    )
     if draw(st.integers(0, 3)) == 0:
-        drawn[draw(st.sampled_from([*fields, "unexpected"]))] = draw(JUNK)
+        name = draw(st.sampled_from([*fields, "unexpected"]))
+        if draw(st.booleans()):
+            drawn.pop(name, None)
+        else:
+            drawn[name] = draw(JUNK)
     return drawn
+
+
+#: Ordinary text: no control characters, no surrogates, not empty.
+PLAIN = st.text(st.characters(exclude_categories=("Cs", "Cc")), min_size=1, max_size=40).filter(str.strip)
+
+
+@st.composite
+def valid_tasks(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """A task list the server accepts: unique ids, ordinary prompts, deps on earlier tasks."""
+    ids = draw(st.lists(VALID_TASK_IDS, min_size=1, max_size=4, unique_by=str.lower))
+    tasks = []
+    for index, task_id in enumerate(ids):
+        task: dict[str, Any] = {"id": task_id, "prompt": draw(PLAIN)}
+        if index and draw(st.booleans()):
+            task["deps"] = draw(st.lists(st.sampled_from(ids[:index]), max_size=2, unique=True))
+        if draw(st.booleans()):
+            task["files"] = draw(st.lists(st.sampled_from(["src/**", "*.py", "README.md", "a/b.txt"]), max_size=2))
+        tasks.append(task)
+    return tasks
 
 
 def task_specs(ids: st.SearchStrategy[str] = TASK_IDS) -> st.SearchStrategy[dict[str, Any]]:
@@ -178,6 +205,7 @@ class Known:
         strategies: dict[str, st.SearchStrategy[dict[str, Any]]] = {
             "plan": self.plan_arguments(),
             "dispatch": arguments(
+                ("plan_id",),
                 plan_id=self.plan_ids,
                 workers=st.integers(-3, 70),
                 task_ids=st.lists(st.one_of(TASK_IDS, self.task_refs), max_size=3),
@@ -189,10 +217,10 @@ class Known:
                 until_finished=st.booleans(),
                 all_tasks=st.booleans(),
             ).map(short_wait),
-            "merge": arguments(plan_id=self.plan_ids, target=REFS, dry_run=st.booleans()),
+            "merge": arguments(("plan_id",), plan_id=self.plan_ids, target=REFS, dry_run=st.booleans()),
             "cancel": arguments(plan_id=self.plan_ids, task_id=self.task_refs),
-            "approve": arguments(task_id=self.task_refs, reject=st.booleans()),
-            "logs": arguments(task_id=self.task_refs, tail=st.integers(-5, 6000)),
+            "approve": arguments(("task_id",), task_id=self.task_refs, reject=st.booleans()),
+            "logs": arguments(("task_id",), task_id=self.task_refs, tail=st.integers(-5, 6000)),
             "workers": arguments(count=st.integers(-3, 70)),
         }
         return strategies[tool]
@@ -204,13 +232,14 @@ class Known:
         def safe(arguments: dict[str, Any]) -> bool:
             return arguments.get("tasks") is not None or goal_refused(arguments.get("goal"))
 
-        tasks = st.lists(task_specs(st.one_of(VALID_TASK_IDS, VALID_TASK_IDS, TASK_IDS)), max_size=4)
+        odd_tasks = st.lists(task_specs(st.one_of(VALID_TASK_IDS, VALID_TASK_IDS, TASK_IDS)), max_size=4)
         return arguments(
-            goal=TEXT,
-            repo=self.repo(),
-            tasks=tasks,
-            base_ref=REFS,
-            target=REFS,
+            ("goal", "repo", "tasks"),
+            goal=st.one_of(PLAIN, TEXT),
+            repo=st.one_of(st.sampled_from(self.valid_repos), self.repo()),
+            tasks=st.one_of(valid_tasks(), valid_tasks(), valid_tasks(), odd_tasks),
+            base_ref=st.one_of(st.sampled_from(["main", "HEAD"]), REFS),
+            target=st.one_of(st.sampled_from(["main", "feature/x"]), REFS),
             merge_policy=st.sampled_from(["resolve", "report"]),
         ).filter(safe)
 
