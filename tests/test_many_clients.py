@@ -142,6 +142,8 @@ async def act(index: int, opened: AbstractAsyncContextManager[Client], repos: li
             tg.start_soon(record, "approve other", error(client, "approve", task_id=f"{other}:a"))
             tg.start_soon(record, "dispatch other", error(client, "dispatch", plan_id=other, task_ids=["nope"]))
             tg.start_soon(record, "crossed ids", error(client, "status", plan_id=mine, task_id=f"{other}:a"))
+            # JSON carries a NUL ("\u0000") to the server over every transport.
+            tg.start_soon(record, "nul", error(client, "plan", goal="g", repo=f"{repos[0]}\x00", tasks=TASKS))
         crowd.answers[index] = answers
 
 
@@ -181,5 +183,6 @@ async def test_many_clients_over_every_transport_call_tools_at_once_across_plans
         assert "not held for approval" in answers["approve other"]
         assert "has no task nope" in answers["dispatch other"]
         assert "is not in plan" in answers["crossed ids"]
+        assert "repo holds a NUL character" in answers["nul"]
     assert sorted(p["plan_id"] for p in listing["plans"]) == sorted(crowd.plans.values())
     assert {p["state"] for p in listing["plans"]} == {"cancelled"}
