@@ -298,12 +298,14 @@ def test_dispatch_fuzzed_against_a_plan_that_can_run(world: World, data: st.Data
     call(world, "dispatch", arguments)
 
 
+async def finish(world: World) -> dict[str, Any]:
+    """The kept plan's status once it has finished (dispatched here if no example did)."""
+    await world.client.call_tool("dispatch", {"plan_id": world.runnable})
+    return await call_ok(world, "status", plan_id=world.runnable, wait_seconds=120, until_finished=True)
+
+
 @pytest.mark.claude
 def test_the_dispatched_plan_finishes_with_each_task_merged_once(world: World) -> None:
-    async def finish(world: World) -> dict[str, Any]:
-        await world.client.call_tool("dispatch", {"plan_id": world.runnable})  # if no example did
-        return await call_ok(world, "status", plan_id=world.runnable, wait_seconds=120, until_finished=True)
-
     done = world.run(finish)
 
     assert {t["id"]: t["state"] for t in done["tasks"]} == {"a": "merged", "b": "merged"}, done["tasks"]
@@ -315,6 +317,7 @@ def test_the_dispatched_plan_finishes_with_each_task_merged_once(world: World) -
 def test_merge_fuzzed_on_a_finished_plan(world: World, data: st.DataObject) -> None:
     """Real final merges of the finished plan into fuzzed targets: new branches, the checked
     out branch, HEAD, the engine's own branches, odd and junk names."""
+    world.run(finish)  # at once when it has
     targets = st.one_of(REFS, st.sampled_from(["main", "HEAD", f"claudecluster/{world.runnable}/integration"]))
     arguments = data.draw(
         arguments_for(("plan_id",), plan_id=st.just(world.runnable), target=targets, dry_run=st.booleans()).map(
