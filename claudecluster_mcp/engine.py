@@ -64,7 +64,7 @@ from .settings import MAX_WORKERS, EngineSettings, default_state_dir
 from .signals import Pulse, Watcher
 from .store import Store, StoredEvent, now, state_db_path
 from .task_runner import TaskRunner
-from .workspace import check_branch_name, current_branch, repo_root, rev_parse, update_ref
+from .workspace import check_target_branch, current_branch, repo_root, rev_parse, update_ref
 
 __all__ = ["STATUS_FOCUS", "Cluster", "EngineSettings", "FinalMerge", "default_state_dir"]
 
@@ -200,7 +200,7 @@ class Cluster:
         target = target or branch_now
         if target is None:
             raise ConfigError("HEAD is detached: name the target branch for the final merge")
-        await check_branch_name(self.repo, target)
+        await check_target_branch(self.repo, target)
         plan_id = "p" + secrets.token_hex(4)
         stamp = now()
         plan = Plan(
@@ -258,7 +258,6 @@ class Cluster:
         plan = await self.store.plan(plan_id)
         if plan.state in (PlanState.CANCELLED, PlanState.MERGED, PlanState.FAILED):
             raise StateError(f"plan {plan_id} is {plan.state.value}; it cannot be dispatched")
-        await self._check_model()
         only: set[str] | None = None
         if task_ids is not None:
             only = set(task_ids)
@@ -267,7 +266,8 @@ class Cluster:
                 raise NotFoundError(
                     f"plan {plan_id} has no task {', '.join(sorted(unknown))} (tasks: {', '.join(sorted(known))})"
                 )
-        elif plan.state is PlanState.RUNNING and self.scheduler.running_in_full(plan_id):
+        await self._check_model()  # after the cheap checks of the caller's arguments
+        if only is None and plan.state is PlanState.RUNNING and self.scheduler.running_in_full(plan_id):
             # Already running in full: nothing changes, no scheduler pass needed.
             return await self.status(plan_id, focus=STATUS_FOCUS)
         if plan.state is not PlanState.RUNNING:

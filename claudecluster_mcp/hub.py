@@ -179,11 +179,16 @@ class Hub:
     def _roots_text(self) -> str:
         return ", ".join(str(r) for r in self.roots)
 
+    def _path(self, repo: str | None) -> Path:
+        """``repo`` resolved (relative to the first root; default: the first root)."""
+        try:
+            path = Path(repo).expanduser() if repo else self.roots[0]
+            return (path if path.is_absolute() else self.roots[0] / path).resolve()
+        except (RuntimeError, ValueError) as exc:  # `~nobody`; a NUL byte
+            raise RepositoryError(f"cannot use {repo!r} as a repository path: {exc}") from exc
+
     async def _root(self, repo: str | None) -> Path:
-        path = Path(repo).expanduser() if repo else self.roots[0]
-        if not path.is_absolute():
-            path = self.roots[0] / path
-        path = path.resolve()
+        path = self._path(repo)
         if not self._inside_roots(path):
             raise RepositoryError(
                 f"{path} is outside the allowed roots ({self._roots_text()}); "

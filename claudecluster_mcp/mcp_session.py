@@ -13,12 +13,13 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.resolve import Resolve
 from mcp.server.subscriptions import SubscriptionBus
+from pydantic import BaseModel
 
 from .errors import ClusterError, ConfigError, NotFoundError
 from .hub import Hub, HubRef
 from .notifications import Broadcaster
 
-__all__ = ["BROADCASTER_KEY", "HUB_KEY", "HubDep", "current_hub", "hub_of", "lifespan", "reported"]
+__all__ = ["BROADCASTER_KEY", "HUB_KEY", "HubDep", "check_text", "current_hub", "hub_of", "lifespan", "reported"]
 
 HUB_KEY = "hub"
 BROADCASTER_KEY = "broadcaster"
@@ -40,6 +41,32 @@ def reported(kind: Literal["tool", "resource"]) -> Iterator[None]:
         if isinstance(exc, NotFoundError | ConfigError):
             raise ResourceNotFoundError(str(exc)) from exc
         raise ResourceError(str(exc)) from exc
+
+
+# -- arguments: text every layer can carry ------------------------------------------------
+
+
+def check_text(value: object, where: str = "arguments") -> None:
+    """Refuse a NUL character or a lone surrogate (JSON's ``"\\ud800"``: not valid UTF-8)
+    anywhere in ``value``'s strings (inside lists, dicts and models too), naming where:
+    no path, git ref, argv, id or SQLite text can hold them, and each layer would fail
+    in its own way (``ValueError``, ``UnicodeEncodeError``) instead of saying why."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ConfigError(f"{where} holds a NUL character")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"{where} is not valid UTF-8 text (it holds a lone surrogate)") from None
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            check_text(item, f"{where}[{index}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, f"a key of {where}")
+            check_text(item, f"{where}.{key}")
+    elif isinstance(value, BaseModel):
+        check_text(value.model_dump(), where)
 
 
 # -- finding the hub -----------------------------------------------------------------------

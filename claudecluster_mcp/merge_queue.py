@@ -35,7 +35,7 @@ from .settings import EngineSettings, protected
 from .signals import Pulse
 from .store import Store, now
 from .workspace import (
-    check_branch_name,
+    check_target_branch,
     git,
     remove_worktree,
     require_clean,
@@ -249,7 +249,7 @@ class MergeQueue:
         unfinished = [t.id for t in status.tasks if t.state not in FINAL_STATES]
         if unfinished:
             raise StateError(f"plan {plan.id} is still running (tasks {', '.join(unfinished)}); wait for it first")
-        target = await check_branch_name(self.repo, target or plan.target_branch)
+        target = await check_target_branch(self.repo, target or plan.target_branch)
         ref = f"refs/heads/{target}"
         source = await rev_parse(self.repo, f"refs/heads/{plan.integration_branch}")
         exists = (await git(self.repo, "rev-parse", "--verify", "--quiet", ref, check=False)).returncode == 0

@@ -30,7 +30,8 @@ from pydantic import BaseModel, Field
 
 from .engine import STATUS_FOCUS
 from .errors import ConfigError
-from .mcp_session import HubDep, reported
+from .hub import Hub
+from .mcp_session import HubDep, check_text, reported
 from .merge_queue import FinalMerge
 from .models import MergePolicy, PlanStatus, TaskSpec, split_task_ref
 from .resources import register_resources
@@ -164,7 +165,10 @@ async def status(
         return StatusView.listing(overview)
     local = None
     if task_id is not None:
-        plan_id, local = split_task_ref(task_id)
+        task_plan, local = split_task_ref(task_id)
+        if plan_id not in (None, task_plan):
+            raise ConfigError(f"task {task_id} is not in plan {plan_id}; give the task_id alone")
+        plan_id = task_plan
     assert plan_id is not None
     async with hub.cluster_of_plan(plan_id) as cluster:
         found = await cluster.status(
@@ -318,6 +322,9 @@ def _as_tool(fn: Callable[..., Awaitable[BaseModel]], observe: Observer | None) 
         started, failed = time.perf_counter(), True
         try:
             with reported("tool"):
+                for name, argument in kwargs.items():
+                    if not isinstance(argument, Hub | Context):
+                        check_text(argument, name)
                 value = await fn(*args, **kwargs)
             failed = False
         finally:

@@ -46,6 +46,7 @@ __all__ = [
     "changed_files",
     "changes_fingerprint",
     "check_branch_name",
+    "check_target_branch",
     "commit_all",
     "confine",
     "current_branch",
@@ -192,7 +193,11 @@ async def _kill_group(process: Process) -> None:
 async def repo_root(path: Path) -> Path:
     """The top of the git repository containing ``path`` (:class:`RepositoryError` if none)."""
     path = Path(path).expanduser()
-    if not path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError as exc:  # e.g. a name too long
+        raise RepositoryError(f"cannot open {str(path)[:200]!r}: {exc.strerror}") from exc
+    if not is_dir:
         raise RepositoryError(f"{path} is not a directory")
     result = await git(path, "rev-parse", "--show-toplevel", check=False)
     if result.returncode != 0:
@@ -231,6 +236,19 @@ async def check_branch_name(repo: Path, name: str) -> str:
     result = await git(repo, "check-ref-format", f"refs/heads/{name}", check=False)
     if result.returncode != 0 or "@{" in name:
         raise RepositoryError(f"invalid branch name {name!r}")
+    return name
+
+
+async def check_target_branch(repo: Path, name: str) -> str:
+    """Validate a branch a plan's work is merged into: a valid branch name, neither ``HEAD``
+    (which ``git check-ref-format`` allows and git then cannot tell from HEAD) nor one of the
+    engine's own branches under ``claudecluster/`` (another plan's integration branch)."""
+    await check_branch_name(repo, name)
+    if name == "HEAD" or name.startswith("claudecluster/"):
+        raise RepositoryError(
+            f"cannot merge into {name!r}: "
+            + ("name a branch" if name == "HEAD" else "branches under claudecluster/ belong to the engine")
+        )
     return name
 
 
