@@ -36,11 +36,25 @@ def reported(kind: Literal["tool", "resource"]) -> Iterator[None]:
     try:
         yield
     except ClusterError as exc:
+        message = shortened(str(exc))
         if kind == "tool":
-            raise ToolError(str(exc)) from exc
+            raise ToolError(message) from exc
         if isinstance(exc, NotFoundError | ConfigError):
-            raise ResourceNotFoundError(str(exc)) from exc
-        raise ResourceError(str(exc)) from exc
+            raise ResourceNotFoundError(message) from exc
+        raise ResourceError(message) from exc
+
+
+MAX_ERROR_CHARS = 8000
+
+
+def shortened(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``message`` cut in its middle to ``limit`` characters: errors quote the caller's
+    input (an unknown 200 kB id would come back whole) and a gate's output; the head says
+    what went wrong, the tail how it ended."""
+    if len(message) <= limit:
+        return message
+    head, tail = limit * 2 // 3, limit // 3
+    return f"{message[:head]} … ({len(message) - head - tail} characters cut) … {message[-tail:]}"
 
 
 # -- arguments: text every layer can carry ------------------------------------------------
