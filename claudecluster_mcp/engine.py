@@ -298,6 +298,7 @@ class Cluster:
     async def _long_poll(self, plan_id: str, wait: float, until_finished: bool, on_progress: Progress | None) -> None:
         before = [(r.id, r.state) for r in await self.store.task_rows(plan_id)]
         deadline = anyio.current_time() + wait
+        last, beats = -1, 0
         while anyio.current_time() < deadline:
             rows = await self.store.task_rows(plan_id)
             if all(r.state in FINAL_STATES for r in rows):
@@ -307,7 +308,12 @@ class Cluster:
             if on_progress is not None:
                 done = sum(r.state in FINAL_STATES for r in rows)
                 running = sum(r.state in ACTIVE_STATES for r in rows)
-                await on_progress(done, len(rows), f"{done}/{len(rows)} tasks final, {running} running")
+                # MCP progress must increase: a heartbeat with nothing newly final creeps
+                # towards the next whole task without reaching it.
+                beats = beats + 1 if done == last else 0
+                last = done
+                value = done + 1 - 1 / (beats + 1) if beats else done
+                await on_progress(value, len(rows), f"{done}/{len(rows)} tasks final, {running} running")
             await self.changed(min(2.0, deadline - anyio.current_time()))
 
     async def overview(self) -> list[PlanStatus]:

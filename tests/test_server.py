@@ -134,6 +134,8 @@ async def test_plan_dispatch_status_logs_merge_with_real_agents(
     assert merged["kind"] == "fast-forward" and merged["undo"]
     assert (repo / "one.txt").read_text() == "1\n" and (repo / "two.txt").read_text() == "2\n"
     assert progress and progress[-1][1] == 2
+    values = [done for done, _, _ in progress]
+    assert values == sorted(set(values)), values  # MCP progress only ever increases
     assert [p["plan_id"] for p in listing["plans"]] == [plan_id]
 
 
