@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
 import os
 import shutil
 import signal
@@ -26,6 +27,7 @@ import anyio
 
 from .agent_spec import scrubbed_env
 from .isolation import SandboxPolicy, confine_argv, require_isolation
+from .proctree import RUN_TAG_VAR, ProcessTree
 from .workspace import (
     add_worktree,
     git,
@@ -35,10 +37,11 @@ from .workspace import (
     update_ref,
 )
 
-__all__ = ["GateResult", "MergeOutcome", "MergeResult", "merge_into", "merge_tree", "run_gate"]
+__all__ = ["GateResult", "MergeOutcome", "MergeResult", "merge_into", "merge_tree", "reap_gates", "run_gate"]
 
 Journal = Callable[[str, str, str], Awaitable[int]]  # (ref, old, new) -> entry number
 JournalEnd = Callable[[int, str], Awaitable[None]]  # (entry number, "done" | "undone")
+_GATE_DIR_PREFIX = "claudecluster-gate-"
 
 
 class MergeOutcome(enum.StrEnum):
@@ -109,10 +112,10 @@ async def run_gate(
     some. On timeout or cancellation the gate's whole process group is killed."""
     if sandbox is not None:
         require_isolation("sandbox")
-    workdir = Path(tempfile.mkdtemp(prefix="claudecluster-gate-"))
+    workdir = Path(tempfile.mkdtemp(prefix=_GATE_DIR_PREFIX))
     tree, tmpdir = workdir / "tree", workdir / "tmp"
     tmpdir.mkdir(mode=0o700)
-    env = {**scrubbed_env(credentials=False), "TMPDIR": str(tmpdir)}
+    env = {**scrubbed_env(credentials=False), "TMPDIR": str(tmpdir), RUN_TAG_VAR: _gate_tag(repo)}
     try:
         await add_worktree(repo, tree, commit=commit)
         command = list(argv) if sandbox is None else confine_argv(argv, sandbox, [tree, tmpdir])
@@ -128,6 +131,29 @@ async def run_gate(
         with anyio.CancelScope(shield=True):
             await remove_worktree(repo, tree)
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _gate_tag(repo: Path) -> str:
+    """The environment tag of every gate run in ``repo`` (one engine per repository at a time,
+    so a tagged process found when an engine opens it is a leftover)."""
+    return "gate-" + hashlib.sha256(str(repo.resolve()).encode()).hexdigest()[:16]
+
+
+async def reap_gates(repo: Path) -> list[int]:
+    """Clean up after gates whose engine was killed: kill what is left of them (found by
+    their environment tag: an unconfined gate runs on after the engine dies) and remove their
+    detached worktrees and temporary directories. Returns the pids killed."""
+    listed = await git(repo, "worktree", "list", "--porcelain", check=False)
+    paths = [Path(line[len("worktree ") :]) for line in listed.stdout.splitlines() if line.startswith("worktree ")]
+    left = [path for path in paths if path.name == "tree" and path.parent.name.startswith(_GATE_DIR_PREFIX)]
+    if not left:  # a gate's worktree outlives its process: without one, no gate is left either
+        return []
+    tree = ProcessTree(root=-1, tag=_gate_tag(repo), everywhere=True)
+    killed = await anyio.to_thread.run_sync(tree.kill_all)
+    for path in left:
+        await remove_worktree(repo, path)
+        shutil.rmtree(path.parent, ignore_errors=True)
+    return killed
 
 
 async def _run_group(argv: Sequence[str], cwd: Path, env: dict[str, str]) -> tuple[int, str]:

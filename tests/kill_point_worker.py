@@ -1,0 +1,65 @@
+"""Runs the engine in its own process and SIGKILLs it at one named point of its merge path,
+where a kill -9 at a random moment can land but rarely does. Usage:
+python kill_point_worker.py POINT SETTINGS_JSON TASKS_JSON REPO PLAN_ID_FILE"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from claudecluster_mcp.engine import Cluster, EngineSettings
+from claudecluster_mcp.models import TaskState
+from claudecluster_mcp.store import Store
+
+_move, _end_merge = Store.move, Store.end_merge
+
+
+def _at(point: str, to: TaskState | None, fields: dict[str, Any]) -> bool:
+    reason = str(fields.get("reason", ""))
+    return {
+        # the conflict's resolve task is stored; the conflicted task is still "succeeded"
+        "resolve-added": to is TaskState.CONFLICTED and "resolving in" in reason,
+        # the resolve task is merged; the task it resolves is still "conflicted"
+        "resolve-merged": to is TaskState.MERGED and reason.startswith("resolved by"),
+        # the integration ref moved; its journal entry still says "started"
+        "ref-moved": to is None,
+        # the journal entry is closed; the task is still "succeeded"
+        "journal-done": to is TaskState.MERGED and fields.get("last_activity") == "merged",
+    }[point]
+
+
+def arm(point: str) -> None:
+    """Make this process kill itself with SIGKILL when it reaches ``point``."""
+
+    async def move(self: Store, plan_id: str, task_id: str, to: TaskState, **fields: Any) -> Any:
+        if _at(point, to, fields):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return await _move(self, plan_id, task_id, to, **fields)
+
+    async def end_merge(self: Store, seq: int, state: str) -> None:
+        if state == "done" and _at(point, None, {}):
+            os.kill(os.getpid(), signal.SIGKILL)
+        await _end_merge(self, seq, state)
+
+    Store.move = move  # type: ignore[method-assign]
+    Store.end_merge = end_merge  # type: ignore[method-assign]
+
+
+async def main(point: str, settings_json: str, tasks_json: str, repo: str, plan_file: str) -> None:
+    arm(point)
+    settings = EngineSettings.model_validate_json(settings_json)
+    async with Cluster.open(Path(repo), settings=settings) as cluster:
+        status = await cluster.plan("kill at a point", json.loads(tasks_json))
+        Path(plan_file).write_text(status.plan.id)
+        await cluster.dispatch(status.plan.id)
+        await cluster.wait(status.plan.id)
+
+
+if __name__ == "__main__":
+    anyio.run(main, *sys.argv[1:6])
