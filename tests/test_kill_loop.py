@@ -31,9 +31,33 @@ StartServer = Callable[[dict[str, Any]], ScriptedModelServer]
 Settings = Callable[..., EngineSettings]
 Git = Callable[..., str]
 
+sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+from killloop import KillLoop, LoopConfig  # noqa: E402 - the loop lives with the benchmarks
+
 CRASH_WORKER = Path(__file__).parent / "crash_worker.py"
 KILL_POINT_WORKER = Path(__file__).parent / "kill_point_worker.py"
 FINAL = {s.value for s in FINAL_STATES}
+
+
+@pytest.mark.claude
+@pytest.mark.timeout(300)
+def test_kill_9_five_times_during_a_12_task_run_over_http_loses_nothing_and_leaves_no_process(
+    claude: ClaudeBinary, tmp_path: Path
+) -> None:
+    # One kill of each kind, and one more while agents run: the loop (bench/killloop.py) aims
+    # each kill, restarts the server, re-dispatches over MCP and judges the run at the end.
+    kinds = ("agent", "recovery", "gate", "merge", "agent")
+    config = LoopConfig(tasks=12, kills=5, seed=7, workers=3, kinds=kinds, gap=(0.3, 1.5), finish_timeout=180)
+    workdir = tmp_path / "loop"
+    workdir.mkdir()
+
+    report = KillLoop(config, workdir, claude.path).run()
+
+    assert report.ok, "\n".join(report.problems)
+    assert report.kills == 5 and report.tasks == 13, report.figures
+    assert report.figures["resolve_tasks"] == 1, report.figures
+    # The killed servers left agents running, and each next server's recovery reaped them.
+    assert report.figures["alive_at_restart"] > 0, report.figures
 
 
 def alive(pid: int) -> bool:
