@@ -43,6 +43,8 @@ __all__ = ["TaskRunner", "has_progress"]
 
 logger = logging.getLogger(__name__)
 _CONFLICT_MARKER = re.compile(r"^(<{7}|>{7})( |$)", re.MULTILINE)
+# Claude Code writes a file to "<name>.tmp.<its pid>.<6 random bytes, hex>", then renames it.
+_WRITE_STAGING = re.compile(r"\.tmp\.\d+\.[0-9a-f]{12}$")
 
 
 class TaskRunner:
@@ -160,6 +162,7 @@ class TaskRunner:
         branch = f"claudecluster/{plan.id}/{task.id}"
         worktree = self.settings.state_dir / "worktrees" / plan.id / task.id
         if task.resume and task.session_id and task.base_commit and worktree.is_dir():
+            await _drop_interrupted_writes(worktree)
             return worktree, task.base_commit, True
         await remove_worktree(self.repo, worktree)
         tip = await self.merges.integration_tip(plan)
@@ -343,6 +346,19 @@ async def has_progress(task: Task) -> bool:
         head = await rev_parse(task.worktree, "HEAD")
         return bool(dirty.stdout.strip()) or head != task.base_commit
     return False
+
+
+async def _drop_interrupted_writes(worktree: Path) -> list[str]:
+    """Remove the staging files of file writes an interrupted agent was killed in the middle
+    of (untracked files named like Claude Code's ``<name>.tmp.<pid>.<hex>``) before its session
+    resumes: the session does not know of them, and they would be committed with the task's
+    work. Returns their names."""
+    untracked = await git(worktree, "ls-files", "--others", "--exclude-standard", "-z", check=False)
+    dropped = [name for name in untracked.stdout.split("\0") if _WRITE_STAGING.search(name)]
+    for name in dropped:
+        with contextlib.suppress(FileNotFoundError):
+            (worktree / name).unlink()
+    return dropped
 
 
 async def _requeue_interrupted(store: Store, plan: Plan, task: Task) -> None:

@@ -170,3 +170,40 @@ async def test_kill_9_at_each_point_of_a_merge_and_its_conflict_leaves_every_tas
     log = git(repo, "log", "--format=%B%x00", tip)
     for task in status.tasks:
         assert log.count(f"claudecluster plan {plan_id}, task {task.id}\n") == 1, (task.id, log)
+
+
+@pytest.mark.anyio
+@pytest.mark.claude
+async def test_a_write_interrupted_by_the_kill_leaves_no_staging_file_in_the_resumed_tasks_commit(
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings, tmp_path: Path, git: Git
+) -> None:
+    # Claude Code writes a file to <name>.tmp.<pid>.<12 hex> and renames it into place: an
+    # agent killed in between (here: while its next command runs) leaves that staging file.
+    staging = "b.txt.tmp.4242.0123456789ab"
+    leave_it = f"printf partial > {staging} && sleep 60"
+    resumed = [{"text": "A done"}] * 3
+    server = model_server({"rules": [marker_rule("A", write_turn("a.txt", "a\n"), bash_turn(leave_it), *resumed)]})
+    settings = engine_settings(server)
+    plan_file = tmp_path / "plan-id"
+    worker = subprocess.Popen(  # noqa: ASYNC220 - the engine to kill, in its own process
+        [sys.executable, str(CRASH_WORKER), settings.model_dump_json(), json.dumps([marker_task("A")]), str(repo),
+         str(plan_file)],
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    worktrees = tmp_path / "state" / "worktrees"
+    try:
+        with anyio.fail_after(90):
+            while not list(worktrees.glob(f"*/A/{staging}")):  # noqa: ASYNC110 - a file from another process
+                await anyio.sleep(0.05)
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+
+    async with Cluster.open(repo, settings=settings, claude=claude) as cluster:
+        with anyio.fail_after(60):
+            status = await cluster.wait(plan_file.read_text())
+
+    task = status.task("A")
+    # Attempt 1 still: its session was resumed in the worktree holding the staging file.
+    assert task.state is TaskState.MERGED and task.attempts == 1, (task.state, task.attempts, task.reason)
+    assert git(repo, "ls-tree", "-r", "--name-only", status.plan.integration_branch).split() == ["README.md", "a.txt"]
