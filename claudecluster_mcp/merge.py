@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from tempfile import gettempdir
 
 import anyio
 
@@ -41,7 +42,6 @@ __all__ = ["GateResult", "MergeOutcome", "MergeResult", "merge_into", "merge_tre
 
 Journal = Callable[[str, str, str], Awaitable[int]]  # (ref, old, new) -> entry number
 JournalEnd = Callable[[int, str], Awaitable[None]]  # (entry number, "done" | "undone")
-_GATE_DIR_PREFIX = "claudecluster-gate-"
 
 
 class MergeOutcome(enum.StrEnum):
@@ -112,7 +112,7 @@ async def run_gate(
     some. On timeout or cancellation the gate's whole process group is killed."""
     if sandbox is not None:
         require_isolation("sandbox")
-    workdir = Path(tempfile.mkdtemp(prefix=_GATE_DIR_PREFIX))
+    workdir = Path(tempfile.mkdtemp(prefix=_gate_dir_prefix(repo)))
     tree, tmpdir = workdir / "tree", workdir / "tmp"
     tmpdir.mkdir(mode=0o700)
     env = {**scrubbed_env(credentials=False), "TMPDIR": str(tmpdir), RUN_TAG_VAR: _gate_tag(repo)}
@@ -139,20 +139,26 @@ def _gate_tag(repo: Path) -> str:
     return "gate-" + hashlib.sha256(str(repo.resolve()).encode()).hexdigest()[:16]
 
 
+def _gate_dir_prefix(repo: Path) -> str:
+    return f"claudecluster-{_gate_tag(repo)}-"
+
+
 async def reap_gates(repo: Path) -> list[int]:
     """Clean up after gates whose engine was killed: kill what is left of them (found by
     their environment tag: an unconfined gate runs on after the engine dies) and remove their
-    detached worktrees and temporary directories. Returns the pids killed."""
+    temporary directories and detached worktrees (found by their names, which hold the same
+    tag). Returns the pids killed."""
+    prefix = _gate_dir_prefix(repo)
     listed = await git(repo, "worktree", "list", "--porcelain", check=False)
-    paths = [Path(line[len("worktree ") :]) for line in listed.stdout.splitlines() if line.startswith("worktree ")]
-    left = [path for path in paths if path.name == "tree" and path.parent.name.startswith(_GATE_DIR_PREFIX)]
-    if not left:  # a gate's worktree outlives its process: without one, no gate is left either
+    trees = [Path(line[len("worktree ") :]) for line in listed.stdout.splitlines() if line.startswith("worktree ")]
+    left = {tree.parent for tree in trees if tree.parent.name.startswith(prefix)}
+    left |= set(Path(gettempdir()).glob(prefix + "*"))
+    if not left:  # a gate's directory outlives its process: without one, no gate is left either
         return []
-    tree = ProcessTree(root=-1, tag=_gate_tag(repo), everywhere=True)
-    killed = await anyio.to_thread.run_sync(tree.kill_all)
-    for path in left:
-        await remove_worktree(repo, path)
-        shutil.rmtree(path.parent, ignore_errors=True)
+    killed = await anyio.to_thread.run_sync(ProcessTree(root=-1, tag=_gate_tag(repo), everywhere=True).kill_all)
+    for workdir in left:
+        await remove_worktree(repo, workdir / "tree")
+        shutil.rmtree(workdir, ignore_errors=True)
     return killed
 
 

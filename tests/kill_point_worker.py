@@ -13,11 +13,12 @@ from typing import Any
 
 import anyio
 
+from claudecluster_mcp import merge
 from claudecluster_mcp.engine import Cluster, EngineSettings
 from claudecluster_mcp.models import TaskState
 from claudecluster_mcp.store import Store
 
-_move, _end_merge = Store.move, Store.end_merge
+_move, _end_merge, _remove_worktree = Store.move, Store.end_merge, merge.remove_worktree
 
 
 def _at(point: str, to: TaskState | None, fields: dict[str, Any]) -> bool:
@@ -31,7 +32,7 @@ def _at(point: str, to: TaskState | None, fields: dict[str, Any]) -> bool:
         "ref-moved": to is None,
         # the journal entry is closed; the task is still "succeeded"
         "journal-done": to is TaskState.MERGED and fields.get("last_activity") == "merged",
-    }[point]
+    }.get(point, False)
 
 
 def arm(point: str) -> None:
@@ -47,8 +48,14 @@ def arm(point: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         await _end_merge(self, seq, state)
 
+    async def remove_worktree(repo: Path, path: Path) -> None:
+        await _remove_worktree(repo, path)
+        if point == "gate-tree-removed":  # the gate's worktree is gone, its directory not yet
+            os.kill(os.getpid(), signal.SIGKILL)
+
     Store.move = move  # type: ignore[method-assign]
     Store.end_merge = end_merge  # type: ignore[method-assign]
+    merge.remove_worktree = remove_worktree  # type: ignore[assignment]
 
 
 async def main(point: str, settings_json: str, tasks_json: str, repo: str, plan_file: str) -> None:

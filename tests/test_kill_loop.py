@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -207,3 +208,37 @@ async def test_a_write_interrupted_by_the_kill_leaves_no_staging_file_in_the_res
     # Attempt 1 still: its session was resumed in the worktree holding the staging file.
     assert task.state is TaskState.MERGED and task.attempts == 1, (task.state, task.attempts, task.reason)
     assert git(repo, "ls-tree", "-r", "--name-only", status.plan.integration_branch).split() == ["README.md", "a.txt"]
+
+
+@pytest.mark.anyio
+@pytest.mark.claude
+async def test_a_gate_directory_left_by_a_kill_after_its_worktree_went_is_removed_by_recovery(
+    claude: ClaudeBinary,
+    repo: Path,
+    model_server: StartServer,
+    engine_settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = model_server({"rules": [marker_rule("A", write_turn("a.txt", "a\n"))]})
+    settings = engine_settings(server, gate=["true"])
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    plan_file = tmp_path / "plan-id"
+    with anyio.fail_after(100):
+        worker = await anyio.run_process(
+            [sys.executable, str(KILL_POINT_WORKER), "gate-tree-removed", settings.model_dump_json(),
+             json.dumps([marker_task("A")]), str(repo), str(plan_file)],
+            stdin=subprocess.DEVNULL, stdout=None, stderr=None, check=False, env={**os.environ, "TMPDIR": str(temp)},
+        )  # fmt: skip
+    assert worker.returncode == -signal.SIGKILL
+    assert [p.name[:19] for p in temp.iterdir()] == ["claudecluster-gate-"]
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+
+    async with Cluster.open(repo, settings=settings, claude=claude) as cluster:
+        left = list(temp.iterdir())
+        with anyio.fail_after(60):
+            status = await cluster.wait(plan_file.read_text())
+
+    assert left == [], "recovery left the gate's directory"
+    assert status.task("A").state is TaskState.MERGED
