@@ -7,7 +7,8 @@
   next (``git merge-base --is-ancestor``), the last one of the final tip;
 * every merged task's work is on the integration branch exactly once: its file with its text
   in the final tree, its line in ``shared.txt`` once, its commit in ``git log`` once and its
-  recorded commit an ancestor of the tip, no conflict marker left;
+  recorded commit an ancestor of the tip, no conflict marker left, and no file no task was
+  asked to write (debris of a write a kill interrupted);
 * no merge left half done (no journal entry still ``started``);
 * no process left: every process any killed server had was gone once the next server answered
   (its recovery reaped it), and at the end no process the servers ever had, no pid the store
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
-from killdag import PAIR, SHARED, work_file
+from killdag import PAIR, SHARED, KillDag, expected_files, work_file
 from killserver import FINAL, alive
 
 from claudecluster_mcp.proctree import RUN_TAG_VAR
@@ -73,7 +74,7 @@ def judge(loop: KillLoop, final: dict[str, Any], wall: float) -> Report:
             f"{t['id']} is {t['state']}: {t['reason'][:200]}" for t in tasks if t["state"] != "merged"
         ],
         "integration ref never moved backwards": _forward(repo, [state.base, *(k.tip for k in state.kills), tip]),
-        "every merged task's work on it exactly once": _work_once(repo, tip, plan_id, tasks, loop.dag.ids),
+        "every merged task's work on it exactly once": _work_once(repo, tip, plan_id, tasks, loop.dag),
         "no merge left half done": [f"journal entry {e['seq']} left started" for e in _open(loop.store.journal())],
         "no process left": _processes(loop),
         "no gate worktree or directory left": _gates_left(loop),
@@ -140,9 +141,10 @@ def _forward(repo: Path, tips: list[str]) -> list[str]:
     return problems
 
 
-def _work_once(repo: Path, tip: str, plan_id: str, tasks: list[dict[str, Any]], ids: list[str]) -> list[str]:
-    problems = []
+def _work_once(repo: Path, tip: str, plan_id: str, tasks: list[dict[str, Any]], dag: KillDag) -> list[str]:
+    ids = dag.ids
     tree = set(_git(repo, "ls-tree", "-r", "--name-only", tip).stdout.split())
+    problems = [f"{name} is on the tip, but no task was asked to write it" for name in tree - expected_files(dag)]
     for task_id in ids:
         if task_id in PAIR:
             continue

@@ -5,8 +5,12 @@ Every task leaves a mark that can be counted afterwards: task ``tNN`` writes
 ``work/tNN.txt`` holding ``tNN``; the conflict pair ``ca`` and ``cb`` (roots, started first)
 each insert their own line before ``end`` in ``shared.txt``, so the second of them to merge
 conflicts and the engine adds a resolve task, whose agent removes the conflict markers and
-keeps both lines. Every agent action is idempotent (a resumed session may repeat a turn), so
-a line or file found twice is the engine's doing, not the script's.
+keeps both lines.
+
+Every agent action is idempotent and made twice, in two turns. An agent killed in the middle
+of a tool call is resumed with that call's outcome unknown; a real model checks and redoes it,
+a scripted one just plays its next turn, and the repeat is that redo. So a line or a file
+found missing or twice is the engine's doing, not the script's.
 """
 
 from __future__ import annotations
@@ -59,10 +63,8 @@ def build_dag(n_tasks: int, seed: int, latency: tuple[float, float] = (0.2, 1.2)
         # The pair writes at once and then talks: each has its line in its worktree before
         # the other merges, so whichever merges second conflicts.
         insert = f"grep -qx {task_id} {SHARED} || sed -i 's/^end$/{task_id}\\nend/' {SHARED}"
-        turns = [
-            {"tools": [{"name": "Bash", "input": {"command": insert}}]},
-            {"text": f"{task_id} done", "latency": talk},
-        ]
+        bash = {"tools": [{"name": "Bash", "input": {"command": insert}}]}
+        turns = [bash, bash, {"text": f"{task_id} done", "latency": talk}]
         rules.append({"name": task_id, "match": f"[{task_id}]", "turns": [*turns, *spare]})
         tasks.append(_task(task_id, f"add the line {task_id} to {SHARED}", [], priority="critical"))
     writers = [f"t{i:02d}" for i in range(n_tasks - len(PAIR))]
@@ -72,11 +74,17 @@ def build_dag(n_tasks: int, seed: int, latency: tuple[float, float] = (0.2, 1.2)
         write = {"name": "Write", "input": {"file_path": "{cwd}/" + work_file(task_id), "content": f"{task_id}\n"}}
         turns = [
             {"tools": [write], "latency": round(rng.uniform(*latency), 2)},
+            {"tools": [write]},
             {"text": f"{task_id} done", "latency": round(rng.uniform(*latency), 2)},
         ]
         rules.append({"name": task_id, "match": f"[{task_id}]", "turns": [*turns, *spare]})
         tasks.append(_task(task_id, f"write {work_file(task_id)}", sorted(deps)))
     return KillDag(tasks, {"name": "kill-loop", "rules": rules})
+
+
+def expected_files(dag: KillDag) -> set[str]:
+    """Every file the run's final tree should hold, and nothing else."""
+    return {SHARED} | {work_file(t) for t in dag.ids if t not in PAIR}
 
 
 def work_file(task_id: str) -> str:
@@ -91,7 +99,8 @@ def _task(task_id: str, what: str, deps: list[str], **fields: Any) -> dict[str, 
 def _resolve_rule(spare: list[dict[str, Any]]) -> dict[str, Any]:
     # First rule: a resolve prompt quotes the conflicted task's prompt (and its marker).
     strip = f"sed -i -E '/^({_MARKERS})( |$)/d' {SHARED}"
-    turns = [{"tools": [{"name": "Bash", "input": {"command": strip}}]}, {"text": "resolved"}]
+    bash = {"tools": [{"name": "Bash", "input": {"command": strip}}]}
+    turns = [bash, bash, {"text": "resolved"}]
     return {"name": "resolve", "match": "[claudecluster:resolve]", "turns": [*turns, *spare]}
 
 
