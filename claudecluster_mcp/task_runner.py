@@ -43,6 +43,7 @@ __all__ = ["TaskRunner", "has_progress"]
 
 logger = logging.getLogger(__name__)
 _CONFLICT_MARKER = re.compile(r"^(<{7}|>{7})( |$)", re.MULTILINE)
+_NO_SESSION = "No conversation found with session ID"  # claude --resume of a session it never saved
 # Claude Code writes a file to "<name>.tmp.<its pid>.<6 random bytes, hex>", then renames it.
 _WRITE_STAGING = re.compile(r"\.tmp\.\d+\.[0-9a-f]{12}$")
 
@@ -154,6 +155,12 @@ class TaskRunner:
                 with send:
                     outcome = await handle.run()
         outside = await self._written_outside(before) if before is not None else []
+        if resuming and _NO_SESSION in outcome.reason:
+            # Killed before Claude Code saved its session, the run looked like progress (a
+            # resolve task's worktree holds its unfinished merge from the start): run afresh.
+            reason = f"could not resume ({outcome.reason}); starting afresh"
+            await self.store.move(plan.id, task.id, TaskState.PENDING, reason=reason, resume=False, pid=None)
+            return
         await self._finish(plan, task, outcome, worktree, base, outside)
 
     async def _prepare(self, plan: Plan, task: Task) -> tuple[Path, str, bool]:

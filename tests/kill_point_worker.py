@@ -19,11 +19,15 @@ from claudecluster_mcp.models import TaskState
 from claudecluster_mcp.store import Store
 
 _move, _end_merge, _remove_worktree = Store.move, Store.end_merge, merge.remove_worktree
+_AFTER = {"resolve-running"}  # points reached once the move is stored (the others: just before)
 
 
-def _at(point: str, to: TaskState | None, fields: dict[str, Any]) -> bool:
+def _at(point: str, to: TaskState | None, fields: dict[str, Any], task_id: str = "") -> bool:
     reason = str(fields.get("reason", ""))
     return {
+        # the resolve task is recorded running; its agent has not started (no session yet),
+        # while its worktree already holds the unfinished merge (which looks like progress)
+        "resolve-running": to is TaskState.RUNNING and task_id.endswith(".resolve"),
         # the conflict's resolve task is stored; the conflicted task is still "succeeded"
         "resolve-added": to is TaskState.CONFLICTED and "resolving in" in reason,
         # the resolve task is merged; the task it resolves is still "conflicted"
@@ -39,9 +43,12 @@ def arm(point: str) -> None:
     """Make this process kill itself with SIGKILL when it reaches ``point``."""
 
     async def move(self: Store, plan_id: str, task_id: str, to: TaskState, **fields: Any) -> Any:
-        if _at(point, to, fields):
+        if _at(point, to, fields, task_id) and point not in _AFTER:
             os.kill(os.getpid(), signal.SIGKILL)
-        return await _move(self, plan_id, task_id, to, **fields)
+        moved = await _move(self, plan_id, task_id, to, **fields)
+        if _at(point, to, fields, task_id) and point in _AFTER:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return moved
 
     async def end_merge(self: Store, seq: int, state: str) -> None:
         if state == "done" and _at(point, None, {}):

@@ -118,7 +118,7 @@ async def test_a_gate_left_running_by_a_killed_engine_is_stopped_by_the_next_one
 
 @pytest.mark.anyio
 @pytest.mark.claude
-@pytest.mark.parametrize("point", ["resolve-added", "resolve-merged", "ref-moved", "journal-done"])
+@pytest.mark.parametrize("point", ["resolve-added", "resolve-running", "resolve-merged", "ref-moved", "journal-done"])
 async def test_kill_9_at_each_point_of_a_merge_and_its_conflict_leaves_every_task_merged_once(
     claude: ClaudeBinary,
     repo: Path,
