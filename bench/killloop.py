@@ -240,6 +240,8 @@ class KillLoop:
         if kind != "recovery":
             time.sleep(self.rng.uniform(*self.config.gap))
         aimed = self._aim(kind)
+        if (code := self.server.exited()) is not None:  # only we may end a server
+            raise RuntimeError(f"the server died on its own (exit {code}):\n{self.server.log_tail()}")
         for task in self.store.tasks(self.state.plan_id):
             if task["pid"] and task["pid_started"]:
                 self.tracked.add((task["pid"], task["pid_started"]))
