@@ -52,7 +52,8 @@ def main() -> int:
     print(f"\n{'invariant':<48} held")
     for name, held in report.checks.items():
         print(f"{name:<48} {'yes' if held else 'NO'}")
-    print(f"\n{report.kills} kills ({report.kinds}) of a {report.tasks}-task run in {report.wall_s} s")
+    run = f"a {report.tasks}-task run (+{report.figures['resolve_tasks']} resolve)"
+    print(f"\n{report.kills} kills ({report.kinds}) of {run} in {report.wall_s} s")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     if args.keep or not report.ok:

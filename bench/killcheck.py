@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 class Report:
     """The run's figures and one verdict per invariant (``problems`` empty when all hold)."""
 
-    tasks: int
+    tasks: int  # planned (the resolve task comes on top: figures["resolve_tasks"])
     kills: int
     kinds: dict[str, int]
     wall_s: float
@@ -104,7 +104,7 @@ def judge(loop: KillLoop, final: dict[str, Any], wall: float) -> Report:
     }
     problems = [f"{name}: {p}" for name, found in checks.items() for p in found]
     return Report(
-        tasks=len(tasks),
+        tasks=len(loop.dag.ids),
         kills=len(kills),
         kinds=dict(Counter(k.kind for k in kills)),
         wall_s=round(wall, 1),
