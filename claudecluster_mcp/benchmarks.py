@@ -24,6 +24,7 @@ BENCHES = {
     "mcp": ("bench_mcp.py", []),
     "race": ("bench_race.py", []),
     "sandbox": ("bench_sandbox.py", []),
+    "kill": ("bench_kill.py", []),
 }
 
 
@@ -93,6 +94,11 @@ def results_table(results: dict[str, Any]) -> Table:
         # A cost to know, not a bar to pass: the sandbox is on by default either way.
         row("agent run, sandbox / none: wall", sandbox["wall_ratio"], "measured", True, "x")
         row("agent run, sandbox / none: CPU", sandbox["cpu_ratio"], "measured", True, "x")
+    if "kill" in results:
+        kill = results["kill"]
+        held, total = sum(kill["checks"].values()), len(kill["checks"])
+        label = f"kill -9 x{kill['kills']} of a {kill['tasks']}-task run: invariants held"
+        row(label, held, f"{total} of {total}", held == total, f" of {total}")
     table = Table(title="claudecluster benchmarks (details: BENCHMARKS.md)", title_justify="left")
     for column in ("measurement", "measured", "target", ""):
         table.add_column(column)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
 import os
 import shutil
 import signal
@@ -21,11 +22,13 @@ import tempfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from tempfile import gettempdir
 
 import anyio
 
 from .agent_spec import scrubbed_env
 from .isolation import SandboxPolicy, confine_argv, require_isolation
+from .proctree import RUN_TAG_VAR, ProcessTree
 from .workspace import (
     add_worktree,
     git,
@@ -35,7 +38,7 @@ from .workspace import (
     update_ref,
 )
 
-__all__ = ["GateResult", "MergeOutcome", "MergeResult", "merge_into", "merge_tree", "run_gate"]
+__all__ = ["GateResult", "MergeOutcome", "MergeResult", "merge_into", "merge_tree", "reap_gates", "run_gate"]
 
 Journal = Callable[[str, str, str], Awaitable[int]]  # (ref, old, new) -> entry number
 JournalEnd = Callable[[int, str], Awaitable[None]]  # (entry number, "done" | "undone")
@@ -117,10 +120,15 @@ async def run_gate(
     cancellation the gate's whole process group is killed."""
     if sandbox is not None:
         require_isolation("sandbox")
-    workdir = Path(tempfile.mkdtemp(prefix="claudecluster-gate-"))
+    workdir = Path(tempfile.mkdtemp(prefix=_gate_dir_prefix(repo)))
     tree, tmpdir = workdir / "tree", workdir / "tmp"
     tmpdir.mkdir(mode=0o700)
-    full_env = {**scrubbed_env(credentials=False), **(env or {}), "TMPDIR": str(tmpdir)}
+    full_env = {
+        **scrubbed_env(credentials=False),
+        **(env or {}),
+        "TMPDIR": str(tmpdir),
+        RUN_TAG_VAR: _gate_tag(repo),
+    }
     try:
         await add_worktree(repo, tree, commit=commit)
         command = list(argv) if sandbox is None else confine_argv(argv, sandbox, [tree, tmpdir])
@@ -136,6 +144,35 @@ async def run_gate(
         with anyio.CancelScope(shield=True):
             await remove_worktree(repo, tree)
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _gate_tag(repo: Path) -> str:
+    """The environment tag of every gate run in ``repo`` (one engine per repository at a time,
+    so a tagged process found when an engine opens it is a leftover)."""
+    return "gate-" + hashlib.sha256(str(repo.resolve()).encode()).hexdigest()[:16]
+
+
+def _gate_dir_prefix(repo: Path) -> str:
+    return f"claudecluster-{_gate_tag(repo)}-"
+
+
+async def reap_gates(repo: Path) -> list[int]:
+    """Clean up after gates whose engine was killed: kill what is left of them (found by
+    their environment tag: an unconfined gate runs on after the engine dies) and remove their
+    temporary directories and detached worktrees (found by their names, which hold the same
+    tag). Returns the pids killed."""
+    prefix = _gate_dir_prefix(repo)
+    listed = await git(repo, "worktree", "list", "--porcelain", check=False)
+    trees = [Path(line[len("worktree ") :]) for line in listed.stdout.splitlines() if line.startswith("worktree ")]
+    left = {tree.parent for tree in trees if tree.parent.name.startswith(prefix)}
+    left |= set(Path(gettempdir()).glob(prefix + "*"))
+    if not left:  # a gate's directory outlives its process: without one, no gate is left either
+        return []
+    killed = await anyio.to_thread.run_sync(ProcessTree(root=-1, tag=_gate_tag(repo), everywhere=True).kill_all)
+    for workdir in left:
+        await remove_worktree(repo, workdir / "tree")
+        shutil.rmtree(workdir, ignore_errors=True)
+    return killed
 
 
 async def _run_group(argv: Sequence[str], cwd: Path, env: dict[str, str]) -> tuple[int, str]:

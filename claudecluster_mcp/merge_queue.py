@@ -214,27 +214,32 @@ class MergeQueue:
             await self.store.move(plan.id, task.id, TaskState.CONFLICTED, reason=reason)
             return
         tasks = await self.store.tasks(plan.id)
-        resolve_id = _free_id({t.id for t in tasks}, f"{task.id}.resolve")
+        # Stored before the task is marked conflicted: an engine killed in between left it.
+        resolve_id = next((t.id for t in tasks if t.resolves == task.id), None)
+        if resolve_id is None:
+            resolve_id = _free_id({t.id for t in tasks}, f"{task.id}.resolve")
+            await self.store.add_task(self._resolve_task(plan, task, resolve_id, files, tasks))
+        reason = f"conflicts in {listed}; resolving in {resolve_id}"
+        await self.store.move(plan.id, task.id, TaskState.CONFLICTED, reason=reason)
+
+    @staticmethod
+    def _resolve_task(plan: Plan, task: Task, resolve_id: str, files: list[str], tasks: list[Task]) -> Task:
         merged = [t for t in tasks if t.state is TaskState.MERGED]
         touching = [t for t in merged if set(t.changed_files) & set(files)] or merged
         stamp = now()
-        await self.store.add_task(
-            Task(
-                plan_id=plan.id,
-                id=resolve_id,
-                title=f"Resolve conflicts of {task.id}",
-                prompt=resolve_prompt(task, files, touching),
-                kind=TaskKind.RESOLVE,
-                resolves=task.id,
-                priority=task.priority,
-                category=task.category,
-                files=files,
-                created_at=stamp,
-                updated_at=stamp,
-            )
+        return Task(
+            plan_id=plan.id,
+            id=resolve_id,
+            title=f"Resolve conflicts of {task.id}",
+            prompt=resolve_prompt(task, files, touching),
+            kind=TaskKind.RESOLVE,
+            resolves=task.id,
+            priority=task.priority,
+            category=task.category,
+            files=files,
+            created_at=stamp,
+            updated_at=stamp,
         )
-        reason = f"conflicts in {listed}; resolving in {resolve_id}"
-        await self.store.move(plan.id, task.id, TaskState.CONFLICTED, reason=reason)
 
     async def land(
         self, status: PlanStatus, target: str | None, *, dry_run: bool, on_progress: Progress | None = None

@@ -33,7 +33,14 @@ from .retry import FIRST_RATE_LIMIT_PAUSE, RateLimitPause, decide_retry
 from .settings import EngineSettings
 from .signals import Pulse
 from .store import Store, now
-from .task_worktree import conflict_markers, copied_paths, has_progress, requeue_interrupted, set_up
+from .task_worktree import (
+    conflict_markers,
+    copied_paths,
+    drop_interrupted_writes,
+    has_progress,
+    requeue_interrupted,
+    set_up,
+)
 from .workspace import (
     changed_files,
     changes_fingerprint,
@@ -46,6 +53,7 @@ from .workspace import (
 __all__ = ["TaskRunner", "has_progress"]
 
 logger = logging.getLogger(__name__)
+_NO_SESSION = "No conversation found with session ID"  # claude --resume of a session it never saved
 
 
 class TaskRunner:
@@ -192,6 +200,12 @@ class TaskRunner:
                 raise
         await self._warn(plan, task, denials.result(outcome.permission_denials))
         outside = await self._written_outside(before) if before is not None else []
+        if resuming and _NO_SESSION in outcome.reason:
+            # Killed before Claude Code saved its session, the run looked like progress (a
+            # resolve task's worktree holds its unfinished merge from the start): run afresh.
+            reason = f"could not resume ({outcome.reason}); starting afresh"
+            await self.store.move(plan.id, task.id, TaskState.PENDING, reason=reason, resume=False, pid=None)
+            return
         await self._finish(plan, task, outcome, worktree, base, outside)
 
     async def _set_up(self, plan: Plan, task: Task, worktree: Path, env: dict[str, str]) -> bool:
@@ -243,6 +257,7 @@ class TaskRunner:
         branch = f"claudecluster/{plan.id}/{task.id}"
         worktree = self.settings.state_dir / "worktrees" / plan.id / task.id
         if task.resume and task.session_id and task.base_commit and worktree.is_dir():
+            await drop_interrupted_writes(worktree)
             return worktree, task.base_commit, True
         await remove_worktree(self.repo, worktree)
         tip = await self.merges.integration_tip(plan)

@@ -40,6 +40,7 @@ __all__ = [
     "conflict_markers",
     "copied_paths",
     "copy_files",
+    "drop_interrupted_writes",
     "has_progress",
     "requeue_interrupted",
     "set_up",
@@ -233,3 +234,20 @@ async def conflict_markers(worktree: Path) -> list[str]:
             if path.is_file() and _CONFLICT_MARKER.search(path.read_text()):
                 leftover.append(name)
     return sorted(leftover)
+
+
+# Claude Code writes a file to "<name>.tmp.<its pid>.<6 random bytes, hex>", then renames it.
+_WRITE_STAGING = re.compile(r"\.tmp\.\d+\.[0-9a-f]{12}$")
+
+
+async def drop_interrupted_writes(worktree: Path) -> list[str]:
+    """Remove the staging files of file writes an interrupted agent was killed in the middle
+    of (untracked files named like Claude Code's ``<name>.tmp.<pid>.<hex>``) before its session
+    resumes: the session does not know of them, and they would be committed with the task's
+    work. Returns their names."""
+    untracked = await git(worktree, "ls-files", "--others", "--exclude-standard", "-z", check=False)
+    dropped = [name for name in untracked.stdout.split("\0") if _WRITE_STAGING.search(name)]
+    for name in dropped:
+        with contextlib.suppress(FileNotFoundError):
+            (worktree / name).unlink()
+    return dropped
