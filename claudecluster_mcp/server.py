@@ -106,6 +106,7 @@ def build_server(
         **auth_options(token, public_url),
     )
     register(mcp, observe=metrics.observe)
+    mcp.middleware.append(metrics.timed)
     return mcp, ref, metrics
 
 
