@@ -1,0 +1,132 @@
+"""One MCP client process of the load benchmark (bench/bench_load.py).
+
+    python bench/load_client.py URL {http|sse} PLAN_ID --phase 0.3 [--interval 1]
+
+Connects with the MCP SDK's own client (Streamable HTTP at URL/mcp, or SSE at URL/sse; the
+bearer token from $CLAUDECLUSTER_TOKEN, if set), then calls `status` on the plan once per
+interval, on ticks offset by ``--phase`` so that many clients spread their calls evenly.
+It prints ``ready`` after its first call, stops when a line (or EOF) arrives on stdin, and
+then prints one JSON object: every call as [monotonic start, seconds, error text ("" when
+none)], its CPU seconds, and a fatal error if the session itself broke.
+
+Start times are ``time.monotonic()``, one clock for every process of the machine (Linux), so
+the benchmark can keep only the calls of its measurement window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx2
+from mcp import Client
+from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
+
+
+@asynccontextmanager
+async def connect(url: str, transport: str, token: str) -> AsyncIterator[Client]:
+    """A connected client session over ``transport``."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if transport == "sse":
+        async with Client(sse_client(url + "/sse", headers=headers, sse_read_timeout=600)) as client:
+            yield client
+        return
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=60) as http,
+        Client(streamable_http_client(url + "/mcp", http_client=http)) as client,
+    ):
+        yield client
+
+
+def error_of(result: Any, plan_id: str) -> str:
+    """Why a `status` result is wrong ("" when it is a live status of the plan)."""
+    if result.is_error:
+        return "isError: " + " ".join(getattr(c, "text", "") for c in result.content)[:300]
+    content = result.structured_content or {}
+    if content.get("plan_id") != plan_id:
+        return f"status of {content.get('plan_id')!r}, not {plan_id!r}"
+    return ""
+
+
+async def timed_status(client: Client, plan_id: str) -> list[Any]:
+    """One `status` call: [monotonic start, seconds, error text or ""]."""
+    started = time.monotonic()
+    try:
+        error = error_of(await client.call_tool("status", {"plan_id": plan_id}), plan_id)
+    except Exception as exc:  # every failure is a measured error
+        error = f"{type(exc).__name__}: {exc}"[:300]
+    return [started, time.monotonic() - started, error]
+
+
+def next_tick(tick: float, interval: float) -> float:
+    """The tick after ``tick``; when behind, the next one still ahead (no burst to catch up)."""
+    tick += interval
+    late = time.monotonic() - tick
+    return tick + interval * math.ceil(late / interval) if late > 0 else tick
+
+
+async def poll(args: argparse.Namespace, samples: list[list[Any]], cpu: dict[str, float]) -> None:
+    """Call `status` once per interval until stdin says stop (``cpu["polling"]``: the CPU
+    seconds spent from the first call on)."""
+    stop = anyio.Event()
+
+    async def wait_for_stop() -> None:
+        await anyio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+        stop.set()
+
+    token = os.environ.get("CLAUDECLUSTER_TOKEN", "")
+    async with connect(args.url, args.transport, token) as client, anyio.create_task_group() as tasks:
+        tasks.start_soon(wait_for_stop)
+        tick = args.interval * (math.floor(time.monotonic() / args.interval) + 1) + args.phase
+        while not stop.is_set():
+            with anyio.move_on_after(max(0.0, tick - time.monotonic())):
+                await stop.wait()
+            if stop.is_set():
+                break
+            cpu.setdefault("first_call", time.process_time())
+            samples.append(await timed_status(client, args.plan_id))
+            if len(samples) == 1:
+                print("ready", flush=True)
+            tick = next_tick(tick, args.interval)
+        tasks.cancel_scope.cancel()
+    cpu["polling"] = time.process_time() - cpu.get("first_call", time.process_time())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("url")
+    parser.add_argument("transport", choices=["http", "sse"])
+    parser.add_argument("plan_id")
+    parser.add_argument("--phase", type=float, default=0.0, help="offset of this client's ticks (s)")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between calls")
+    args = parser.parse_args()
+    samples: list[list[Any]] = []
+    cpu: dict[str, float] = {}
+    fatal = ""
+    try:
+        anyio.run(poll, args, samples, cpu)
+    except BaseException as exc:  # reported, not raised: the benchmark counts it
+        fatal = f"{type(exc).__name__}: {exc}"[:500]
+    if not samples:
+        print("ready", flush=True)  # never got going: unblock the benchmark, which reads `fatal`
+    result = {
+        "transport": args.transport,
+        "samples": samples,
+        "cpu_s": time.process_time(),
+        "cpu_polling_s": cpu.get("polling", 0.0),
+        "fatal": fatal,
+    }
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
