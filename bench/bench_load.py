@@ -275,9 +275,9 @@ def report(opts: argparse.Namespace, raw: dict[str, Any], leftovers: list[str]) 
         "rss_mb": series_stats(window_series, "rss_mb", raw["before"], raw["after"]),
         "fds": series_stats(window_series, "fds", raw["before"], raw["after"]),
         "fds_held": series_stats(window_series, "fds_held", raw["before"], raw["after"]),
-        "agents_running": {
-            "min": min((s["agents"] for s in window_series), default=0),
-            "max": max((s["agents"] for s in window_series), default=0),
+        "agents_running": {  # as /health said (-1: it did not answer in time)
+            "min": min((s["agents"] for s in window_series if s["agents"] >= 0), default=-1),
+            "max": max((s["agents"] for s in window_series), default=-1),
         },
         "machine_load1": {
             "mean": round(statistics.fmean(s["load1"] for s in window_series), 1) if window_series else math.nan,
