@@ -51,6 +51,7 @@ from claudecluster_mcp.scenario import load_scenario, write_turn  # noqa: E402
 
 TOKEN = "bench-load-token"
 TARGET_P99_MS = 50.0
+CALL_TIMEOUT = 30.0  # a status call unanswered this long counts as an error
 
 
 def scenario(agents: int, turns: int, latency: float) -> dict[str, Any]:
@@ -145,6 +146,7 @@ def start_clients(opts: argparse.Namespace, url: str, plan_id: str, log: Path) -
             transport = "http" if i % 2 == 0 else "sse"
             phase = f"{opts.interval * i / opts.clients:.4f}"
             argv = [script, url, transport, plan_id, "--phase", phase, "--interval", str(opts.interval)]
+            argv += ["--timeout", str(CALL_TIMEOUT)]
             pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": errors}
             clients.append(subprocess.Popen([sys.executable, *argv], env=env, text=True, **pipes))
     return clients
@@ -172,8 +174,14 @@ def stop_clients(clients: list[subprocess.Popen[str]]) -> list[dict[str, Any]]:
         client.stdin.write("stop\n")
         client.stdin.flush()
     results = []
+    deadline = time.monotonic() + CALL_TIMEOUT + 60  # a call in flight ends by then, answered or not
     for client in clients:
-        out, _ = client.communicate(timeout=120)
+        try:
+            out, _ = client.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            client.kill()
+            out, _ = client.communicate()
+            out += '\n{"samples": [], "fatal": "did not stop when told to"}'
         lines = [line for line in out.splitlines() if line.startswith("{")]
         lost = {"samples": [], "fatal": f"no result (exit {client.returncode})"}
         results.append(json.loads(lines[-1]) if lines else lost)

@@ -57,11 +57,15 @@ def error_of(result: Any, plan_id: str) -> str:
     return ""
 
 
-async def timed_status(client: Client, plan_id: str) -> list[Any]:
-    """One `status` call: [monotonic start, seconds, error text or ""]."""
+async def timed_status(client: Client, plan_id: str, timeout: float) -> list[Any]:
+    """One `status` call: [monotonic start, seconds, error text or ""]; no answer within
+    ``timeout`` s is an error too."""
     started = time.monotonic()
     try:
-        error = error_of(await client.call_tool("status", {"plan_id": plan_id}), plan_id)
+        with anyio.fail_after(timeout):
+            error = error_of(await client.call_tool("status", {"plan_id": plan_id}), plan_id)
+    except TimeoutError:
+        error = f"no answer within {timeout:g} s"
     except Exception as exc:  # every failure is a measured error
         error = f"{type(exc).__name__}: {exc}"[:300]
     return [started, time.monotonic() - started, error]
@@ -93,7 +97,7 @@ async def poll(args: argparse.Namespace, samples: list[list[Any]], cpu: dict[str
             if stop.is_set():
                 break
             cpu.setdefault("first_call", time.process_time())
-            samples.append(await timed_status(client, args.plan_id))
+            samples.append(await timed_status(client, args.plan_id, args.timeout))
             if len(samples) == 1:
                 print("ready", flush=True)
             tick = next_tick(tick, args.interval)
@@ -108,6 +112,7 @@ def main() -> None:
     parser.add_argument("plan_id")
     parser.add_argument("--phase", type=float, default=0.0, help="offset of this client's ticks (s)")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between calls")
+    parser.add_argument("--timeout", type=float, default=30.0, help="a call unanswered this long is an error")
     args = parser.parse_args()
     samples: list[list[Any]] = []
     cpu: dict[str, float] = {}
