@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -179,9 +180,8 @@ def stop_clients(clients: list[subprocess.Popen[str]]) -> list[dict[str, Any]]:
         try:
             out, _ = client.communicate(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            client.kill()
+            client.kill()  # its last line says closed: false
             out, _ = client.communicate()
-            out += '\n{"samples": [], "fatal": "did not stop when told to"}'
         lines = [line for line in out.splitlines() if line.startswith("{")]
         lost = {"samples": [], "fatal": f"no result (exit {client.returncode})"}
         results.append(json.loads(lines[-1]) if lines else lost)
@@ -257,6 +257,7 @@ def report(opts: argparse.Namespace, raw: dict[str, Any], leftovers: list[str]) 
     calls = {t: window_samples(clients, start, end, t) for t in ("http", "sse")}
     every = calls["http"] + calls["sse"]
     errors = [s[2] for c in clients for s in c["samples"] if s[2]] + [c["fatal"] for c in clients if c["fatal"]]
+    errors += ["the session did not close" for c in clients if not c.get("closed", True)]
     total_calls = sum(len(c["samples"]) for c in clients)
     server_side = server_latency(*raw["metrics"])
     window_series = [s for s in raw["series"] if start <= s["t"] <= end]
@@ -292,7 +293,7 @@ def report(opts: argparse.Namespace, raw: dict[str, Any], leftovers: list[str]) 
             "max": max((s["load1"] for s in window_series), default=math.nan),
         },
         "series": [{k: round(v - start, 1) if k == "t" else v for k, v in s.items()} for s in raw["series"]],
-        "errors": {"count": len(errors), "calls": total_calls, "first": errors[:5]},
+        "errors": {"count": len(errors), "calls": total_calls, "kinds": dict(Counter(e[:80] for e in errors))},
         "processes_left": leftovers,
     }
 
@@ -315,7 +316,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             wait_for("agents to stop", lambda: health(url)["agents_running"] == 0, 120)
         finally:
             leftovers = stop_server(server)
-        return report(opts, raw, leftovers)
+        return report(opts, raw, leftovers) | ({"kept": str(tmp)} if opts.keep else {})
     finally:
         if model is not None:
             model.stop()

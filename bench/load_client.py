@@ -6,8 +6,9 @@ Connects with the MCP SDK's own client (Streamable HTTP at URL/mcp, or SSE at UR
 bearer token from $CLAUDECLUSTER_TOKEN, if set), then calls `status` on the plan once per
 interval, on ticks offset by ``--phase`` so that many clients spread their calls evenly.
 It prints ``ready`` after its first call, stops when a line (or EOF) arrives on stdin, and
-then prints one JSON object: every call as [monotonic start, seconds, error text ("" when
-none)], its CPU seconds, and a fatal error if the session itself broke.
+then prints a JSON object, once before closing its session and again after: every call as
+[monotonic start, seconds, error text ("" when none)], its CPU seconds, whether the session
+closed, and a fatal error if the session itself broke.
 
 Start times are ``time.monotonic()``, one clock for every process of the machine (Linux), so
 the benchmark can keep only the calls of its measurement window.
@@ -78,9 +79,41 @@ def next_tick(tick: float, interval: float) -> float:
     return tick + interval * math.ceil(late / interval) if late > 0 else tick
 
 
-async def poll(args: argparse.Namespace, samples: list[list[Any]], cpu: dict[str, float]) -> None:
-    """Call `status` once per interval until stdin says stop (``cpu["polling"]``: the CPU
-    seconds spent from the first call on)."""
+class Report:
+    """What the client prints for the benchmark: its calls, its CPU time, and how it ended."""
+
+    def __init__(self, transport: str) -> None:
+        self.transport = transport
+        self.samples: list[list[Any]] = []
+        self._first_call_cpu: float | None = None
+        self._polling_cpu = 0.0
+
+    def call_starts(self) -> None:
+        """Mark the CPU clock at the first call."""
+        if self._first_call_cpu is None:
+            self._first_call_cpu = time.process_time()
+
+    def polling_ends(self) -> None:
+        """Mark the CPU clock when polling stops."""
+        if self._first_call_cpu is not None:
+            self._polling_cpu = time.process_time() - self._first_call_cpu
+
+    def print(self, *, closed: bool, fatal: str = "") -> None:
+        """One JSON line; the benchmark reads the last one (``closed``: the session ended)."""
+        result = {
+            "transport": self.transport,
+            "samples": self.samples,
+            "cpu_s": time.process_time(),
+            "cpu_polling_s": self._polling_cpu,
+            "closed": closed,
+            "fatal": fatal,
+        }
+        print(json.dumps(result), flush=True)
+
+
+async def poll(args: argparse.Namespace, report: Report) -> None:
+    """Call `status` once per interval until stdin says stop; report before closing the
+    session, so that a session that cannot close still leaves its calls."""
     stop = anyio.Event()
 
     async def wait_for_stop() -> None:
@@ -96,13 +129,14 @@ async def poll(args: argparse.Namespace, samples: list[list[Any]], cpu: dict[str
                 await stop.wait()
             if stop.is_set():
                 break
-            cpu.setdefault("first_call", time.process_time())
-            samples.append(await timed_status(client, args.plan_id, args.timeout))
-            if len(samples) == 1:
+            report.call_starts()
+            report.samples.append(await timed_status(client, args.plan_id, args.timeout))
+            if len(report.samples) == 1:
                 print("ready", flush=True)
             tick = next_tick(tick, args.interval)
+        report.polling_ends()
+        report.print(closed=False)
         tasks.cancel_scope.cancel()
-    cpu["polling"] = time.process_time() - cpu.get("first_call", time.process_time())
 
 
 def main() -> None:
@@ -114,23 +148,15 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between calls")
     parser.add_argument("--timeout", type=float, default=30.0, help="a call unanswered this long is an error")
     args = parser.parse_args()
-    samples: list[list[Any]] = []
-    cpu: dict[str, float] = {}
+    report = Report(args.transport)
     fatal = ""
     try:
-        anyio.run(poll, args, samples, cpu)
+        anyio.run(poll, args, report)
     except BaseException as exc:  # reported, not raised: the benchmark counts it
         fatal = f"{type(exc).__name__}: {exc}"[:500]
-    if not samples:
+    if not report.samples:
         print("ready", flush=True)  # never got going: unblock the benchmark, which reads `fatal`
-    result = {
-        "transport": args.transport,
-        "samples": samples,
-        "cpu_s": time.process_time(),
-        "cpu_polling_s": cpu.get("polling", 0.0),
-        "fatal": fatal,
-    }
-    print(json.dumps(result), flush=True)
+    report.print(closed=True, fatal=fatal)
 
 
 if __name__ == "__main__":
