@@ -15,7 +15,7 @@ from rich.table import Table
 
 from .errors import ConfigError
 
-__all__ = ["BENCHES", "results_table", "run_benchmarks"]
+__all__ = ["BENCHES", "TIMED", "results_table", "run_benchmarks"]
 
 # name -> (script in bench/, its arguments)
 BENCHES = {
@@ -25,12 +25,20 @@ BENCHES = {
     "race": ("bench_race.py", []),
     "sandbox": ("bench_sandbox.py", []),
     "kill": ("bench_kill.py", []),
+    "load": ("bench_load.py", []),
 }
+# "Flat" RSS over the held load: what the allocator's noise allows, far below a leak's growth.
+RSS_SLACK_MB = 2.0
+# ... and descriptors: a client's connection being replaced at the moment of a sample.
+FD_SLACK = 2
+# Benchmarks that hold a load for a while: `claudecluster bench --duration S` sets how long.
+TIMED = frozenset({"load"})
 
 
-def run_benchmarks(console: Console, names: list[str], *, verbose: bool = False) -> int:
+def run_benchmarks(console: Console, names: list[str], *, verbose: bool = False, duration: float | None = None) -> int:
     """Run the named benchmarks (keys of :data:`BENCHES`), print the table; exit code 0 when
-    every one ran (whether its targets were met is in the table), else 1."""
+    every one ran (whether its targets were met is in the table), else 1. ``duration``: the
+    measured seconds of the :data:`TIMED` ones (default: each one's own)."""
     bench_dir = Path(__file__).resolve().parent.parent / "bench"
     if not bench_dir.is_dir():
         raise ConfigError(f"benchmarks not found at {bench_dir}; run `claudecluster bench` from a source checkout")
@@ -38,6 +46,8 @@ def run_benchmarks(console: Console, names: list[str], *, verbose: bool = False)
     with tempfile.TemporaryDirectory(prefix="cc-bench-") as tmp:
         for name in names:
             script, extra = BENCHES[name]
+            if duration is not None and name in TIMED:
+                extra = [*extra, "--duration", f"{duration:g}"]
             out = Path(tmp) / f"{name}.json"
             console.print(f"[bold]running {script}[/] …")
             done = subprocess.run(
@@ -52,6 +62,19 @@ def run_benchmarks(console: Console, names: list[str], *, verbose: bool = False)
             results[name] = json.loads(out.read_text())
     console.print(results_table(results))
     return 0 if len(results) == len(names) else 1
+
+
+def _load_rows(load: dict[str, Any], row: Any) -> None:
+    """The held-load benchmark's rows: latency on both sides, flat memory and descriptors, errors."""
+    clients = load["setup"]["clients"]
+    for label, p99 in (("client side", load["client"]["all"]["p99_ms"]), ("in the server", load["server"]["p99_ms"])):
+        row(f"status p99 under load ({clients} client processes), {label}", p99, "<= 50 ms", p99 <= 50, " ms")
+    rss, fds = load["rss_mb"], load["fds_held"]
+    growth = round(rss["last"] - rss["first"], 1)
+    row("server RSS growth over the held load", growth, f"flat (<= {RSS_SLACK_MB:g} MB)", growth <= RSS_SLACK_MB, " MB")
+    fd_growth = fds["last"] - fds["first"]
+    row("server open fds growth over the held load", fd_growth, f"flat (<= {FD_SLACK})", fd_growth <= FD_SLACK)
+    row("errors under load", load["errors"]["count"], "0", load["errors"]["count"] == 0)
 
 
 def results_table(results: dict[str, Any]) -> Table:
@@ -99,6 +122,8 @@ def results_table(results: dict[str, Any]) -> Table:
         held, total = sum(kill["checks"].values()), len(kill["checks"])
         label = f"kill -9 x{kill['kills']} of a {kill['tasks']}-task run: invariants held"
         row(label, held, f"{total} of {total}", held == total, f" of {total}")
+    if "load" in results:
+        _load_rows(results["load"], row)
     table = Table(title="claudecluster benchmarks (details: BENCHMARKS.md)", title_justify="left")
     for column in ("measurement", "measured", "target", ""):
         table.add_column(column)

@@ -205,7 +205,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .benchmarks import BENCHES, run_benchmarks
 
-    return run_benchmarks(_console(), args.only or list(BENCHES), verbose=args.verbose)
+    return run_benchmarks(_console(), args.only or list(BENCHES), verbose=args.verbose, duration=args.duration)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

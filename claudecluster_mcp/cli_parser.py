@@ -203,9 +203,13 @@ def _add_bench_and_check(commands: argparse._SubParsersAction[argparse.ArgumentP
         "bench",
         help="run the benchmark suite and print one table of ratios against their targets",
         description="Run bench/*.py (runner overhead, scheduling efficiency, real speed-up, 1,000-task "
-        "plan, MCP latency, and the race against bare `claude -p`). Takes about 8 minutes on 2 cores.",
+        "plan, MCP latency, the race against bare `claude -p`, the sandbox's cost, and MCP clients "
+        "polling under held load). Takes about 13 minutes on 2 cores.",
     )
     bench.add_argument("--only", action="append", choices=list(BENCHES), help="run only these (repeatable)")
+    bench.add_argument(
+        "--duration", type=float, metavar="S", help="measured seconds of the held-load benchmark (load; default 120)"
+    )
 
     check = commands.add_parser(
         "check",

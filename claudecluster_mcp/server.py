@@ -113,6 +113,7 @@ def build_server(
     register(mcp, observe=metrics.observe)
     register_protocol(mcp)
     register_completions(mcp, ref)
+    mcp.middleware.append(metrics.timed)
     return mcp, ref, metrics
 
 

@@ -135,6 +135,16 @@ class Store:
                 with anyio.CancelScope(shield=True):
                     await self._db.execute("COMMIT")
 
+    async def _rows(self, query: str, args: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+        """Every row of a read, in one trip to the connection's thread (a cursor takes three:
+        under load each trip waits for the event loop, and a status call made nine)."""
+        return list(await self._db.execute_fetchall(query, args))
+
+    async def _one(self, query: str, args: Sequence[Any] = ()) -> aiosqlite.Row | None:
+        """The first row of a read (None without), in one trip."""
+        rows = await self._rows(query, args)
+        return rows[0] if rows else None
+
     # -- plans ------------------------------------------------------------------------------
 
     async def create_plan(self, plan: Plan, tasks: Sequence[Task]) -> None:
@@ -173,8 +183,7 @@ class Store:
 
     async def plan(self, plan_id: str) -> Plan:
         """The plan with this id (:class:`NotFoundError` if none)."""
-        async with self._db.execute("SELECT * FROM plans WHERE id = ?", [plan_id]) as cursor:
-            row = await cursor.fetchone()
+        row = await self._one("SELECT * FROM plans WHERE id = ?", [plan_id])
         if row is None:
             known = ", ".join(p.id for p in await self.plans()) or "none"
             raise NotFoundError(f"no plan {plan_id!r} in {self.path.parent.parent} (plans: {known})")
@@ -187,8 +196,7 @@ class Store:
             wanted = [s.value for s in states]
             query += f" WHERE state IN ({', '.join('?' * len(wanted))})"
             args = wanted
-        async with self._db.execute(query + " ORDER BY created_at", args) as cursor:
-            return [Plan.model_validate(decode(row)) for row in await cursor.fetchall()]
+        return [Plan.model_validate(decode(row)) for row in await self._rows(query + " ORDER BY created_at", args)]
 
     async def update_plan(self, plan_id: str, **fields: Any) -> None:
         """Set plan columns (``state``, ``final_merge``, …)."""
@@ -217,17 +225,15 @@ class Store:
         query += " ORDER BY seq"
         if limit is not None:
             query += f" LIMIT {int(limit)}"
-        async with self._db.execute(query, args) as cursor:
-            return [Task.model_validate(decode(row)) for row in await cursor.fetchall()]
+        return [Task.model_validate(decode(row)) for row in await self._rows(query, args)]
 
     async def tally(self, plan_id: str) -> tuple[dict[str, int], float, int]:
         """(tasks by state, total cost in USD, total tokens) of a plan, computed by SQLite."""
-        async with self._db.execute(
+        rows = await self._rows(
             "SELECT state, COUNT(*), SUM(cost_usd), SUM(input_tokens + output_tokens) FROM tasks "
             "WHERE plan_id = ? GROUP BY state",
             [plan_id],
-        ) as cursor:
-            rows = await cursor.fetchall()
+        )
         counts = {row[0]: int(row[1]) for row in rows}
         return counts, float(sum(row[2] or 0 for row in rows)), int(sum(row[3] or 0 for row in rows))
 
@@ -270,29 +276,27 @@ class Store:
 
     async def task_rows(self, plan_id: str) -> list[TaskRow]:
         """The scheduling view of a plan's tasks (cheap: no model validation)."""
-        async with self._db.execute(
+        rows = await self._rows(
             "SELECT id, state, deps, priority, not_before, seq, resolves FROM tasks WHERE plan_id = ? ORDER BY seq",
             [plan_id],
-        ) as cursor:
-            return [
-                TaskRow(row[0], TaskState(row[1]), json.loads(row[2]), Priority(row[3]), row[4], row[5], row[6])
-                for row in await cursor.fetchall()
-            ]
+        )
+        return [
+            TaskRow(row[0], TaskState(row[1]), json.loads(row[2]), Priority(row[3]), row[4], row[5], row[6])
+            for row in rows
+        ]
 
     async def unfinished(self, plan_id: str) -> int:
         """How many tasks of the plan are not in a final state."""
         finals = [s.value for s in FINAL_STATES]
-        async with self._db.execute(
+        row = await self._one(
             f"SELECT COUNT(*) FROM tasks WHERE plan_id = ? AND state NOT IN ({', '.join('?' * len(finals))})",
             [plan_id, *finals],
-        ) as cursor:
-            row = await cursor.fetchone()
+        )
         return int(row[0]) if row else 0
 
     async def task(self, plan_id: str, task_id: str) -> Task:
         """One task (:class:`NotFoundError` naming the plan's tasks if unknown)."""
-        async with self._db.execute("SELECT * FROM tasks WHERE plan_id = ? AND id = ?", [plan_id, task_id]) as cursor:
-            row = await cursor.fetchone()
+        row = await self._one("SELECT * FROM tasks WHERE plan_id = ? AND id = ?", [plan_id, task_id])
         if row is None:
             known = ", ".join(t.id for t in await self.tasks(plan_id)) or "none"
             raise NotFoundError(f"plan {plan_id!r} has no task {task_id!r} (tasks: {known})")
@@ -369,8 +373,7 @@ class Store:
         if limit is not None:
             query = f"SELECT * FROM ({query.replace('ORDER BY seq', 'ORDER BY seq DESC')} LIMIT ?) ORDER BY seq"
             args.append(limit)
-        async with self._db.execute(query, args) as cursor:
-            rows = await cursor.fetchall()
+        rows = await self._rows(query, args)
         return [StoredEvent({**dict(row), "data": json.loads(row["data"])}) for row in rows]
 
     # -- merge journal ----------------------------------------------------------------------
@@ -391,15 +394,14 @@ class Store:
 
     async def open_merges(self) -> list[dict[str, Any]]:
         """Journal entries left ``started`` (a crash between recording and closing)."""
-        async with self._db.execute("SELECT * FROM merges WHERE state = 'started' ORDER BY seq") as cursor:
-            return [dict(row) for row in await cursor.fetchall()]
+        return [dict(row) for row in await self._rows("SELECT * FROM merges WHERE state = 'started' ORDER BY seq")]
 
     async def schema(self) -> list[tuple[str, str]]:
         """(name, sql) of every table and index, for the migrated-equals-fresh test."""
-        async with self._db.execute(
+        rows = await self._rows(
             "SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%' ORDER BY name"
-        ) as cursor:
-            return [(row[0], row[1]) for row in await cursor.fetchall()]
+        )
+        return [(row[0], row[1]) for row in rows]
 
 
 def _brief(fields: Mapping[str, Any]) -> dict[str, Any]:
