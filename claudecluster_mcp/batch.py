@@ -3,12 +3,16 @@ merged onto the integration tip one after another in memory (a chain of merge co
 :func:`~claudecluster_mcp.merge.merge_onto`) and the gate runs once, on the chain's end;
 when it passes they all land with one compare-and-swap.
 
-When it fails, the batch is bisected (:class:`Bisection`): prefixes of the chain are gated,
-each passing prefix lands at once, until the first candidate whose prefix fails is found.
-That candidate fails the gate on top of everything that landed before it — what the gate
-would have said of it merged alone — so it goes back to its agent with the gate's output
-(or ends ``gate_failed``) as a lone candidate would; the candidates after it go back to the
-queue, to be chained again onto the new tip. Two bad candidates take two rounds.
+When it fails, the gate's output may point at the culprit: when it names files that just
+one candidate changed (:func:`suspects`), the batch without that one is gated; passing, it
+lands, and the suspect merged onto it gives the very tree that failed — so it is the
+culprit, found with one more gate run. Otherwise the batch is bisected (:class:`Bisection`):
+prefixes of the chain are gated, each passing prefix lands at once, until the first
+candidate whose prefix fails is found. Either way the culprit fails the gate on top of
+everything that landed before it — what the gate would have said of it merged alone — so it
+goes back to its agent with the gate's output (or ends ``gate_failed``) as a lone candidate
+would; candidates nothing was decided for go back to the queue, to be chained again onto
+the new tip. Two bad candidates take two rounds.
 
 A candidate that conflicts with the chain before it is taken out and merged by itself
 afterwards, the way the queue merges a lone candidate: a conflict with what landed becomes a
@@ -23,6 +27,7 @@ already merged when its batch is chained again.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +41,9 @@ from .ports import PORTS, fleet_env
 from .prompts import merge_message
 from .settings import EngineSettings
 from .store import Store
+from .workspace import git
 
-__all__ = ["BatchMerge", "Bisection", "Link", "Recorder", "gate_env", "record_gate"]
+__all__ = ["BatchMerge", "Bisection", "Link", "Recorder", "gate_env", "record_gate", "suspects"]
 
 
 @dataclass
@@ -78,6 +84,16 @@ class Link:
 
     task: Task
     commit: str
+
+
+def suspects(links: Sequence[Link], output: str) -> list[int]:
+    """The positions of the candidates that changed a file the gate's output names (as a
+    whole path: ``a.py`` is not named by ``data.py``)."""
+    return [
+        index
+        for index, link in enumerate(links)
+        if any(re.search(rf"(?<![\w.-]){re.escape(path)}(?![\w-])", output) for path in link.task.changed_files)
+    ]
 
 
 class Recorder(Protocol):
@@ -136,15 +152,45 @@ class BatchMerge:
         self._tip = ""
 
     async def run(self) -> None:
-        """Chain the candidates onto the tip, gate the chain, land it or bisect it."""
+        """Chain the candidates onto the tip, gate the chain, land it or find the culprit."""
         self._tip = await self.queue.integration_tip(self.plan)
-        links = await self._chain()
+        links = await self._chain(self.unsettled)
         if not links:
             return
         failing = await self._gate(links)
         if failing.ok:
             await self._land(links)
             return
+        named = suspects(links, failing.output)
+        if len(named) == 1 and len(links) > 1:
+            left = await self._without(links, links[named[0]].task, failing)
+            if left is None:
+                return
+            links, failing = left
+        await self._bisect(links, failing)
+
+    async def _without(
+        self, links: list[Link], suspect: Task, failing: GateResult
+    ) -> tuple[list[Link], GateResult] | None:
+        """Gate the batch without the suspect; if it passes, it lands and the suspect, whose
+        merge onto it makes the tree that failed, is the culprit (else it goes back to the
+        queue). Returns the chain still to bisect, with its failing verdict, if it fails."""
+        rest = await self._chain([link.task for link in links if link.task is not suspect])
+        if not rest:
+            return None
+        verdict = await self._gate(rest)
+        if not verdict.ok:
+            return rest, verdict  # the suspect goes back to the queue
+        if not await self._land(rest):
+            return None
+        assert suspect.commit is not None
+        step = await merge_onto(self.repo, self._tip, suspect.commit, merge_message(self.plan, suspect))
+        if step.new is not None and await _tree(self.repo, step.new) == await _tree(self.repo, links[-1].commit):
+            await self._culprit(suspect, failing)
+        return None
+
+    async def _bisect(self, links: list[Link], failing: GateResult) -> None:
+        """Gate prefixes of a failing chain, landing those that pass, until the culprit."""
         bisection = Bisection(passed=0, failed=len(links))
         while (prefix := bisection.next()) is not None:
             verdict = await self._gate(links[:prefix])
@@ -152,16 +198,18 @@ class BatchMerge:
                 return  # the branch moved under the batch: the rest goes back to the queue
             failing = failing if verdict.ok else verdict
             bisection.record(prefix, verdict.ok)
-        culprit = links[bisection.culprit].task
-        with anyio.CancelScope(shield=True):
-            await self.queue.gate_failed(self.plan, culprit, failing)
-            self.unsettled.remove(culprit)
+        await self._culprit(links[bisection.culprit].task, failing)
 
-    async def _chain(self) -> list[Link]:
-        """Merge the candidates one after another onto the tip (no ref moves); one already
-        on the tip is recorded merged, one that conflicts is set ``alone``."""
+    async def _culprit(self, task: Task, failing: GateResult) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.queue.gate_failed(self.plan, task, failing)
+            self.unsettled.remove(task)
+
+    async def _chain(self, tasks: Sequence[Task]) -> list[Link]:
+        """Merge ``tasks`` one after another onto the tip (no ref moves); one already on the
+        tip is recorded merged, one that conflicts is set ``alone``."""
         links: list[Link] = []
-        for task in list(self.unsettled):
+        for task in list(tasks):
             assert task.commit is not None
             head = links[-1].commit if links else self._tip
             message = merge_message(self.plan, task)
@@ -218,3 +266,7 @@ class BatchMerge:
                 await self.queue.mark_merged(plan, link.task, link.commit, batch=number, others=len(links) - 1)
                 self.unsettled.remove(link.task)
         return True
+
+
+async def _tree(repo: Path, commit: str) -> str:
+    return (await git(repo, "rev-parse", "--verify", "--end-of-options", f"{commit}^{{tree}}")).stdout.strip()

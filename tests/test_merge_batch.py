@@ -27,22 +27,24 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from claudecluster_mcp.batch import Bisection
+from claudecluster_mcp.batch import Bisection, Link, suspects
 from claudecluster_mcp.claude_cli import ClaudeBinary
 from claudecluster_mcp.engine import Cluster
 from claudecluster_mcp.model_server import ScriptedModelServer
 from claudecluster_mcp.models import PlanStatus, TaskState
+from claudecluster_mcp.report import to_markdown
 from claudecluster_mcp.scenario import bash_turn, marker_rule, marker_task, write_turn
 from claudecluster_mcp.settings import EngineSettings
 
 StartServer = Callable[[dict[str, Any]], ScriptedModelServer]
 Settings = Callable[..., EngineSettings]
 Git = Callable[..., str]
+Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 # Runs in the candidate's worktree; its state lives in the directory given as argument: a
 # line per run in "runs" (the .txt files it saw), the first run holds until "release"
 # exists, the run numbered in "hang-at" never ends (its pid in "hanging.pid"). A file saying
-# "bad" fails the check.
+# "bad" fails the check, and the output names it unless "anonymous" exists.
 GATE = """
 import os, pathlib, sys, time
 state = pathlib.Path(sys.argv[1])
@@ -62,7 +64,8 @@ if hang.exists() and int(hang.read_text()) == number:
 time.sleep(0.2)
 bad = [name for name in seen if "bad" in pathlib.Path(name).read_text()]
 if bad:
-    print("2 tests failed: bad content in " + ", ".join(bad))
+    named = not (state / "anonymous").exists()
+    print("2 tests failed" + (": bad content in " + ", ".join(bad) if named else ""))
     sys.exit(1)
 print("all tests passed")
 """
@@ -169,13 +172,33 @@ def test_bisection_trusts_only_what_it_saw_fail() -> None:
     assert bisection.next() is None and bisection.culprit == 1
 
 
+def test_the_suspects_are_the_candidates_that_changed_a_file_the_output_names(make_task: Callable[..., Any]) -> None:
+    links = [
+        Link(make_task("api", changed_files=["src/api.py", "README.md"]), "1" * 40),
+        Link(make_task("data", changed_files=["data.py"]), "2" * 40),
+        Link(make_task("docs", changed_files=["docs/a.py"]), "3" * 40),
+    ]
+    output = "FAILED tests/test_api.py::test_get - in src/api.py:12: KeyError\n1 failed"
+    assert suspects(links, output) == [0]
+    assert suspects(links, "ImportError in mydata.py and docs/a.pyc") == []
+    assert suspects(links, "E   File 'data.py', line 3") == [1]
+    assert suspects(links, "2 tests failed") == []
+
+
 # -- through the engine ----------------------------------------------------------------------------
 
 
 @pytest.mark.anyio
 @pytest.mark.claude
 async def test_waiting_candidates_are_gated_once_and_land_together_in_order(
-    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings, gate_dir: Path, git: Git
+    claude: ClaudeBinary,
+    repo: Path,
+    model_server: StartServer,
+    engine_settings: Settings,
+    gate_dir: Path,
+    git: Git,
+    cli: Cli,
+    user_env: dict[str, str],
 ) -> None:
     names = ["a", "b", "c", "d", "e"]
     server = model_server({"rules": [good("a"), *(late(n, gate_dir) for n in names[1:])]})
@@ -205,12 +228,24 @@ async def test_waiting_candidates_are_gated_once_and_land_together_in_order(
     merged_once(status, git, repo, events)
     gate_events = [e["data"] for e in events if e["kind"] == "gate"]
     assert [len(e["tasks"]) for e in gate_events] == [1, 4] and all(e["ok"] for e in gate_events)
+    # What a person reads: the status table and its summary line, and the report.
+    shown = cli("status", plan.id, cwd=repo, env={**user_env, "COLUMNS": "160"})
+    assert shown.returncode == 0, shown.stderr
+    assert "merged in batch 2 with 3 others" in shown.stdout
+    assert "5 tasks merged in 2 batches; 2 gate runs" in shown.stdout
+    markdown = to_markdown(status)
+    assert "- Merge queue: 5 tasks merged in 2 batches; 2 gate runs" in markdown
+    assert "| b | merged (batch 2) |" in markdown
 
 
 @pytest.mark.anyio
 @pytest.mark.claude
-@pytest.mark.parametrize("bad", [["c"], ["b", "e"]], ids=["one-bad", "two-bad"])
-async def test_a_failing_batch_is_bisected_the_bad_go_back_with_the_gate_output_the_rest_land(
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [(["c"], True), (["c"], False), (["b", "e"], True)],
+    ids=["one-bad-named", "one-bad-bisected", "two-bad"],
+)
+async def test_the_bad_candidates_of_a_failing_batch_go_back_with_the_gate_output_the_rest_land(
     claude: ClaudeBinary,
     repo: Path,
     model_server: StartServer,
@@ -218,7 +253,12 @@ async def test_a_failing_batch_is_bisected_the_bad_go_back_with_the_gate_output_
     gate_dir: Path,
     git: Git,
     bad: list[str],
+    named: bool,
 ) -> None:
+    # The gate's output names the bad file (the one candidate that changed it is tried out
+    # first), or says nothing of it (bisection); two bad candidates are both named.
+    if not named:
+        (gate_dir / "anonymous").touch()
     names = ["a", "b", "c", "d", "e", "f"]
     rules = [good("a"), *(late(n, gate_dir, f"bad {n}" if n in bad else None) for n in names[1:])]
     server = model_server({"rules": rules})
@@ -243,10 +283,11 @@ async def test_a_failing_batch_is_bisected_the_bad_go_back_with_the_gate_output_
         task = status.task(name)
         # Sent back once with the gate's output, then final with it.
         assert task.attempts == 2
-        assert "gate failed (exit 1)" in task.reason and f"bad content in {name}.txt" in task.reason
+        output = f"2 tests failed: bad content in {name}.txt" if named else "2 tests failed"
+        assert task.reason.startswith("gate failed (exit 1)") and output in task.reason, task.reason
         moves = [e["data"] for e in events if e["task_id"] == name and e["kind"] == "state"]
         retried = [m for m in moves if m["state"] == "pending" and m.get("reason", "").startswith("gate failed")]
-        assert len(retried) == 1 and f"bad content in {name}.txt" in retried[0]["reason"], moves
+        assert len(retried) == 1 and output in retried[0]["reason"], moves
     files = set(git(repo, "ls-tree", "--name-only", plan.integration_branch).split())
     assert files >= {f"{n}.txt" for n in good_ones} and not files & {f"{n}.txt" for n in bad}
     landed_in_order(status, git, repo, events)
@@ -258,6 +299,10 @@ async def test_a_failing_batch_is_bisected_the_bad_go_back_with_the_gate_output_
     assert len(gate_runs(gate_dir)[1]) == 6 and verdicts[:2] == [True, False]  # a; then the five together
     assert verdicts.count(True) == status.plan.merge_batches
     assert verdicts.count(False) <= 4 * 2 * len(bad), gate_runs(gate_dir)
+    if named and len(bad) == 1:
+        # a; the five (failing); the four without c (landing: c is the culprit); c's retry.
+        assert verdicts == [True, False, True, False], gate_runs(gate_dir)
+        assert {status.task(n).last_activity for n in "bdef"} == {"merged in batch 2 with 3 others"}
 
 
 @pytest.mark.anyio
@@ -372,6 +417,7 @@ async def test_kill_9_during_a_batch_loses_nothing_and_merges_nothing_twice(
     gate = [sys.executable, str(gate_dir / "gate.py"), str(gate_dir)]
     settings = engine_settings(server, gate=gate)
     if moment == "bisecting":
+        (gate_dir / "anonymous").touch()  # no suspect: the batch is bisected
         # Run 1: a alone; 2: the batch of four, failing; 3: its first half (landing if it
         # passes); 4, the next step of the bisection, hangs until the engine is killed.
         (gate_dir / "hang-at").write_text("4")
