@@ -24,6 +24,7 @@ BENCHES = {
     "mcp": ("bench_mcp.py", []),
     "race": ("bench_race.py", []),
     "sandbox": ("bench_sandbox.py", []),
+    "gate": ("bench_gate.py", []),
 }
 
 
@@ -93,6 +94,11 @@ def results_table(results: dict[str, Any]) -> Table:
         # A cost to know, not a bar to pass: the sandbox is on by default either way.
         row("agent run, sandbox / none: wall", sandbox["wall_ratio"], "measured", True, "x")
         row("agent run, sandbox / none: CPU", sandbox["cpu_ratio"], "measured", True, "x")
+    if "gate" in results:
+        gate = results["gate"]
+        # Time a 5 s gate added to 20 tasks on 10 workers, in gate durations.
+        row("batched gate: added / gate duration", gate["gate_overhead"], "<= 3", gate["gate_overhead"] <= 3)
+        row("… with one bad task", gate["bad_overhead"], "<= 8", gate["bad_overhead"] <= 8)
     table = Table(title="claudecluster benchmarks (details: BENCHMARKS.md)", title_justify="left")
     for column in ("measurement", "measured", "target", ""):
         table.add_column(column)
