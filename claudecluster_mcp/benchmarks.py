@@ -26,6 +26,7 @@ BENCHES = {
     "sandbox": ("bench_sandbox.py", []),
     "kill": ("bench_kill.py", []),
     "load": ("bench_load.py", []),
+    "gate": ("bench_gate.py", []),
 }
 # "Flat" RSS over the held load: what the allocator's noise allows, far below a leak's growth.
 RSS_SLACK_MB = 2.0
@@ -124,6 +125,11 @@ def results_table(results: dict[str, Any]) -> Table:
         row(label, held, f"{total} of {total}", held == total, f" of {total}")
     if "load" in results:
         _load_rows(results["load"], row)
+    if "gate" in results:
+        gate = results["gate"]
+        # Time a 5 s gate added to 20 tasks on 10 workers, in gate durations.
+        row("batched gate: added / gate duration", gate["gate_overhead"], "<= 3", gate["gate_overhead"] <= 3)
+        row("… with one bad task", gate["bad_overhead"], "<= 8", gate["bad_overhead"] <= 8)
     table = Table(title="claudecluster benchmarks (details: BENCHMARKS.md)", title_justify="left")
     for column in ("measurement", "measured", "target", ""):
         table.add_column(column)

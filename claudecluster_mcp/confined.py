@@ -4,8 +4,8 @@ afterwards, and under a :class:`~claudecluster_mcp.isolation.SandboxPolicy` a fi
 read-only except the given paths, with no network unless the policy allows some. Its own
 process group is killed on timeout or cancellation.
 
-Worktree setup runs through :func:`run_confined`; the gate
-(:func:`~claudecluster_mcp.merge.run_gate`) applies the same rules.
+Worktree setup and the merge gate (:func:`~claudecluster_mcp.merge.run_gate`) both run
+through :func:`run_confined`.
 """
 
 from __future__ import annotations
@@ -50,12 +50,15 @@ async def run_confined(
     sandbox: SandboxPolicy | None,
     env: Mapping[str, str] | None = None,
     writable: Sequence[Path] = (),
+    tmpdir: Path | None = None,
 ) -> ConfinedResult:
     """Run ``argv`` in ``cwd`` (writable, with ``writable`` and a private TMPDIR, when
-    sandboxed); ``env`` is added to the scrubbed environment."""
+    sandboxed); ``env`` is added to the scrubbed environment. The TMPDIR is made and removed
+    here unless the caller gives its own ``tmpdir`` (which it then removes)."""
     if sandbox is not None:
         require_isolation("sandbox")
-    tmpdir = Path(tempfile.mkdtemp(prefix="claudecluster-run-"))
+    own_tmpdir = tmpdir is None
+    tmpdir = Path(tempfile.mkdtemp(prefix="claudecluster-run-")) if tmpdir is None else tmpdir
     full_env = {**scrubbed_env(credentials=False), **(env or {}), "TMPDIR": str(tmpdir)}
     command = list(argv) if sandbox is None else confine_argv(argv, sandbox, [cwd, *writable, tmpdir])
     started = time.monotonic()
@@ -67,7 +70,8 @@ async def run_confined(
     except OSError as exc:
         return ConfinedResult(False, None, f"could not run {argv[0]}: {exc}", time.monotonic() - started)
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        if own_tmpdir:
+            shutil.rmtree(tmpdir, ignore_errors=True)
     return ConfinedResult(returncode == 0, returncode, output[-_OUTPUT_TAIL:], time.monotonic() - started)
 
 

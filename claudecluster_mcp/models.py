@@ -270,6 +270,7 @@ class Task(TaskSpec):
     approved: bool = False
     setup_s: float | None = None  #: seconds its worktree setup took (copy_files and setup), all attempts
     warnings: list[str] = Field(default_factory=list)  #: what its agent was denied, and the rule that allows it
+    merge_batch: int | None = None  #: the plan's merge batch that landed it (1, 2, …)
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -318,6 +319,8 @@ class Plan(BaseModel):
     reason: str = ""
     max_cost_usd: float | None = None  #: no agent starts once the plan's tasks cost this much
     max_tokens: int | None = None  #: … or used this many tokens
+    merge_batches: int = 0  #: with a gate: landings of its merge queue (one compare-and-swap each)
+    gate_runs: int = 0  #: runs of its gate (batches, their bisection, the final merge)
     created_at: datetime
     updated_at: datetime
 

@@ -134,6 +134,11 @@ def log_entry(change: Change) -> LogEntry | None:
         level = _TASK_LEVELS.get(state, "info")
         attempt = f" (attempt {change.data['attempts']})" if state == "running" and "attempts" in change.data else ""
         message = f"task {ref} is {state}{attempt}{because}"
+    elif change.kind == "gate":  # a merge batch (or one candidate, or a final merge) gated
+        passed = bool(change.data.get("ok"))
+        on = ", ".join(change.data.get("tasks") or []) or "the final merge"
+        level = "info" if passed else "warning"
+        message = f"plan {ref}: the gate {'passed' if passed else 'failed'} on {on} ({change.data.get('seconds')}s)"
     elif change.kind == "tool_use":
         level = "debug"
         message = f"task {ref} calls {change.data.get('name')}: {_short(change.data.get('input'))}"

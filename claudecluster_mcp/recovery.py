@@ -88,10 +88,8 @@ async def _settle_journal(repo: Path, store: Store, merges: MergeQueue, entry: d
     tip = (await git(repo, "rev-parse", "--verify", "--quiet", entry["ref"], check=False)).stdout.strip()
     done = tip == entry["new"]
     await store.end_merge(entry["seq"], "done" if done else "undone")
-    if done and entry["task_id"]:
-        task = await store.task(entry["plan_id"], entry["task_id"])
-        if task.state is TaskState.SUCCEEDED:
-            await merges.mark_merged(await store.plan(entry["plan_id"]), task, tip)
+    if done and entry["tasks"]:  # every task the update landed (a batch lands several)
+        await merges.landed(entry["plan_id"], entry["tasks"], tip)
     elif done:  # the final merge of a plan into its target branch
         plan = await store.plan(entry["plan_id"])
         if plan.state is not PlanState.MERGED:

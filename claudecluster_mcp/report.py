@@ -63,6 +63,25 @@ def elapsed_text(task: Task) -> str:
     return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
 
 
+def merge_queue_text(status: PlanStatus) -> str:
+    """How the merge queue landed a gated plan's tasks: batches and gate runs ("" without a
+    gate)."""
+    plan = status.plan
+    if not plan.gate and not plan.gate_runs:
+        return ""
+    merged, batches, runs = status.counts.get("merged", 0), plan.merge_batches, plan.gate_runs
+    return (
+        f"{merged} task{'s' * (merged != 1)} merged in {batches} batch{'es' * (batches != 1)}; "
+        f"{runs} gate run{'s' * (runs != 1)}"
+    )
+
+
+def state_text(task: Task) -> str:
+    """A task's state, with the merge batch that landed it."""
+    batch = f" (batch {task.merge_batch})" if task.merge_batch and task.state is TaskState.MERGED else ""
+    return task.state.value + batch
+
+
 @dataclass(frozen=True)
 class Diffstat:
     """What a task's commit changed."""
@@ -110,6 +129,10 @@ def event_line(event: dict[str, Any]) -> str:
         detail = f"{ran}: {'ok' if data.get('ok') else 'FAILED'} in {data.get('seconds')}s"
         detail += f"; copied {', '.join(data['copied'])}" if data.get("copied") else ""
         detail += f"; {' '.join(data.get('notes') or [])} {str(data.get('output', ''))[-300:]}"
+    elif kind == "gate":
+        verdict = "passed" if data.get("ok") else f"FAILED (exit {data.get('exit')})"
+        on = ", ".join(data.get("tasks") or []) or "the final merge"
+        detail = f"{verdict} on {on} in {data.get('seconds')}s"
     elif kind == "warning":
         detail = data.get("text", "")
     else:
@@ -135,7 +158,7 @@ def _task_dict(task: Task, stat: Diffstat | None) -> dict[str, Any]:
         include={
             "id", "title", "kind", "state", "deps", "priority", "category", "attempts", "turns",
             "cost_usd", "input_tokens", "output_tokens", "reason", "branch", "commit",
-            "merge_commit", "changed_files", "started_at", "finished_at", "setup_s", "warnings",
+            "merge_commit", "changed_files", "started_at", "finished_at", "setup_s", "warnings", "merge_batch",
         },
     )  # fmt: skip
     data["diffstat"] = stat.__dict__ if stat else None
@@ -176,6 +199,7 @@ def to_markdown(status: PlanStatus, stats: dict[str, Diffstat] | None = None, is
         f"integration branch `{plan.integration_branch}`, target `{plan.target_branch}`",
         f"- State: **{plan.state.value}**; tasks: " + ", ".join(f"{n} {s}" for s, n in sorted(status.counts.items())),
         f"- Cost: ${status.total_cost_usd:.4f}; tokens: {status.total_tokens:,}",
+        *([f"- Merge queue: {text}"] if (text := merge_queue_text(status)) else []),
         *(
             [f"- Isolation: **{isolation}**" + (" (agents and the gate ran unconfined)" if isolation == "none" else "")]
             if isolation
@@ -189,7 +213,7 @@ def to_markdown(status: PlanStatus, stats: dict[str, Diffstat] | None = None, is
         stat = stats.get(task.id)
         diff = f"{stat.files} files +{stat.added} -{stat.removed}" if stat else "-"
         lines.append(
-            f"| {task.id}{' (resolve)' if task.kind.value == 'resolve' else ''} | {task.state.value} | "
+            f"| {task.id}{' (resolve)' if task.kind.value == 'resolve' else ''} | {state_text(task)} | "
             f"{task.attempts} | {task.turns} | {elapsed_text(task)} | {_setup_text(task)} | ${task.cost_usd:.4f} | "
             f"{task.input_tokens + task.output_tokens:,} | {diff} | {', '.join(task.deps) or '-'} |"
         )
@@ -339,7 +363,7 @@ def to_html(status: PlanStatus, stats: dict[str, Diffstat] | None = None, isolat
         rows.append(
             f'<tr data-task="{e(task.id)}"><td>{e(task.id)}{resolve}'
             f"<br><small>{e(task.title)}</small></td>"
-            f'<td><span class="state" style="background:{colour}">{e(task.state.value)}</span></td>'
+            f'<td><span class="state" style="background:{colour}">{e(state_text(task))}</span></td>'
             f'<td class="num">{task.attempts}</td><td class="num">{task.turns}</td>'
             f'<td class="num">{elapsed_text(task)}</td><td class="num">{_setup_text(task)}</td>'
             f'<td class="num">${task.cost_usd:.4f}</td>'
@@ -369,6 +393,7 @@ def to_html(status: PlanStatus, stats: dict[str, Diffstat] | None = None, isolat
             ("failed", sum(status.counts.get(s, 0) for s in ("failed", "timed_out", "conflicted", "gate_failed"))),
             ("cost", f"${status.total_cost_usd:.4f}"),
             ("tokens", f"{status.total_tokens:,}"),
+            *([("merge batches", plan.merge_batches), ("gate runs", plan.gate_runs)] if plan.gate else []),
         ]
     )
     return f"""<!doctype html>

@@ -191,6 +191,14 @@ MIGRATIONS: list[str] = [
     ALTER TABLE plans ADD COLUMN max_cost_usd REAL CHECK (max_cost_usd IS NULL OR max_cost_usd > 0);
     ALTER TABLE plans ADD COLUMN max_tokens INTEGER CHECK (max_tokens IS NULL OR max_tokens > 0);
     """,
+    # 5: the merge queue lands batches: a journal entry names every task it lands; a task
+    # knows its batch, a plan counts its batches and gate runs.
+    """
+    ALTER TABLE merges ADD COLUMN task_ids TEXT;
+    ALTER TABLE tasks ADD COLUMN merge_batch INTEGER;
+    ALTER TABLE plans ADD COLUMN merge_batches INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE plans ADD COLUMN gate_runs INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 

@@ -77,7 +77,12 @@ class EngineSettings(BaseModel):
     merge_policy: MergePolicy = Field(default=MergePolicy.RESOLVE, description="resolve | report conflicts")
     gate: list[str] | None = Field(default=None, description="command run on each merge candidate (argv)")
     gate_timeout: float = Field(default=600.0, gt=0, description="seconds a gate run may take")
-    gate_retries: int = Field(default=0, ge=0, description="re-runs of a task whose merge failed the gate")
+    gate_retries: int = Field(
+        default=1, ge=0, description="re-runs of a task whose merge failed the gate (told the gate's output)"
+    )
+    merge_batch_size: int = Field(
+        default=8, ge=1, le=100, description="candidates merged and gated together when a plan has a gate"
+    )
     setup: list[str] | None = Field(default=None, description="command run in each new worktree before its agent")
     setup_timeout: float = Field(default=600.0, gt=0, description="seconds a setup run may take")
     copy_files: list[str] = Field(default_factory=list, description="globs copied from your checkout to new worktrees")

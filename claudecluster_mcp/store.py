@@ -378,12 +378,16 @@ class Store:
 
     # -- merge journal ----------------------------------------------------------------------
 
-    async def begin_merge(self, plan_id: str, task_id: str | None, ref: str, old: str, new: str) -> int:
-        """Record a ref update about to happen; returns its journal number."""
+    async def begin_merge(
+        self, plan_id: str, task_id: str | None, ref: str, old: str, new: str, *, batch: Sequence[str] = ()
+    ) -> int:
+        """Record a ref update about to happen (landing ``task_id``, or every task of
+        ``batch``); returns its journal number."""
         async with self.transaction() as db:
             cursor = await db.execute(
-                "INSERT INTO merges (plan_id, task_id, ref, old, new, state, at) VALUES (?, ?, ?, ?, ?, 'started', ?)",
-                [plan_id, task_id, ref, old, new, now().isoformat()],
+                "INSERT INTO merges (plan_id, task_id, ref, old, new, state, at, task_ids) "
+                "VALUES (?, ?, ?, ?, ?, 'started', ?, ?)",
+                [plan_id, task_id, ref, old, new, now().isoformat(), json.dumps(list(batch)) if batch else None],
             )
             return int(cursor.lastrowid or 0)
 
@@ -393,8 +397,28 @@ class Store:
             await db.execute("UPDATE merges SET state = ? WHERE seq = ? AND state = 'started'", [state, seq])
 
     async def open_merges(self) -> list[dict[str, Any]]:
-        """Journal entries left ``started`` (a crash between recording and closing)."""
-        return [dict(row) for row in await self._rows("SELECT * FROM merges WHERE state = 'started' ORDER BY seq")]
+        """Journal entries left ``started`` (a crash between recording and closing); an
+        entry's ``tasks`` are the tasks it lands (none for a plan's final merge)."""
+        rows = [dict(row) for row in await self._rows("SELECT * FROM merges WHERE state = 'started' ORDER BY seq")]
+        for row in rows:
+            batch = json.loads(row["task_ids"]) if row["task_ids"] else []
+            row["tasks"] = batch or ([row["task_id"]] if row["task_id"] else [])
+        return rows
+
+    async def count_merges(self, plan_id: str, *, batches: int = 0, gate_runs: int = 0) -> int:
+        """Add to a plan's count of merge batches and gate runs; returns its batch count."""
+        async with (
+            self.transaction() as db,
+            db.execute(
+                "UPDATE plans SET merge_batches = merge_batches + ?, gate_runs = gate_runs + ? "
+                "WHERE id = ? RETURNING merge_batches",
+                [batches, gate_runs, plan_id],
+            ) as cursor,
+        ):
+            row = await cursor.fetchone()
+        if row is None:
+            raise NotFoundError(f"no plan {plan_id!r}")
+        return int(row[0])
 
     async def schema(self) -> list[tuple[str, str]]:
         """(name, sql) of every table and index, for the migrated-equals-fresh test."""

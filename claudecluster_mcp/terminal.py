@@ -20,7 +20,7 @@ from rich.table import Table
 from .engine import STATUS_FOCUS, Cluster
 from .merge_queue import FinalMerge
 from .models import FINAL_STATES, PlanStatus, TaskState
-from .report import to_json
+from .report import merge_queue_text, to_json
 from .table import plan_view
 
 __all__ = ["exit_code", "follow", "landing_line", "print_overview", "print_status", "show_live", "tally"]
@@ -92,7 +92,8 @@ def print_status(console: Console, status: PlanStatus, *, as_json: bool, isolati
         return
     console.print(plan_view(status, isolation, width=console.width))
     totals = f"${status.total_cost_usd:.4f}, {status.total_tokens:,} tokens"
-    console.print(f"{sum(status.counts.values())} tasks: {tally(status)}; {totals}")
+    queue = f"; {text}" if (text := merge_queue_text(status)) else ""
+    console.print(f"{sum(status.counts.values())} tasks: {tally(status)}; {totals}{queue}")
 
 
 def print_overview(console: Console, title: str, overview: list[PlanStatus], *, as_json: bool) -> None:

@@ -58,6 +58,7 @@ class TaskView(BaseModel):
     changed_files: list[str]
     setup_s: float | None = Field(default=None, description="seconds its worktree setup took")
     warnings: list[str] = Field(default_factory=list, description="what its agent was denied, and the rule to allow it")
+    merge_batch: int | None = Field(default=None, description="the plan's merge batch that landed it (1, 2, …)")
 
     @classmethod
     def of(cls, task: Task) -> TaskView:
@@ -86,6 +87,7 @@ class TaskView(BaseModel):
             changed_files=task.changed_files,
             setup_s=task.setup_s,
             warnings=task.warnings,
+            merge_batch=task.merge_batch,
         )
 
 
@@ -167,6 +169,8 @@ class StatusView(BaseModel):
     counts: dict[str, int] = Field(default_factory=dict)
     total_cost_usd: float = 0.0
     total_tokens: int = 0
+    merge_batches: int = Field(default=0, description="landings of the plan's merge queue (one ref update each)")
+    gate_runs: int = Field(default=0, description="runs of the plan's gate (batches, their bisection, final merge)")
     workers: int = 0
     agents_running: int = 0
     tasks: list[TaskView] = Field(default_factory=list)
@@ -189,6 +193,8 @@ class StatusView(BaseModel):
             counts=status.counts,
             total_cost_usd=round(status.total_cost_usd, 6),
             total_tokens=status.total_tokens,
+            merge_batches=status.plan.merge_batches,
+            gate_runs=status.plan.gate_runs,
             workers=workers,
             agents_running=agents_running,
             tasks=[TaskView.of(t) for t in status.tasks],
@@ -219,6 +225,7 @@ class StatusView(BaseModel):
             f"plan {self.plan_id} {self.state}{' (finished)' if self.finished else ''}"
             f"{f' ({self.reason})' if self.reason else ''}: {counts}; "
             f"{self.agents_running} agents running; ${self.total_cost_usd:.4f}, {self.total_tokens:,} tokens"
+            f"{f'; {self.gate_runs} gate runs, {self.merge_batches} merge batches' if self.gate_runs else ''}"
             f"{f'; {self.notice}' if self.notice else ''}"
             f"{'; isolation none: agents run unconfined' if self.isolation == 'none' else ''}"
         )
