@@ -393,5 +393,15 @@ def _per_kind(run: Run) -> dict[str, dict[str, Any]]:
             "merged": sum(run.tasks[t].state is TaskState.MERGED for t in targets),
             "lost_s": round(sum(max(0.0, s - typical) for s in spans), 1),
         }
-    rows["(none)"] = {"injected": 0, "seen": 0, "merged": len(clean), "lost_s": 0.0, "typical_s": round(typical, 1)}
+    # Tasks without a fault that were retried anyway (e.g. a start so slow under load that it
+    # hit the inactivity timeout), or paused for another task's 429.
+    unfaulted = [t for t in run.tasks if t not in run.injected.faults]
+    retried = sum(bool(re.search(r"retrying|rate limited", _reasons(run, t))) for t in unfaulted)
+    rows["(none)"] = {
+        "injected": 0,
+        "seen": retried,
+        "merged": sum(run.tasks[t].state is TaskState.MERGED for t in unfaulted),
+        "lost_s": 0.0,
+        "typical_s": round(typical, 1),
+    }
     return rows

@@ -61,7 +61,9 @@ def table(outcome: Outcome, baseline: float | None) -> str:
     for kind in KINDS:
         row = outcome.per_kind[kind]
         lines.append(f"{kind:<20} {row['injected']:>8} {row['seen']:>5} {row['merged']:>7} {row['lost_s']:>12}")
-    lines.append(f"(typical start-to-merge of an unfaulted task: {outcome.per_kind['(none)']['typical_s']} s)")
+    none = outcome.per_kind["(none)"]
+    lines.append(f"{'(no fault)':<20} {'':>8} {none['seen']:>5} {none['merged']:>7}   (seen: retried or paused anyway)")
+    lines.append(f"(typical start-to-merge of an unfaulted task: {none['typical_s']} s)")
     for task_id, reason in sorted(outcome.not_merged.items()):
         lines.append(f"  not merged: {task_id}: {reason[:160]!r}")
     return "\n".join(lines)

@@ -7,15 +7,28 @@ merged twice, no process is left, and every task merges."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
+
+from claudecluster_mcp.claude_cli import ClaudeBinary
+from claudecluster_mcp.engine import Cluster
+from claudecluster_mcp.model_server import ScriptedModelServer
+from claudecluster_mcp.models import TaskState
+from claudecluster_mcp.scenario import marker_rule, marker_task, write_turn
+from claudecluster_mcp.settings import EngineSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from _faults import KINDS, SuiteConfig, check, run_suite, suite_settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.claude]
+
+StartServer = Callable[[dict[str, Any]], ScriptedModelServer]
+Settings = Callable[..., EngineSettings]
 
 
 async def test_every_kind_of_fault_once_and_every_task_still_merges_exactly_once(repo: Path, tmp_path: Path) -> None:
@@ -32,3 +45,58 @@ async def test_every_kind_of_fault_once_and_every_task_still_merges_exactly_once
     # The engine met each fault that reaches it (a ref lock is waited out inside git).
     seen = {kind for kind, row in outcome.per_kind.items() if row["seen"]}
     assert seen >= set(KINDS) - {"git lock at merge"}, outcome.per_kind
+
+
+# -- what the fault suite found ------------------------------------------------------------
+
+
+async def test_a_rate_limited_agent_that_got_somewhere_resumes_its_session_after_the_pause(
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings
+) -> None:
+    # Turn 1 is refused with a 429 (Claude Code's retries off): the Write of turn 0 is kept.
+    second = {**write_turn("b.txt", "B\n"), "fault": {"type": "rate_limit", "retry_after": None}}
+    server = model_server({"rules": [marker_rule("A", write_turn("a.txt", "A\n"), second)]})
+
+    async with Cluster.open(repo, workers=1, settings=engine_settings(server), claude=claude) as cluster:
+        plan = (await cluster.plan("two files", [marker_task("A")])).plan
+        await cluster.dispatch(plan.id)
+        with anyio.fail_after(90):
+            status = await cluster.wait(plan.id)
+        events = await cluster.events(plan.id, "A")
+
+    task = status.task("A")
+    assert task.state is TaskState.MERGED and task.attempts == 1, (task.state, task.reason)
+    reasons = [e["data"].get("reason", "") for e in events if e["kind"] == "state"]
+    assert any("rate limited" in r and "resuming its session" in r for r in reasons), reasons
+    # One conversation throughout: turn 0 was asked once, turn 1 again after the pause.
+    assert [(r.turn, r.outcome) for r in server.requests if r.rule == "A"] == [
+        (0, "ok"),
+        (1, "fault: rate_limit"),
+        (1, "ok"),
+        (2, "ok"),
+    ]
+
+
+async def test_in_a_storm_one_agent_retries_for_the_pool_and_the_others_wait_parked(
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings
+) -> None:
+    # Claude Code retries 429s itself here (its default); every request of the first 5 s gets one.
+    storm = {"seconds": 5, "fault": {"type": "rate_limit", "retry_after": 1}}
+    rules = [marker_rule(f"T{i}", write_turn(f"t{i}.txt", f"{i}\n")) for i in range(3)]
+    server = model_server({"storm": storm, "rules": rules})
+    settings = engine_settings(server)
+    env = {k: v for k, v in settings.agent_env.items() if k != "CLAUDE_CODE_MAX_RETRIES"}
+
+    async with Cluster.open(repo, workers=3, settings=settings.model_copy(update={"agent_env": env})) as cluster:
+        plan = (await cluster.plan("three", [marker_task(f"T{i}") for i in range(3)])).plan
+        await cluster.dispatch(plan.id)
+        with anyio.fail_after(100):
+            status = await cluster.wait(plan.id)
+        events = await cluster.events(plan.id)
+
+    assert all(t.state is TaskState.MERGED and t.attempts == 1 for t in status.tasks), [
+        (t.id, t.state, t.reason) for t in status.tasks
+    ]
+    parked = {e["task_id"] for e in events if "parked" in str(e["data"].get("reason", ""))}
+    assert parked, [e["data"] for e in events if e["kind"] == "state"]
+    assert len(server.requests) < 40
