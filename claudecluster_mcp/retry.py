@@ -61,7 +61,7 @@ class RateLimitPause:
     Every method takes the clock (epoch seconds): the policy is pure apart from its state
     and the random source of the jitter."""
 
-    def __init__(self, stagger: float, first: float = 1.0, cap: float = 30.0, rng: random.Random | None = None) -> None:
+    def __init__(self, stagger: float, first: float = 1.0, cap: float = 10.0, rng: random.Random | None = None) -> None:
         self.stagger = stagger
         self.first = first
         self.cap = cap
@@ -94,8 +94,10 @@ class RateLimitPause:
         """Claude Code in agent ``ref`` waits ``delay`` s to retry a 429 itself: admit no
         new agent meanwhile. True when ``ref`` is to be parked instead: another agent
         already retries a 429 (until it is answered or ends), or an incident is on and
-        ``ref`` is not its probe."""
-        if any(other != ref for other in self._holds) or (self.incident and ref != self.probe):
+        ``ref`` is neither its probe nor the agent that was retrying already."""
+        if any(other != ref for other in self._holds):
+            return True
+        if self.incident and ref != self.probe and ref not in self._holds:
             return True
         self._holds[ref] = max(self._holds.get(ref, 0.0), clock + delay)
         return False

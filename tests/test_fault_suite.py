@@ -13,7 +13,9 @@ from typing import Any
 
 import anyio
 import pytest
+from rich.console import Console
 
+from claudecluster_mcp.benchmarks import results_table
 from claudecluster_mcp.claude_cli import ClaudeBinary
 from claudecluster_mcp.engine import Cluster
 from claudecluster_mcp.model_server import ScriptedModelServer
@@ -25,12 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from _faults import KINDS, SuiteConfig, check, run_suite, suite_settings
 
-pytestmark = [pytest.mark.anyio, pytest.mark.claude]
+pytestmark = pytest.mark.anyio
 
 StartServer = Callable[[dict[str, Any]], ScriptedModelServer]
 Settings = Callable[..., EngineSettings]
 
 
+@pytest.mark.claude
 async def test_every_kind_of_fault_once_and_every_task_still_merges_exactly_once(repo: Path, tmp_path: Path) -> None:
     config = SuiteConfig(tasks=24, workers=4, fault_rate=len(KINDS) / 24, latency=0.2, inactivity_timeout=8)
     settings = suite_settings(config, tmp_path, retry_backoff=0.5, restart_stagger=0.2)
@@ -47,9 +50,35 @@ async def test_every_kind_of_fault_once_and_every_task_still_merges_exactly_once
     assert seen >= set(KINDS) - {"git lock at merge"}, outcome.per_kind
 
 
+def test_the_bench_table_holds_the_fault_suite_and_the_storm_against_their_targets() -> None:
+    faults = {
+        "total": 1000,
+        "merged_share": 0.998,
+        "unexplained": [],
+        "lost": [],
+        "merged_twice": [],
+        "leftover_pids": [4242],
+        "per_kind": {"stall": {"lost_s": 100.0}, "agent killed": {"lost_s": 20.5}, "(none)": {"lost_s": 0.0}},
+    }
+    storm_run = {"makespan_ratio": 0.9, "requests_ratio": 1.2, "not_merged": {}}
+    storm = {"runs": {"no storm": {"makespan_s": 30.0}, "storm, CLI retries 0": storm_run}}
+    console = Console(record=True, width=200)
+
+    console.print(results_table({"faults": faults, "storm": storm}))
+
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in console.export_text().splitlines()]
+    row = {c[0]: c[1:] for c in cells if c}
+    assert row["faults: 1000 tasks merged"] == ["99.80 %", ">= 99.5 %", "met"]
+    assert row["faults: processes left"] == ["1", "0", "not met"]
+    assert row["faults: task-seconds lost to faults"][0] == "120.5 s"
+    assert row["storm, CLI retries 0: makespan / (storm + 1.2 x no storm)"] == ["0.9", "<= 1", "met"]
+    assert row["storm, CLI retries 0: requests in storm / (3 x workers)"] == ["1.2", "<= 1", "not met"]
+
+
 # -- what the fault suite found ------------------------------------------------------------
 
 
+@pytest.mark.claude
 async def test_a_rate_limited_agent_that_got_somewhere_resumes_its_session_after_the_pause(
     claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings
 ) -> None:
@@ -77,6 +106,7 @@ async def test_a_rate_limited_agent_that_got_somewhere_resumes_its_session_after
     ]
 
 
+@pytest.mark.claude
 async def test_in_a_storm_one_agent_retries_for_the_pool_and_the_others_wait_parked(
     claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings
 ) -> None:

@@ -240,8 +240,9 @@ def test_one_agent_retries_a_429_for_the_pool_and_the_others_are_parked() -> Non
     p = pool()
     assert p.retrying("a", 100.0, 1.0) is False  # a's Claude Code retries for the pool
     assert p.retrying("b", 100.1, 1.0) is True  # b is parked: stopped, resumed later
-    assert p.retrying("a", 101.0, 2.0) is False  # a goes on retrying
     until = p.rate_limited("b", 100.2)  # b's stop opens the incident
+    assert p.retrying("a", 101.0, 2.0) is False  # a goes on retrying
+    assert p.retrying("d", 101.1, 2.0) is True  # others that meet the 429 are parked
     # During the incident its pauses and probes decide, not a's retry delays.
     assert p.wait_for(until) == 0
     p.started(until, "c")
