@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from _common import make_repo  # noqa: E402
-from _faults import KINDS, Outcome, SuiteConfig, check, run_suite, suite_settings  # noqa: E402
+from _fault_checks import Outcome, check  # noqa: E402
+from _faults import KINDS, SuiteConfig, run_suite, suite_settings  # noqa: E402
 
 TARGET_MERGED = 0.995
 

@@ -25,7 +25,8 @@ from claudecluster_mcp.settings import EngineSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-from _faults import KINDS, SuiteConfig, check, run_suite, suite_settings
+from _fault_checks import check
+from _faults import KINDS, SuiteConfig, run_suite, suite_settings
 
 pytestmark = pytest.mark.anyio
 
