@@ -152,14 +152,14 @@ class Injector:
         self.lock_hold = lock_hold
         self._arm_lock(tg)
         kills = {t: turn for t in self.injected.of("agent killed") for _, turn in [self.injected.faults[t]]}
+        due: set[str] = set()  # targets whose turn has been asked for, until their agent is killed
         seen = 0
         while True:
             records = self.server.requests
-            for record in records[seen:]:
-                target = record.rule if record.rule in kills and record.turn == kills[record.rule] else None
-                if target is not None and target not in self.injected.killed:
-                    await self._kill(target)
+            due |= {r.rule for r in records[seen:] if r.rule in kills and r.turn == kills[r.rule]}
             seen = len(records)
+            for target in sorted(due - set(self.injected.killed)):
+                await self._kill(target)
             await anyio.sleep(0.1)
 
     async def _kill(self, task_id: str) -> None:

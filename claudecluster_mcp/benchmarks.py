@@ -24,7 +24,7 @@ BENCHES = {
     "mcp": ("bench_mcp.py", []),
     "race": ("bench_race.py", []),
     "sandbox": ("bench_sandbox.py", []),
-    "faults": ("bench_faults.py", []),
+    "faults": ("bench_faults.py", ["--baseline"]),
     "storm": ("bench_storm.py", []),
 }
 
@@ -122,8 +122,15 @@ def _fault_rows(faults: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
         ("leftover_pids", "processes left"),
     ]:
         rows.append((f"faults: {label}", str(len(faults[key])), "0", not faults[key]))
+    for kind, row in faults["per_kind"].items():
+        if kind != "(none)":
+            done = f"{row['merged']}/{row['injected']} merged, {row['lost_s']:g} task-s lost"
+            rows.append((f"faults: {kind}", done, "measured", True))
     lost = sum(row["lost_s"] for kind, row in faults["per_kind"].items() if kind != "(none)")
     rows.append(("faults: task-seconds lost to faults", f"{lost:g} s", "measured", True))
+    if faults.get("baseline_makespan_s"):
+        spans = f"{faults['makespan']:.0f} s / {faults['baseline_makespan_s']:.0f} s"
+        rows.append(("faults: makespan with / without faults", spans, "measured", True))
     return rows
 
 

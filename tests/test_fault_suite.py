@@ -59,7 +59,13 @@ def test_the_bench_table_holds_the_fault_suite_and_the_storm_against_their_targe
         "lost": [],
         "merged_twice": [],
         "leftover_pids": [4242],
-        "per_kind": {"stall": {"lost_s": 100.0}, "agent killed": {"lost_s": 20.5}, "(none)": {"lost_s": 0.0}},
+        "per_kind": {
+            "stall": {"injected": 20, "merged": 20, "lost_s": 100.0},
+            "agent killed": {"injected": 19, "merged": 17, "lost_s": 20.5},
+            "(none)": {"injected": 0, "merged": 850, "lost_s": 0.0},
+        },
+        "makespan": 1000.4,
+        "baseline_makespan_s": 900.0,
     }
     storm_run = {"makespan_ratio": 0.9, "requests_ratio": 1.2, "not_merged": {}}
     storm = {"runs": {"no storm": {"makespan_s": 30.0}, "storm, CLI retries 0": storm_run}}
@@ -72,6 +78,8 @@ def test_the_bench_table_holds_the_fault_suite_and_the_storm_against_their_targe
     assert row["faults: 1000 tasks merged"] == ["99.80 %", ">= 99.5 %", "met"]
     assert row["faults: processes left"] == ["1", "0", "not met"]
     assert row["faults: task-seconds lost to faults"][0] == "120.5 s"
+    assert row["faults: agent killed"][0] == "17/19 merged, 20.5 task-s lost"
+    assert row["faults: makespan with / without faults"][0] == "1000 s / 900 s"
     assert row["storm, CLI retries 0: makespan / (storm + 1.2 x no storm)"] == ["0.9", "<= 1", "met"]
     assert row["storm, CLI retries 0: requests in storm / (3 x workers)"] == ["1.2", "<= 1", "not met"]
 
