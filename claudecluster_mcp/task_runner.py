@@ -71,6 +71,7 @@ class TaskRunner:
         self.runs: dict[str, AgentHandle] = {}
         self._rate_limit_pauses: dict[str, int] = {}
         self._parked: set[str] = set()  # agents stopped to wait out a rate-limit storm
+        self._cancelled: dict[str, str] = {}  # parked agents cancelled before they ended → why
         # Once per engine, not per run: the agents' secrets and the private state directories.
         register_secrets(settings.agent_env)
         self._secrets = redactor(settings.agent_env)
@@ -83,6 +84,9 @@ class TaskRunner:
         found = False
         for ref, run in list(self.runs.items()):
             if ref == f"{plan_id}/{task_id}" or (task_id is None and ref.startswith(plan_id + "/")):
+                if ref in self._parked:  # stopping already, to be resumed: the cancel wins
+                    self._parked.discard(ref)
+                    self._cancelled[ref] = reason
                 run.cancel(reason)
                 found = True
         return found
@@ -232,6 +236,7 @@ class TaskRunner:
         }
         parked = outcome.status is OutcomeStatus.CANCELLED and task.ref in self._parked
         self._parked.discard(task.ref)
+        cancelled = self._cancelled.pop(task.ref, None)
         if outcome.ok:
             await self._succeeded(plan, task, outcome, worktree, base, results, outside)
         elif parked or outcome.status is OutcomeStatus.RATE_LIMITED:
@@ -239,7 +244,8 @@ class TaskRunner:
                 reason = f"rate limited (more than {self.settings.max_rate_limit_pauses} pauses): {outcome.reason}"
                 await self.store.move(plan.id, task.id, TaskState.FAILED, reason=reason, **results)
         elif outcome.status is OutcomeStatus.CANCELLED:
-            await self.store.move(plan.id, task.id, TaskState.CANCELLED, reason=outcome.reason, **results)
+            reason = cancelled or outcome.reason
+            await self.store.move(plan.id, task.id, TaskState.CANCELLED, reason=reason, **results)
         else:
             decision = decide_retry(outcome, task.attempts, self.settings)
             if decision.retry:

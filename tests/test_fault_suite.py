@@ -15,11 +15,14 @@ import anyio
 import pytest
 from rich.console import Console
 
+from claudecluster_mcp.agent_spec import AgentSpec
 from claudecluster_mcp.benchmarks import results_table
 from claudecluster_mcp.claude_cli import ClaudeBinary
 from claudecluster_mcp.engine import Cluster
 from claudecluster_mcp.model_server import ScriptedModelServer
 from claudecluster_mcp.models import TaskState
+from claudecluster_mcp.outcome import AgentOutcome
+from claudecluster_mcp.placement import AgentHandle, LocalPlacement
 from claudecluster_mcp.scenario import marker_rule, marker_task, write_turn
 from claudecluster_mcp.settings import EngineSettings
 
@@ -139,3 +142,73 @@ async def test_in_a_storm_one_agent_retries_for_the_pool_and_the_others_wait_par
     parked = {e["task_id"] for e in events if "parked" in str(e["data"].get("reason", ""))}
     assert parked, [e["data"] for e in events if e["kind"] == "state"]
     assert len(server.requests) < 40
+
+
+class HeldOutcomes:
+    """A local placement whose parked runs keep their outcome until ``release`` is set: the
+    window in which a cancel can meet a run that is stopping to be resumed."""
+
+    name = "local"
+
+    def __init__(self, claude: ClaudeBinary) -> None:
+        self.local = LocalPlacement(claude)
+        self.parked: list[str] = []  # run ids
+        self.release = anyio.Event()
+
+    def agent(self, spec: AgentSpec, *, on_event: Any, on_start: Any) -> AgentHandle:
+        inner = self.local.agent(spec, on_event=on_event, on_start=on_start)
+        placement = self
+
+        class Held:
+            run_id, session_id = inner.run_id, inner.session_id
+
+            @property
+            def turns(self) -> int:
+                return inner.turns
+
+            def cancel(self, reason: str = "cancelled by request") -> None:
+                if reason.startswith("parked"):
+                    placement.parked.append(inner.run_id)
+                inner.cancel(reason)
+
+            async def run(self) -> AgentOutcome:
+                outcome = await inner.run()
+                if inner.run_id in placement.parked:
+                    await placement.release.wait()
+                return outcome
+
+        return Held()
+
+    async def reap(self, record: Any) -> list[int]:
+        return await self.local.reap(record)
+
+
+@pytest.mark.claude
+async def test_a_cancel_while_an_agent_is_being_parked_cancels_the_task(
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings
+) -> None:
+    storm = {"seconds": 30, "fault": {"type": "rate_limit", "retry_after": 1}}
+    rules = [marker_rule(f"T{i}", write_turn(f"t{i}.txt", "x\n")) for i in range(2)]
+    server = model_server({"storm": storm, "rules": rules})
+    settings = engine_settings(server)
+    env = {k: v for k, v in settings.agent_env.items() if k != "CLAUDE_CODE_MAX_RETRIES"}  # Claude Code retries
+    placement = HeldOutcomes(claude)
+
+    async with Cluster.open(
+        repo, workers=2, settings=settings.model_copy(update={"agent_env": env}), placement=placement
+    ) as cluster:
+        plan = (await cluster.plan("two", [marker_task("T0"), marker_task("T1")])).plan
+        await cluster.dispatch(plan.id)
+        with anyio.fail_after(60):
+            while not placement.parked:  # noqa: ASYNC110 - polls the placement
+                await anyio.sleep(0.05)
+        parked = next(t for t in (await cluster.status(plan.id)).tasks if t.run_id == placement.parked[0])
+        await cluster.cancel(plan.id, parked.id)
+        placement.release.set()
+        with anyio.fail_after(30):
+            while (task := await cluster.task(plan.id, parked.id)).state.value not in ("cancelled", "pending"):  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        await cluster.cancel(plan.id)
+
+    assert task.state is TaskState.CANCELLED, (task.state, task.reason)
+    assert task.reason == "cancelled by request"
