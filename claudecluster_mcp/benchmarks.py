@@ -27,6 +27,8 @@ BENCHES = {
     "kill": ("bench_kill.py", []),
     "load": ("bench_load.py", []),
     "gate": ("bench_gate.py", []),
+    "faults": ("bench_faults.py", ["--baseline"]),
+    "storm": ("bench_storm.py", []),
 }
 # "Flat" RSS over the held load: what the allocator's noise allows, far below a leak's growth.
 RSS_SLACK_MB = 2.0
@@ -130,9 +132,67 @@ def results_table(results: dict[str, Any]) -> Table:
         # Time a 5 s gate added to 20 tasks on 10 workers, in gate durations.
         row("batched gate: added / gate duration", gate["gate_overhead"], "<= 3", gate["gate_overhead"] <= 3)
         row("… with one bad task", gate["bad_overhead"], "<= 8", gate["bad_overhead"] <= 8)
+    if "faults" in results:
+        rows.extend(_fault_rows(results["faults"]))
+    if "storm" in results:
+        rows.extend(_storm_rows(results["storm"]))
     table = Table(title="claudecluster benchmarks (details: BENCHMARKS.md)", title_justify="left")
     for column in ("measurement", "measured", "target", ""):
         table.add_column(column)
     for label, value, target, met in rows:
         table.add_row(label, value, target, "[green]met[/]" if met else "[red]not met[/]")
     return table
+
+
+def _fault_rows(faults: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """The fault suite's invariants (bench_faults.py)."""
+    tasks = faults["total"]
+    share = 100 * faults["merged_share"]
+    unexplained = len(faults["unexplained"])
+    rows = [
+        (f"faults: {tasks} tasks merged", f"{share:.2f} %", ">= 99.5 %", share >= 99.5),
+        ("faults: not merged without a reason naming the fault", str(unexplained), "0", unexplained == 0),
+    ]
+    for key, label in [
+        ("lost", "tasks lost"),
+        ("merged_twice", "tasks merged twice"),
+        ("leftover_pids", "processes left"),
+    ]:
+        rows.append((f"faults: {label}", str(len(faults[key])), "0", not faults[key]))
+    for kind, row in faults["per_kind"].items():
+        if kind != "(none)":
+            done = f"{row['merged']}/{row['injected']} merged, {row['lost_s']:g} task-s lost"
+            rows.append((f"faults: {kind}", done, "measured", True))
+    lost = sum(row["lost_s"] for kind, row in faults["per_kind"].items() if kind != "(none)")
+    rows.append(("faults: task-seconds lost to faults", f"{lost:g} s", "measured", True))
+    if faults.get("baseline_makespan_s"):
+        spans = f"{faults['makespan']:.0f} s / {faults['baseline_makespan_s']:.0f} s"
+        rows.append(("faults: makespan with / without faults", spans, "measured", True))
+    return rows
+
+
+def _storm_rows(storm: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """The rate-limit storm runs against the run without a storm (bench_storm.py)."""
+    rows = []
+    for mode, run in storm["runs"].items():
+        if "makespan_ratio" not in run:
+            continue
+        rows.append(
+            (
+                f"{mode}: makespan / (storm + 1.2 x no storm)",
+                f"{run['makespan_ratio']:g}",
+                "<= 1",
+                run["makespan_ratio"] <= 1,
+            )
+        )
+        rows.append(
+            (
+                f"{mode}: requests in storm / (3 x workers)",
+                f"{run['requests_ratio']:g}",
+                "<= 1",
+                run["requests_ratio"] <= 1,
+            )
+        )
+        failed = len(run["not_merged"])
+        rows.append((f"{mode}: tasks failed", str(failed), "0", failed == 0))
+    return rows

@@ -67,13 +67,17 @@ class EngineSettings(BaseModel):
     cancel_grace: float = Field(default=5.0, ge=0, description="seconds a cancelled agent gets to stop")
     max_attempts: int = Field(default=3, ge=1, description="tries per task for transient failures")
     retry_backoff: float = Field(default=5.0, ge=0, description="first retry delay (s); doubles")
+    # 10 s, not longer: a storm's end is noticed ~5 s after it on average (~12 s with 30 s),
+    # for one probe request every 10 s while it lasts; 60 pauses then span ~10 minutes.
     rate_limit_pause: float = Field(
-        default=30.0,
+        default=10.0,
         ge=0,
         description="longest pool pause when retry-after is unknown (pauses start at 1 s and back off)",
     )
-    max_rate_limit_pauses: int = Field(default=20, ge=0, description="rate-limit pauses per task before it fails")
-    restart_stagger: float = Field(default=1.0, ge=0, description="gap between agent starts after a pause")
+    max_rate_limit_pauses: int = Field(default=60, ge=0, description="rate-limit pauses per task before it fails")
+    restart_stagger: float = Field(
+        default=1.0, ge=0, description="gap between the doubling steps (1, 2, 4, … agents) of a restart after a pause"
+    )
     merge_policy: MergePolicy = Field(default=MergePolicy.RESOLVE, description="resolve | report conflicts")
     gate: list[str] | None = Field(default=None, description="command run on each merge candidate (argv)")
     gate_timeout: float = Field(default=600.0, gt=0, description="seconds a gate run may take")

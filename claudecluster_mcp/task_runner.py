@@ -86,6 +86,8 @@ class TaskRunner:
         self._stop_reasons: dict[str, str] = {}
         self._halted: dict[str, str] = {}  # plan → why none of its agents may start
         self._rate_limit_pauses: dict[str, int] = {}
+        self._parked: set[str] = set()  # agents stopped to wait out a rate-limit storm
+        self._cancelled: dict[str, str] = {}  # parked agents cancelled before they ended → why
         # Once per engine, not per run: the agents' secrets and the private state directories.
         register_secrets(settings.agent_env)
         self._secrets = redactor(settings.agent_env)
@@ -106,6 +108,9 @@ class TaskRunner:
                 scope.cancel()
         for ref, run in list(self.runs.items()):
             if wanted(ref):
+                if ref in self._parked:  # stopping already, to be resumed: the cancel wins
+                    self._parked.discard(ref)
+                    self._cancelled[ref] = reason
                 run.cancel(reason)
         return any(wanted(ref) for ref in [*self._setups, *self.runs])
 
@@ -296,9 +301,13 @@ class TaskRunner:
 
     def _watch_rate_limit(self, ref: str, event: AgentEvent) -> None:
         """Feed the pool's rate-limit incident: Claude Code retrying a 429 itself holds new
-        starts; a model answer means a request got through (and ends a probe's incident)."""
+        starts (or, when another agent already does, its agent is parked: stopped now, its
+        session resumed after the storm); a model answer means a request got through (and
+        ends the incident)."""
         if isinstance(event, ApiRetry) and (event.error == "rate_limit" or event.error_status == 429):
-            self.pause.retrying(ref, time.time(), event.retry_delay_ms / 1000)
+            if self.pause.retrying(ref, time.time(), event.retry_delay_ms / 1000) and ref in self.runs:
+                self._parked.add(ref)
+                self.runs[ref].cancel("parked: waiting out a rate-limit storm")
             self.pulse.notify()
         elif (
             (isinstance(event, AssistantText) and not event.is_api_error) or isinstance(event, ToolUse)
@@ -324,11 +333,19 @@ class TaskRunner:
             "pid": None,
             "finished_at": now(),
         }
+        parked = outcome.status is OutcomeStatus.CANCELLED and task.ref in self._parked
+        self._parked.discard(task.ref)
+        cancelled = self._cancelled.pop(task.ref, None)
         if outcome.ok:
             await self._succeeded(plan, task, outcome, worktree, base, results, outside)
+        elif parked or outcome.status is OutcomeStatus.RATE_LIMITED:
+            if not await self._paused(plan, task, outcome, results):
+                reason = f"rate limited (more than {self.settings.max_rate_limit_pauses} pauses): {outcome.reason}"
+                await self.store.move(plan.id, task.id, TaskState.FAILED, reason=reason, **results)
         elif outcome.status is OutcomeStatus.CANCELLED:
-            await self.store.move(plan.id, task.id, TaskState.CANCELLED, reason=outcome.reason, **results)
-        elif not (outcome.status is OutcomeStatus.RATE_LIMITED and await self._paused(plan, task, outcome, results)):
+            reason = cancelled or outcome.reason
+            await self.store.move(plan.id, task.id, TaskState.CANCELLED, reason=reason, **results)
+        else:
             decision = decide_retry(outcome, task.attempts, self.settings)
             if decision.retry:
                 await self.store.move(
@@ -391,7 +408,8 @@ class TaskRunner:
     async def _paused(self, plan: Plan, task: Task, outcome: AgentOutcome, results: dict[str, Any]) -> bool:
         """Put a rate-limited task back behind the pool's pause (the first 429 of a storm
         opens the incident, a probe's 429 backs it off, the others join it); False once the
-        task has had too many pauses."""
+        task has had too many pauses. An agent that got somewhere resumes its session after
+        the pause (Claude Code ended it cleanly on the 429), instead of starting over."""
         pauses = self._rate_limit_pauses.get(task.ref, 0) + 1
         self._rate_limit_pauses[task.ref] = pauses
         if pauses > self.settings.max_rate_limit_pauses:
@@ -402,14 +420,17 @@ class TaskRunner:
         await self.store.append_event(
             plan.id, task.id, "pool_paused", {"seconds": seconds, "strikes": self.pause.strikes}
         )
-        # A rate limit is not the task's fault: it does not use up an attempt.
+        resume = await has_progress(task.model_copy(update={"session_id": outcome.session_id or task.session_id}))
+        # A rate limit is not the task's fault: it does not use up an attempt (a resumed
+        # session goes on with the attempt it belongs to; a new one is a new attempt).
         await self.store.move(
             plan.id,
             task.id,
             TaskState.PENDING,
-            reason=f"rate limited: {outcome.reason}",
-            attempts=task.attempts - 1,
+            reason=f"rate limited: {outcome.reason}" + ("; resuming its session" if resume else ""),
+            attempts=task.attempts if resume else task.attempts - 1,
             not_before=until,
+            resume=resume,
             **results,
         )
         return True

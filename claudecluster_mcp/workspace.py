@@ -65,6 +65,8 @@ __all__ = [
 ]
 
 ZERO_OID = "0" * 40
+REF_LOCK_WAIT = 10.0
+"""Seconds a ref update waits for a lock held by another git process (e.g. ``git gc``)."""
 DEFAULT_GIT_TIMEOUT = 120.0
 """Seconds a git command may run before it is killed, unless :func:`set_git_timeout` says otherwise."""
 _git_timeout = DEFAULT_GIT_TIMEOUT
@@ -282,10 +284,15 @@ async def is_ancestor(repo: Path, ancestor: str, descendant: str) -> bool:
     return result.returncode == 0
 
 
-async def update_ref(repo: Path, ref: str, new: str, old: str | None, message: str) -> bool:
+async def update_ref(
+    repo: Path, ref: str, new: str, old: str | None, message: str, *, lock_wait: float = REF_LOCK_WAIT
+) -> bool:
     """Compare-and-swap a ref: set ``ref`` to ``new`` only if it is ``old`` (None = must not
-    exist). False when the ref was not at ``old``."""
-    result = await git(repo, "update-ref", "-m", message, ref, new, old or ZERO_OID, check=False)
+    exist). False when the ref was not at ``old``. While another git process holds the ref's
+    lock, git retries for up to ``lock_wait`` seconds (its own default is 0.1 s, after which a
+    finished task's merge would fail for good); a lock still there after that is reported."""
+    wait = f"core.filesRefLockTimeout={round(lock_wait * 1000)}"
+    result = await git(repo, "-c", wait, "update-ref", "-m", message, ref, new, old or ZERO_OID, check=False)
     if result.returncode != 0:
         lost_race = ("but expected", "already exists", "unable to lock", "unable to resolve reference")
         if any(text in result.stderr for text in lost_race):
