@@ -172,7 +172,8 @@ def _add_bench_and_check(commands: argparse._SubParsersAction[argparse.ArgumentP
         "bench",
         help="run the benchmark suite and print one table of ratios against their targets",
         description="Run bench/*.py (runner overhead, scheduling efficiency, real speed-up, 1,000-task "
-        "plan, MCP latency, and the race against bare `claude -p`). Takes about 8 minutes on 2 cores.",
+        "plan, MCP latency, the race against bare `claude -p`, faults at scale, a rate-limit storm). Takes "
+        "about 9 minutes on 2 cores without faults and storm, which add about 28 and 7.",
     )
     bench.add_argument("--only", action="append", choices=list(BENCHES), help="run only these (repeatable)")
 
