@@ -195,4 +195,6 @@ def _storm_rows(storm: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
         )
         failed = len(run["not_merged"])
         rows.append((f"{mode}: tasks failed", str(failed), "0", failed == 0))
+        if run.get("storm_missed_the_run"):
+            rows.append((f"{mode}: the storm came during the run", "no", "yes", False))
     return rows

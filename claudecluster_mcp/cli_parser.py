@@ -203,8 +203,10 @@ def _add_bench_and_check(commands: argparse._SubParsersAction[argparse.ArgumentP
         "bench",
         help="run the benchmark suite and print one table of ratios against their targets",
         description="Run bench/*.py (runner overhead, scheduling efficiency, real speed-up, 1,000-task "
-        "plan, MCP latency, the race against bare `claude -p`, the sandbox's cost, and MCP clients "
-        "polling under held load). Takes about 13 minutes on 2 cores.",
+        "plan, MCP latency, the race against bare `claude -p`, the sandbox's cost, MCP clients polling "
+        "under held load, kill -9 at random points, the batching merge queue, faults at scale, a "
+        "rate-limit storm). Takes about 20 minutes on 2 cores without faults and storm, which add "
+        "about 28 and 7.",
     )
     bench.add_argument("--only", action="append", choices=list(BENCHES), help="run only these (repeatable)")
     bench.add_argument(
