@@ -41,7 +41,16 @@ from typing import Any
 import httpx
 import psutil
 from _common import make_repo
-from load_stats import Sampler, scrape, series_stats, server_latency, summary, window_samples
+from load_stats import (
+    Sampler,
+    cores_used,
+    cpu_seconds,
+    scrape,
+    series_stats,
+    server_latency,
+    summary,
+    window_samples,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -225,11 +234,12 @@ def measure(opts: argparse.Namespace, tmp: Path, url: str, server: subprocess.Po
         try:
             wait_ready(clients, timeout=180)
             time.sleep(opts.warmup)
-            metrics0, start = scrape(url, TOKEN), time.monotonic()
-            cpu0 = sampler.sample()["cpu_s"]
+            pids = [client.pid for client in clients]
+            metrics0, cpu0, start = scrape(url, TOKEN), cpu_seconds(server.pid, pids), time.monotonic()
+            sampler.sample()
             time.sleep(opts.duration)
-            metrics1, end = scrape(url, TOKEN), time.monotonic()
-            cpu1 = sampler.sample()["cpu_s"]
+            metrics1, cpu1, end = scrape(url, TOKEN), cpu_seconds(server.pid, pids), time.monotonic()
+            sampler.sample()
         finally:
             results = stop_clients(clients)
         time.sleep(opts.settle)
@@ -241,7 +251,7 @@ def measure(opts: argparse.Namespace, tmp: Path, url: str, server: subprocess.Po
         "plan_id": plan_id,
         "window": (start, end),
         "metrics": (metrics0, metrics1),
-        "server_cpu_s": cpu1 - cpu0,
+        "cores": cores_used(cpu0, cpu1, end - start),
         "before": before,
         "after": after,
         "series": sampler.series,
@@ -279,8 +289,9 @@ def report(opts: argparse.Namespace, raw: dict[str, Any], leftovers: list[str]) 
         },
         "server": {
             **server_side,
-            "cpu_ms_per_call": round(1000 * raw["server_cpu_s"] / max(1, len(every)), 2),
+            "cpu_ms_per_call": round(1000 * raw["cores"]["server"] * (end - start) / max(1, len(every)), 2),
         },
+        "cores_used": raw["cores"],  # average over the window: who used the 2 cores
         "rss_mb": series_stats(window_series, "rss_mb", raw["before"], raw["after"]),
         "fds": series_stats(window_series, "fds", raw["before"], raw["after"]),
         "fds_held": series_stats(window_series, "fds_held", raw["before"], raw["after"]),

@@ -88,6 +88,36 @@ def fd_kinds(pid: int) -> dict[str, int]:
     return dict(sorted(kinds.items()))
 
 
+def cpu_seconds(server_pid: int, client_pids: list[int]) -> dict[str, float]:
+    """CPU seconds used so far by the server, its agents (every process below it), the
+    clients, this process (the scripted model server, the sampler) and the whole machine
+    (busy time of all cores): the difference of two readings says who used the machine."""
+
+    def used(process: psutil.Process) -> float:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            return 0.0
+        return times.user + times.system
+
+    server = psutil.Process(server_pid)
+    machine = psutil.cpu_times()
+    return {
+        "server": used(server),
+        "agents": sum(used(p) for p in server.children(recursive=True)),
+        "clients": sum(used(psutil.Process(pid)) for pid in client_pids if psutil.pid_exists(pid)),
+        "bench": used(psutil.Process()),
+        "machine": sum(getattr(machine, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal")),
+    }
+
+
+def cores_used(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """Cores used on average between two :func:`cpu_seconds` readings, and by other processes."""
+    used = {key: round((after[key] - before[key]) / seconds, 2) for key in before}
+    ours = sum(value for key, value in used.items() if key != "machine")
+    return {**used, "others": round(used["machine"] - ours, 2)}
+
+
 def percentile(values: list[float], q: float) -> float:
     """The ``q`` quantile (nearest rank) of ``values``."""
     ordered = sorted(values)
