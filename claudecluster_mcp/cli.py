@@ -121,6 +121,8 @@ def _engine_flags(args: argparse.Namespace) -> dict[str, Any]:
         "gate": args.gate.split() if getattr(args, "gate", None) else None,
         "merge_policy": getattr(args, "merge_policy", None),
         "max_budget_usd": getattr(args, "max_budget_usd", None),
+        "max_cost_usd": getattr(args, "max_cost_usd", None),
+        "max_tokens": getattr(args, "max_tokens", None),
     }
 
 
@@ -148,6 +150,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from .commands import status_command
 
     return _run_async(status_command, _console(), args.plan, repo=args.repo, as_json=args.json)
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from .commands import watch_command
+
+    return _run_async(watch_command, _console(), args.plan, repo=args.repo)
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
@@ -180,6 +188,20 @@ def _cmd_workers(args: argparse.Namespace) -> int:
     return _run_async(workers_command, _console(), args.action, args.count, repo=args.repo)
 
 
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from .gc_command import gc_command
+
+    return _run_async(
+        gc_command,
+        _console(),
+        repo=args.repo,
+        older_than=args.older_than,
+        dry_run=args.dry_run,
+        unmerged=args.unmerged,
+        as_json=args.json,
+    )
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from .commands import export_command
 
@@ -198,7 +220,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .benchmarks import BENCHES, run_benchmarks
 
-    return run_benchmarks(_console(), args.only or list(BENCHES), verbose=args.verbose)
+    return run_benchmarks(_console(), args.only or list(BENCHES), verbose=args.verbose, duration=args.duration)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -217,12 +239,14 @@ _HANDLERS = {
     "serve": _cmd_serve,
     "run": _cmd_run,
     "status": _cmd_status,
+    "watch": _cmd_watch,
     "logs": _cmd_logs,
     "approve": _cmd_approve,
     "cancel": _cmd_cancel,
     "workers": _cmd_workers,
     "merge": _cmd_merge,
     "export": _cmd_export,
+    "gc": _cmd_gc,
     "init": _cmd_init,
     "bench": _cmd_bench,
     "check": _cmd_check,

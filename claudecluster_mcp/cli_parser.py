@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import re
+from datetime import timedelta
 from pathlib import Path
 
 from . import __version__
@@ -37,6 +39,8 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate", help='command run on each merge candidate, e.g. "pytest -q"')
     p.add_argument("--merge-policy", choices=["resolve", "report"])
     p.add_argument("--max-budget-usd", type=float, help="cost limit per agent run")
+    p.add_argument("--max-cost-usd", type=float, help="cost budget of the whole plan (all its agents)")
+    p.add_argument("--max-tokens", type=int, help="token budget of the whole plan (all its agents)")
 
 
 def _placement_options(p: argparse.ArgumentParser) -> None:
@@ -133,6 +137,16 @@ def _add_readers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     status.add_argument("--json", action="store_true")
     _repo_option(status)
 
+    watch = commands.add_parser(
+        "watch",
+        help="the live table of a plan another process (serve, run) runs; exits when it is final",
+        description="Follow a plan that `claudecluster serve` or another `claudecluster run` executes: the live "
+        "table of `run`, read from the repository's store (read-only, no engine lease). Exits when the plan is "
+        "final (0 when every task merged, else 1), or when it waits for your approval of a held task.",
+    )
+    watch.add_argument("plan", nargs="?", help="plan id (default: the latest running plan, else the latest plan)")
+    _repo_option(watch)
+
     logs = commands.add_parser("logs", help="show what a task's agent did")
     logs.add_argument("task", help="<plan_id>:<task id>")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the task is final")
@@ -169,6 +183,23 @@ def _add_actions(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
     _repo_option(export)
 
+    gc = commands.add_parser(
+        "gc",
+        help="remove what finished plans left on disk (worktrees, transcripts, events, branches)",
+        description="Remove what plans that finished more than AGE ago left: worktrees of tasks that did "
+        "not merge, agent transcripts (also Claude Code's), events, and branches; and the leftovers of killed "
+        "runs. Never touches a running plan, nor commits that no other branch holds (such a plan is trimmed and "
+        "kept) unless --unmerged. A running engine does this itself every hour for retention_days.",
+    )
+    gc.add_argument(
+        "--older-than", type=_age, metavar="AGE", help="e.g. 7d, 12h, 30m, 0 for every finished plan (default: "
+        "retention_days)"
+    )  # fmt: skip
+    gc.add_argument("--dry-run", action="store_true", help="only say what would be removed, and how much")
+    gc.add_argument("--unmerged", action="store_true", help="also delete work that no other branch holds")
+    gc.add_argument("--json", action="store_true", help="print the report as JSON")
+    _repo_option(gc)
+
     init = commands.add_parser(
         "init", help="write claudecluster.toml, register the MCP server in .mcp.json, check claude"
     )
@@ -183,9 +214,15 @@ def _add_bench_and_check(commands: argparse._SubParsersAction[argparse.ArgumentP
         "bench",
         help="run the benchmark suite and print one table of ratios against their targets",
         description="Run bench/*.py (runner overhead, scheduling efficiency, real speed-up, 1,000-task "
-        "plan, MCP latency, and the race against bare `claude -p`). Takes about 8 minutes on 2 cores.",
+        "plan, MCP latency, the race against bare `claude -p`, the sandbox's cost, MCP clients polling "
+        "under held load, kill -9 at random points, the batching merge queue, faults at scale, a "
+        "rate-limit storm). Takes about 20 minutes on 2 cores without faults and storm, which add "
+        "about 28 and 7.",
     )
     bench.add_argument("--only", action="append", choices=list(BENCHES), help="run only these (repeatable)")
+    bench.add_argument(
+        "--duration", type=float, metavar="S", help="measured seconds of the held-load benchmark (load; default 120)"
+    )
 
     check = commands.add_parser(
         "check",
@@ -193,3 +230,14 @@ def _add_bench_and_check(commands: argparse._SubParsersAction[argparse.ArgumentP
         description="Locate the Claude Code CLI the way agents will, and print its version.",
     )
     check.add_argument("--claude", help="path to a claude executable to check")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _age(text: str) -> timedelta:
+    """An age such as ``7d``, ``12h``, ``30m``, ``90s``, ``2w`` (a bare number: days)."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if found is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age such as 7d, 12h, 30m or 0")
+    return timedelta(seconds=float(found[1]) * _UNITS[found[2] or "d"])

@@ -1,9 +1,10 @@
-"""What the plan-level CLI commands do (``run``, ``status``, ``logs``, ``cancel``, ``workers``,
-``merge``, ``export``, ``init``); :mod:`claudecluster_mcp.cli` parses arguments into them.
+"""What the plan-level CLI commands do (``run``, ``status``, ``watch``, ``logs``, ``cancel``,
+``workers``, ``merge``, ``export``, ``init``); :mod:`claudecluster_mcp.cli` parses arguments
+into them, :mod:`claudecluster_mcp.terminal` shows their results.
 
-Commands that only read (status, logs, export) open the repository's store directly and work
-while another process (``run``, ``serve``) owns the engine. Commands that act open the engine,
-which takes the repository's lease.
+Commands that only read (status, watch, logs, export) open the repository's store directly
+and work while another process (``run``, ``serve``) owns the engine. Commands that act open
+the engine, which takes the repository's lease.
 """
 
 from __future__ import annotations
@@ -18,34 +19,34 @@ from typing import Any
 
 import anyio
 import yaml
-from rich.console import Console, Group
-from rich.live import Live
+from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from .claude_cli import ClaudeBinary, find_claude
 from .config import CONFIG_FILE, ClusterConfig, load_config, render_config
-from .engine import STATUS_FOCUS, Cluster
+from .engine import Cluster
 from .errors import ClusterError, ConfigError, EngineBusyError, NotFoundError, StateError
+from .merge_queue import FinalMerge
 from .models import FINAL_STATES, PlanState, PlanStatus, TaskState, split_task_ref
 from .placement import open_placement
 from .preflight import check_model
 from .registry import Registry
-from .report import diffstats, event_line, status_table, to_html, to_json, to_markdown
+from .report import diffstats, event_line, to_html, to_json, to_markdown
+from .scheduler import held_up
 from .settings import EngineSettings
 from .store import Store, state_db_path
+from .terminal import exit_code, follow, landing_line, print_overview, print_status, show_live, tally
 from .workspace import repo_root
 
 __all__ = [
     "approve_command",
     "cancel_command",
     "export_command",
-    "follow",
     "logs_command",
     "merge_command",
     "run_command",
     "status_command",
+    "watch_command",
     "workers_command",
 ]
 
@@ -104,10 +105,6 @@ async def _engine(root: Path, settings: EngineSettings, claude: ClaudeBinary) ->
         yield cluster
 
 
-def _exit_code(status: PlanStatus) -> int:
-    return EXIT_OK if status.counts and set(status.counts) == {TaskState.MERGED.value} else EXIT_FAILED
-
-
 # -- commands ------------------------------------------------------------------------------------
 
 
@@ -148,52 +145,18 @@ async def run_command(
             on_plan(plan_id)
         await cluster.dispatch(plan_id)
         status = await follow(console, cluster, plan_id, live=not as_json)
-        report = None
-        if merge and _exit_code(status) == EXIT_OK:
-            report = await cluster.merge(plan_id)
+        landed: FinalMerge | str | None = None
+        if merge and exit_code(status) == EXIT_OK:
+            try:
+                landed = await cluster.merge(plan_id)
+            except ClusterError as exc:  # e.g. a dirty checkout: the run's work is safe, say how to land it
+                landed = str(exc)
         status = await cluster.status(plan_id)
-    _print_status(console, status, as_json=as_json, isolation=settings.isolation)
+    print_status(console, status, as_json=as_json, isolation=settings.isolation)
     if not as_json:
-        for task in status.tasks:
-            if task.state is TaskState.HELD:
-                console.print(f"[yellow]held:[/] {escape(task.id)} {escape(task.reason)}")
-        if report is not None:
-            console.print(f"merged into [bold]{report.target}[/] ({report.kind}); undo: {report.undo}")
-        elif _exit_code(status) == EXIT_OK:
-            console.print(f"all merged on {status.plan.integration_branch}; `claudecluster merge {plan_id}` to land it")
-    return _exit_code(status)
-
-
-async def follow(console: Console, cluster: Cluster, plan_id: str, *, live: bool) -> PlanStatus:
-    """Show the live table and overall bar until every task of the plan is final (or the
-    plan waits for the user to approve held tasks)."""
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(), console=console
-    )
-    bar = progress.add_task("merged", total=1)
-    status = await cluster.status(plan_id, focus=STATUS_FOCUS)
-    # Transient: the final table is printed once, after the merge, by the caller.
-    with Live(console=console, refresh_per_second=4, transient=True) if live else _NoLive() as screen:
-        while True:
-            status = await cluster.status(plan_id, focus=STATUS_FOCUS)
-            total = sum(status.counts.values())
-            done = sum(n for s, n in status.counts.items() if TaskState(s) in FINAL_STATES)
-            progress.update(bar, total=total, completed=done, description=f"{done}/{total} final")
-            screen.update(Group(status_table(status, cluster.settings.isolation), progress))
-            if status.finished or await cluster.held_up(plan_id):
-                return await cluster.wait(plan_id)
-            await cluster.changed(0.5)
-
-
-class _NoLive:
-    def __enter__(self) -> _NoLive:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def update(self, renderable: object) -> None:
-        return None
+        console.print(escape(landing_line(status, landed, asked=merge)), soft_wrap=True)
+    not_landed = merge and not (isinstance(landed, FinalMerge) and landed.kind not in ("conflict", "gate_failed"))
+    return EXIT_FAILED if not_landed else exit_code(status)
 
 
 async def status_command(console: Console, plan_id: str | None, *, repo: Path | None, as_json: bool) -> int:
@@ -202,50 +165,39 @@ async def status_command(console: Console, plan_id: str | None, *, repo: Path | 
     root, plan_id = await _plan_repo(plan_id, repo, config)
     async with _store(root) as store:
         if plan_id is None:
-            _print_overview(console, root, await store.overview(), as_json=as_json)
+            print_overview(console, f"plans in {root}", await store.overview(), as_json=as_json)
             return EXIT_OK
         status = await store.status(plan_id)
-    _print_status(console, status, as_json=as_json, isolation=config.isolation)
+    print_status(console, status, as_json=as_json, isolation=config.isolation)
     return EXIT_OK
 
 
-def _tally(status: PlanStatus) -> str:
-    return ", ".join(f"{n} {s}" for s, n in sorted(status.counts.items()))
+async def watch_command(console: Console, plan_id: str | None, *, repo: Path | None) -> int:
+    """Show the live table of a plan another process runs (default: the latest running
+    plan, else the latest), read from the store, until the plan is final; exit 0 when every
+    task merged, else 1."""
+    config = load_config(await _repo(repo) if repo else None)
+    root, plan_id = await _plan_repo(plan_id, repo, config)
+    async with _store(root) as store:
+        if plan_id is None:
+            plans = await store.plans()
+            if not plans:
+                raise NotFoundError(f"no plans in {root}")
+            running = [p for p in plans if p.state is PlanState.RUNNING]
+            plan_id = (running or plans)[-1].id
 
+        async def poll() -> tuple[PlanStatus, bool]:
+            status = await store.status(plan_id)
+            ended = status.plan.state not in (PlanState.PLANNED, PlanState.RUNNING)
+            return status, ended or status.finished or bool(held_up(await store.task_rows(plan_id)))
 
-def _print_status(console: Console, status: PlanStatus, *, as_json: bool, isolation: str) -> None:
-    """A plan as JSON on stdout, or as the task table and a summary line."""
-    if as_json:
-        sys.stdout.write(to_json(status, isolation=isolation) + "\n")
-        return
-    console.print(status_table(status, isolation))
-    totals = f"${status.total_cost_usd:.4f}, {status.total_tokens:,} tokens"
-    console.print(f"{sum(status.counts.values())} tasks: {_tally(status)}; {totals}")
-
-
-def _print_overview(console: Console, root: Path, overview: list[PlanStatus], *, as_json: bool) -> None:
-    """The repository's plans, one row each (``status`` without a plan id)."""
-    if as_json:
-        rows = [
-            {
-                "plan_id": s.plan.id,
-                "goal": s.plan.goal,
-                "state": s.plan.state.value,
-                "counts": s.counts,
-                "cost_usd": round(s.total_cost_usd, 6),
-                "tokens": s.total_tokens,
-                "created_at": s.plan.created_at.isoformat(),
-            }
-            for s in overview
-        ]
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-        return
-    table = Table(title=f"plans in {root}", title_justify="left")
-    for column in ("plan", "state", "tasks", "cost", "goal"):
-        table.add_column(column)
-    for s in overview:
-        table.add_row(s.plan.id, s.plan.state.value, _tally(s), f"${s.total_cost_usd:.4f}", escape(s.plan.goal[:50]))
-    console.print(table)
+        await show_live(console, poll, anyio.sleep, config.isolation, live=True)
+        status = await store.status(plan_id)
+    print_status(console, status, as_json=False, isolation=config.isolation)
+    held = [t.id for t in status.tasks if t.state is TaskState.HELD]
+    if held and not status.finished:
+        console.print(f"waiting for your approval of {', '.join(held)}: claudecluster approve {plan_id}:{held[0]}")
+    return exit_code(status)
 
 
 async def logs_command(console: Console, task_ref: str, *, repo: Path | None, tail: int, follow: bool) -> int:
@@ -278,7 +230,7 @@ async def cancel_command(console: Console, target: str, *, repo: Path | None) ->
         claude = await anyio.to_thread.run_sync(find_claude, config.claude_bin)
         async with _engine(root, load_config(root).engine(), claude) as cluster:
             status = await cluster.cancel(plan_id, local)
-        console.print(f"cancelled {target}: {_tally(status)}")
+        console.print(f"cancelled {target}: {tally(status)}")
     except EngineBusyError as exc:
         if local is not None:
             raise StateError(f"{exc} (cancel the whole plan, or the task through that engine)") from None
@@ -298,7 +250,7 @@ async def approve_command(console: Console, target: str, *, repo: Path | None, r
         await cluster.approve(plan_id, local, reject=reject)
         status = await cluster.wait(plan_id) if not reject else await cluster.status(plan_id)
     verb = "rejected" if reject else "approved"
-    console.print(f"{verb} {plan_id}:{local}; plan: {_tally(status)}")
+    console.print(f"{verb} {plan_id}:{local}; plan: {tally(status)}")
     return EXIT_OK
 
 
@@ -311,6 +263,10 @@ async def merge_command(console: Console, plan_id: str, *, repo: Path | None, ta
         report = await cluster.merge(plan_id, target, dry_run=dry_run)
     if report.kind == "conflict":
         console.print(f"[red]conflict[/] merging into {report.target}: {', '.join(report.conflicts)}; nothing changed")
+        return EXIT_FAILED
+    if report.kind == "gate_failed":
+        console.print(f"[red]gate failed[/] on the merge into {report.target}; nothing changed:")
+        console.print(escape(report.gate_output or ""))
         return EXIT_FAILED
     verb = "would be merged" if dry_run else "merged"
     console.print(

@@ -23,7 +23,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from .claude_cli import ClaudeBinary, find_claude
-from .commands import follow
 from .engine import Cluster
 from .errors import ConfigError
 from .model_server import ScriptedModelServer, scripted_env
@@ -31,6 +30,7 @@ from .models import PlanStatus, TaskState
 from .report import diffstats, state_colour, to_html
 from .scenario import load_scenario
 from .settings import EngineSettings
+from .terminal import follow
 
 __all__ = ["find_examples", "run_demo"]
 

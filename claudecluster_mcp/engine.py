@@ -24,22 +24,23 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import anyio
 
 from .claude_cli import ClaudeBinary, find_claude
-from .errors import ConfigError, NotFoundError, PlanValidationError, StateError, single_errors
-from .graph import TaskGraph, checked_plan, parse_tasks
+from .errors import ConfigError, NotFoundError, StateError, single_errors
+from .events import activity
+from .graph import checked_plan, parse_tasks
 from .isolation import require_isolation
 from .merge_queue import FinalMerge, MergeQueue
 from .models import (
     ACTIVE_STATES,
     FINAL_STATES,
-    MAX_ARG_STRLEN,
     MAX_GOAL_BYTES,
     MergePolicy,
     Plan,
@@ -52,24 +53,24 @@ from .models import (
 from .placement import AgentPlacement, LocalPlacement
 from .planner import plan_with_claude
 from .preflight import check_model
-from .prompts import task_prompt
+from .progress import Progress, ticking
+from .prompts import stored_tasks
 from .recovery import EngineLease, recover
 from .registry import Registry
+from .retention import GcReport, Retention
 from .retry import RateLimitPause
 from .scheduler import Scheduler, held_up
 from .settings import MAX_WORKERS, EngineSettings, default_state_dir
-from .signals import Pulse
+from .signals import Pulse, Watcher
 from .store import Store, StoredEvent, now, state_db_path
 from .task_runner import TaskRunner
-from .workspace import check_branch_name, current_branch, repo_root, rev_parse, update_ref
+from .workspace import check_target_branch, current_branch, repo_root, rev_parse, update_ref
 
 __all__ = ["STATUS_FOCUS", "Cluster", "EngineSettings", "FinalMerge", "default_state_dir"]
 
 #: Plans bigger than this list only the tasks that need attention in dispatch/cancel answers.
 STATUS_FOCUS = 50
 _ENDED = (PlanState.DONE, PlanState.CANCELLED, PlanState.FAILED)
-
-Progress = Callable[[int, int, str], Awaitable[None]]
 
 
 class Cluster:
@@ -86,6 +87,7 @@ class Cluster:
         self.merges = MergeQueue(repo, store, settings, self.pulse)
         self.runner = TaskRunner(repo, store, settings, placement, self.pulse, pause, self.merges)
         self.scheduler = Scheduler(store, self.runner, self.pulse, pause, settings.workers)
+        self.retention = Retention(repo, store, settings, self.registry, busy=self._busy)
         self._model_checked = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -120,10 +122,17 @@ class Cluster:
                     await recover(root, store, placement, cluster.merges, cluster.scheduler)
                     await tg.start(cluster.scheduler.run)
                     await tg.start(cluster.merges.run)
+                    tg.start_soon(cluster.retention.run)
                     yield cluster
                 finally:
                     cluster.merges.close()
                     tg.cancel_scope.cancel()
+
+    def watch(self, watcher: Watcher) -> Callable[[], None]:
+        """Call ``watcher`` with every change of this repository's state from now on, right
+        after it is committed (see :class:`~claudecluster_mcp.signals.Change`); returns the
+        unwatch function. The MCP server's notifications are built on this."""
+        return self.store.watchers.watch(watcher)
 
     @property
     def claude(self) -> ClaudeBinary | None:
@@ -157,11 +166,18 @@ class Cluster:
         target: str | None = None,
         merge_policy: MergePolicy | None = None,
         gate: Sequence[str] | None = None,
+        max_cost_usd: float | None = None,
+        max_tokens: int | None = None,
+        on_progress: Progress | None = None,
     ) -> PlanStatus:
         """Validate and store a plan. The base is ``base_ref`` (any commit-ish; default: the
         branch checked out now); an integration branch is created there; ``target`` (default:
-        the branch checked out now) is where :meth:`merge` puts the result. Without ``tasks``, a read-only Claude Code
-        planning run splits the goal into tasks."""
+        the branch checked out now) is where :meth:`merge` puts the result. Without ``tasks``, a
+        read-only Claude Code planning run splits the goal, telling ``on_progress`` what it does
+        meanwhile. ``max_cost_usd`` / ``max_tokens`` (default: the settings') budget all its
+        agents together."""
+        if any(limit is not None and limit <= 0 for limit in (max_cost_usd, max_tokens)):
+            raise ConfigError(f"a budget must be positive (max_cost_usd {max_cost_usd}, max_tokens {max_tokens})")
         if not goal.strip():
             raise ConfigError("the goal is empty")
         if len(goal.encode("utf-8", "surrogatepass")) > MAX_GOAL_BYTES:
@@ -170,7 +186,10 @@ class Cluster:
                 f"{MAX_GOAL_BYTES // 1024} KiB (MAX_GOAL_BYTES): put the details in the tasks' prompts"
             )
         # Validation is CPU-bound on big plans: off the event loop, so other sessions go on.
-        specs = await self._planned(goal) if tasks is None else await anyio.to_thread.run_sync(parse_tasks, tasks)
+        if tasks is None:
+            specs = await self._planned(goal, on_progress)
+        else:
+            specs = await anyio.to_thread.run_sync(parse_tasks, tasks)
         specs, warnings = await anyio.to_thread.run_sync(
             lambda: checked_plan(specs, serialize=self.settings.serialize_overlaps)
         )
@@ -181,7 +200,7 @@ class Cluster:
         target = target or branch_now
         if target is None:
             raise ConfigError("HEAD is detached: name the target branch for the final merge")
-        await check_branch_name(self.repo, target)
+        await check_target_branch(self.repo, target)
         plan_id = "p" + secrets.token_hex(4)
         stamp = now()
         plan = Plan(
@@ -195,10 +214,12 @@ class Cluster:
             merge_policy=merge_policy or self.settings.merge_policy,
             gate=list(gate) if gate is not None else self.settings.gate,
             warnings=warnings,
+            max_cost_usd=max_cost_usd if max_cost_usd is not None else self.settings.max_cost_usd,
+            max_tokens=max_tokens if max_tokens is not None else self.settings.max_tokens,
             created_at=stamp,
             updated_at=stamp,
         )
-        stored = await anyio.to_thread.run_sync(_stored_tasks, plan, specs)
+        stored = await anyio.to_thread.run_sync(stored_tasks, plan, specs)
         ref = f"refs/heads/{plan.integration_branch}"
         if not await update_ref(self.repo, ref, base_commit, None, "claudecluster: plan"):
             raise StateError(f"branch {plan.integration_branch} already exists")
@@ -214,18 +235,21 @@ class Cluster:
             await check_model(self.settings, repo=self.repo)
             self._model_checked = True
 
-    async def _planned(self, goal: str) -> list[TaskSpec]:
+    async def _planned(self, goal: str, on_progress: Progress | None) -> list[TaskSpec]:
         await self._check_model()
         claude = self.claude if self.claude is not None else await anyio.to_thread.run_sync(find_claude)
-        return await plan_with_claude(
-            self.repo,
-            goal,
-            claude=claude,
-            env=self.settings.agent_env,
-            config_dir=self.settings.claude_config_dir,
-            model=self.settings.model,
-            log_dir=self.settings.state_dir / "logs" / "planner" / secrets.token_hex(4),
-        )
+        async with ticking(on_progress) as ticker:
+            await ticker.stage("the planning agent is reading the repository")
+            return await plan_with_claude(
+                self.repo,
+                goal,
+                claude=claude,
+                env=self.settings.agent_env,
+                config_dir=self.settings.claude_config_dir,
+                model=self.settings.model,
+                log_dir=self.settings.state_dir / "logs" / "planner" / secrets.token_hex(4),
+                on_event=lambda event: ticker.note(f"planning agent: {activity(event)}"),
+            )
 
     # -- dispatch, status, wait, cancel --------------------------------------------------------
 
@@ -234,7 +258,6 @@ class Cluster:
         plan = await self.store.plan(plan_id)
         if plan.state in (PlanState.CANCELLED, PlanState.MERGED, PlanState.FAILED):
             raise StateError(f"plan {plan_id} is {plan.state.value}; it cannot be dispatched")
-        await self._check_model()
         only: set[str] | None = None
         if task_ids is not None:
             only = set(task_ids)
@@ -243,7 +266,8 @@ class Cluster:
                 raise NotFoundError(
                     f"plan {plan_id} has no task {', '.join(sorted(unknown))} (tasks: {', '.join(sorted(known))})"
                 )
-        elif plan.state is PlanState.RUNNING and self.scheduler.running_in_full(plan_id):
+        await self._check_model()  # after the cheap checks of the caller's arguments
+        if only is None and plan.state is PlanState.RUNNING and self.scheduler.running_in_full(plan_id):
             # Already running in full: nothing changes, no scheduler pass needed.
             return await self.status(plan_id, focus=STATUS_FOCUS)
         if plan.state is not PlanState.RUNNING:
@@ -274,6 +298,7 @@ class Cluster:
     async def _long_poll(self, plan_id: str, wait: float, until_finished: bool, on_progress: Progress | None) -> None:
         before = [(r.id, r.state) for r in await self.store.task_rows(plan_id)]
         deadline = anyio.current_time() + wait
+        last, beats = -1, 0
         while anyio.current_time() < deadline:
             rows = await self.store.task_rows(plan_id)
             if all(r.state in FINAL_STATES for r in rows):
@@ -283,7 +308,12 @@ class Cluster:
             if on_progress is not None:
                 done = sum(r.state in FINAL_STATES for r in rows)
                 running = sum(r.state in ACTIVE_STATES for r in rows)
-                await on_progress(done, len(rows), f"{done}/{len(rows)} tasks final, {running} running")
+                # MCP progress must increase: a heartbeat with nothing newly final creeps
+                # towards the next whole task without reaching it.
+                beats = beats + 1 if done == last else 0
+                last = done
+                value = done + 1 - 1 / (beats + 1) if beats else done
+                await on_progress(value, len(rows), f"{done}/{len(rows)} tasks final, {running} running")
             await self.changed(min(2.0, deadline - anyio.current_time()))
 
     async def overview(self) -> list[PlanStatus]:
@@ -364,37 +394,25 @@ class Cluster:
         self.pulse.notify()
         return await self.status(plan_id, focus=STATUS_FOCUS)
 
-    # -- the final merge ----------------------------------------------------------------------
+    # -- the final merge, and cleaning up -------------------------------------------------------
 
-    async def merge(self, plan_id: str, target: str | None = None, *, dry_run: bool = False) -> FinalMerge:
+    async def merge(
+        self, plan_id: str, target: str | None = None, *, dry_run: bool = False, on_progress: Progress | None = None
+    ) -> FinalMerge:
         """Merge the plan's integration branch into ``target`` (default: the plan's target
         branch): fast-forward when possible, else a merge commit after a clean merge-tree
-        check. Refuses a dirty checked-out target; records the previous tip for undo."""
-        return await self.merges.land(await self.store.status(plan_id), target, dry_run=dry_run)
+        check, which the plan's gate must pass. Refuses a dirty checked-out target; records
+        the previous tip for undo. ``on_progress`` hears the stages (and the gate's heartbeat)."""
+        status = await self.store.status(plan_id)
+        return await self.merges.land(status, target, dry_run=dry_run, on_progress=on_progress)
 
+    async def collect(self, older_than: timedelta, *, dry_run: bool = False, unmerged: bool = False) -> GcReport:
+        """Remove what finished plans older than ``older_than`` left on disk (the engine does
+        this by itself every hour for ``retention_days``); see :mod:`~claudecluster_mcp.retention`."""
+        return await self.retention.collect(older_than, dry_run=dry_run, unmerged=unmerged)
 
-# What one agent prompt, as the engine builds it, may take of the OS's single-argument limit:
-# the rest is room for a failed gate's output added on a retry (at most ~6 KiB).
-_PROMPT_BUDGET = MAX_ARG_STRLEN - 16 * 1024
-
-
-def _stored_tasks(plan: Plan, specs: list[TaskSpec]) -> list[Task]:
-    """The plan's tasks in topological order, each checked to fit the agent's command line
-    with the text the engine adds around its prompt."""
-    by_id = {s.id: s for s in specs}
-    stamp = plan.created_at
-    stored = [
-        Task(**by_id[tid].model_dump(), plan_id=plan.id, created_at=stamp, updated_at=stamp)
-        for tid in TaskGraph(specs).topological_order()
-    ]
-    for task in stored:
-        size = len(task_prompt(plan, task).encode("utf-8", "surrogatepass"))
-        if size > _PROMPT_BUDGET:
-            raise PlanValidationError(
-                f"invalid plan: task {task.id!r}'s prompt with the goal is {size / 1024:.1f} KiB; the limit is "
-                f"{_PROMPT_BUDGET // 1024} KiB (MAX_ARG_STRLEN {MAX_ARG_STRLEN // 1024} KiB minus room for gate output)"
-            )
-    return stored
+    def _busy(self, plan_id: str) -> bool:
+        return plan_id in self.scheduler.active or self.scheduler.running(plan_id) or self.merges.merging(plan_id)
 
 
 def _check_workers(count: int) -> int:

@@ -19,6 +19,7 @@ traceback.
     │   ├── DirtyWorktreeError      refusing to touch a working tree with local changes
     │   └── GitError                a git command failed (its stderr is in the message)
     ├── StoreError                  the state database cannot be opened, read or written
+    ├── DiskFullError               a disk (or quota) filled up; the message says doing what
     ├── ClaudeNotFoundError         no `claude` executable where we looked
     │   └── ClaudeVersionError      `claude` is there but too old or unusable
     ├── ModelUnavailableError       the model API is unreachable or refuses our credentials
@@ -37,6 +38,7 @@ __all__ = [
     "ClusterError",
     "ConfigError",
     "DirtyWorktreeError",
+    "DiskFullError",
     "EngineBusyError",
     "GitError",
     "ModelUnavailableError",
@@ -93,6 +95,10 @@ class GitError(RepositoryError):
 
 class StoreError(ClusterError):
     """The state database cannot be opened, migrated or written."""
+
+
+class DiskFullError(ClusterError):
+    """A disk or quota filled up; the message says what was being written and what was kept."""
 
 
 class ClaudeNotFoundError(ClusterError):

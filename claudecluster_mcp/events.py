@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .redact import redact
+
 __all__ = [
     "AgentEvent",
     "ApiRetry",
@@ -29,6 +31,7 @@ __all__ = [
     "ToolResult",
     "ToolUse",
     "Usage",
+    "activity",
     "parse_event",
     "strip_terminal_escapes",
 ]
@@ -166,6 +169,21 @@ AgentEvent = Annotated[
     | StderrLine,
     Field(discriminator="kind"),
 ]
+
+
+def activity(event: AgentEvent) -> str:
+    """One line of what an agent event says (the task's last activity), secrets redacted."""
+    if isinstance(event, ToolUse):
+        detail = event.input.get("file_path") or event.input.get("command") or event.input.get("pattern") or ""
+        return f"{event.name} {redact(str(detail))[:120]}".strip()
+    if isinstance(event, AssistantText):
+        return redact(event.text.strip().splitlines()[0])[:160] if event.text.strip() else "…"
+    if isinstance(event, ApiRetry):
+        return f"waiting to retry the model API ({event.error or event.error_status})"
+    if isinstance(event, ResultEvent):
+        return f"result: {event.subtype}"
+    return event.kind
+
 
 # CSI, OSC (ended by BEL or ST), DCS/SOS/PM/APC strings, charset selection (ESC ( B),
 # two-byte escapes (ESC 7, ESC 8, ESC =, ...), and SO/SI.

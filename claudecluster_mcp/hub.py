@@ -38,6 +38,7 @@ from .models import PlanState
 from .placement import open_placement
 from .registry import Registry
 from .settings import EngineSettings
+from .signals import Watchers
 from .store import Store, state_db_path
 from .workspace import git, repo_root
 
@@ -106,6 +107,8 @@ class Hub:
         self._plans: dict[str, Path] = {}  # plan id → repository root, as looked up
         self._lock = anyio.Lock()
         self._tg: TaskGroup | None = None
+        #: Every change of every open repository's state (the clusters' own feeds, joined).
+        self.changes = Watchers()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -178,11 +181,16 @@ class Hub:
     def _roots_text(self) -> str:
         return ", ".join(str(r) for r in self.roots)
 
+    def _path(self, repo: str | None) -> Path:
+        """``repo`` resolved (relative to the first root; default: the first root)."""
+        try:
+            path = Path(repo).expanduser() if repo else self.roots[0]
+            return (path if path.is_absolute() else self.roots[0] / path).resolve()
+        except (RuntimeError, ValueError) as exc:  # `~nobody`; a NUL byte
+            raise RepositoryError(f"cannot use {repo!r} as a repository path: {exc}") from exc
+
     async def _root(self, repo: str | None) -> Path:
-        path = Path(repo).expanduser() if repo else self.roots[0]
-        if not path.is_absolute():
-            path = self.roots[0] / path
-        path = path.resolve()
+        path = self._path(repo)
         if not self._inside_roots(path):
             raise RepositoryError(
                 f"{path} is outside the allowed roots ({self._roots_text()}); "
@@ -282,8 +290,12 @@ class Hub:
                 Cluster.open(root, settings=engine, claude=claude, placement=placement) as cluster,
             ):
                 hosted.cluster = cluster
-                task_status.started(hosted)
-                await anyio.sleep_forever()
+                unwatch = cluster.watch(self.changes.emit)
+                try:
+                    task_status.started(hosted)
+                    await anyio.sleep_forever()
+                finally:
+                    unwatch()
         except Exception:
             if hosted.cluster is None:
                 raise  # failed to open: the caller of tg.start() gets the error

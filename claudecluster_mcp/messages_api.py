@@ -26,6 +26,7 @@ __all__ = [
     "CutStream",
     "MessagesRequest",
     "blocks_text",
+    "cut_response",
     "error_response",
     "message_response",
     "new_message_id",
@@ -201,6 +202,19 @@ def message_response(
 ) -> Response:
     """A complete (non-streamed) assistant message."""
     return JSONResponse(_message_json(message_id, model, content, stop_reason, usage))
+
+
+def cut_response(response: Response) -> Response:
+    """``response`` with its body cut in half: the headers and the first half are sent,
+    then the connection is dropped (a chunked body that never ends)."""
+    body = bytes(response.body)
+
+    async def half() -> AsyncIterator[bytes]:
+        yield body[: len(body) // 2]
+        raise CutStream("scripted cut")
+
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+    return StreamingResponse(half(), status_code=response.status_code, headers=headers)
 
 
 def streaming_response(events: AsyncIterator[bytes], message_id: str) -> Response:

@@ -32,7 +32,9 @@ from starlette.routing import Route
 
 from .messages_api import (
     FAULT_ERRORS,
+    CutStream,
     MessagesRequest,
+    cut_response,
     error_response,
     message_response,
     new_message_id,
@@ -52,6 +54,20 @@ logger = logging.getLogger(__name__)
 _TEMPLATE = re.compile(r"\{(\w+)\}")
 # Faults answered with an error (or, for a hang, with silence) instead of a message.
 _NO_MESSAGE_FAULTS = frozenset(FAULT_ERRORS) | {"hang"}
+
+
+class _QuietCuts(logging.Filter):
+    """A scripted cut drops its connection by raising :class:`CutStream` on purpose: no
+    "Exception in ASGI application" traceback for it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, BaseExceptionGroup):
+            return error.subgroup(CutStream) is None
+        return not isinstance(error, CutStream)
+
+
+_QUIET_CUTS = _QuietCuts()
 
 
 def scripted_env(url: str) -> dict[str, str]:
@@ -139,6 +155,7 @@ class ScriptedModelServer:
         self._requests: list[RecordedRequest] = []
         self._attempts: Counter[tuple[str, int]] = Counter()
         self._model_requests = 0
+        self._first_request_at: float | None = None  # epoch seconds of the first model request
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.app = create_app(self)
@@ -156,6 +173,16 @@ class ScriptedModelServer:
         with self._lock:
             return list(self._requests)
 
+    @property
+    def storm_window(self) -> tuple[float, float] | None:
+        """(start, end) in epoch seconds of a time-window storm, once its clock has started
+        (at the first model request); else ``None``."""
+        storm = self.scenario.storm
+        if storm is None or storm.seconds is None or self._first_request_at is None:
+            return None
+        start = self._first_request_at + storm.after
+        return start, start + storm.seconds
+
     def _record(self, **fields: Any) -> RecordedRequest:
         with self._lock:
             record = RecordedRequest(index=len(self._requests), **fields)
@@ -168,6 +195,7 @@ class ScriptedModelServer:
 
     def start(self) -> ScriptedModelServer:
         """Bind the port and serve in a daemon thread; returns once accepting requests."""
+        logging.getLogger("uvicorn.error").addFilter(_QUIET_CUTS)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
@@ -230,7 +258,7 @@ class ScriptedModelServer:
         if isinstance(selected, Response):
             return selected
         rule, turn, variables = selected
-        fault = self._turn_fault(turn.fault, call)
+        fault = self._turn_fault(turn.fault, rule, call)
         self._record(outcome=f"fault: {fault.type}" if fault else "ok", rule=rule.name, **_record_fields(call))
         latency = self.scenario.default_latency if turn.latency is None else turn.latency
         if latency:
@@ -254,12 +282,16 @@ class ScriptedModelServer:
         return MessagesRequest.read(request.url.path, body, messages, request.headers)
 
     def _storm_fault(self) -> Fault | None:
-        """The storm's fault while this is one of its first requests, else ``None``."""
+        """The storm's fault if it hits this request, else ``None``."""
         storm = self.scenario.storm
+        clock = time.time()
         with self._lock:
             self._model_requests += 1
             number = self._model_requests
-        return storm.fault if storm is not None and number <= storm.requests else None
+            if self._first_request_at is None:
+                self._first_request_at = clock
+            since_first = clock - self._first_request_at
+        return storm.fault if storm is not None and storm.hits(number, since_first) else None
 
     def _select_turn(self, call: MessagesRequest) -> tuple[Rule, Turn, dict[str, str]] | Response:
         """The matching rule, its turn for this request and the match's variables; else a 400."""
@@ -285,13 +317,15 @@ class ScriptedModelServer:
             )
         return rule, rule.turns[call.turn], variables
 
-    def _turn_fault(self, fault: Fault | None, call: MessagesRequest) -> Fault | None:
-        """``fault`` if it still applies: its first ``times`` attempts at this conversation's turn."""
+    def _turn_fault(self, fault: Fault | None, rule: Rule, call: MessagesRequest) -> Fault | None:
+        """``fault`` if it still applies: its first ``times`` attempts at this turn, of this
+        conversation or (``per="rule"``) of every conversation of the rule."""
         if fault is None:
             return None
+        key = ("rule:" + rule.name if fault.per == "rule" else call.conversation, call.turn)
         with self._lock:
-            attempt = self._attempts[(call.conversation, call.turn)]
-            self._attempts[(call.conversation, call.turn)] += 1
+            attempt = self._attempts[key]
+            self._attempts[key] += 1
         return fault if fault.times is None or attempt < fault.times else None
 
     @staticmethod
@@ -312,9 +346,10 @@ class ScriptedModelServer:
         message_id = new_message_id()
         stop_reason = "tool_use" if turn.tools else "end_turn"
         if not call.stream:
-            if fault is not None:  # stall/cut apply to streams; a plain request just waits
-                await anyio.sleep(fault.seconds if fault.type == "stall" else 0)
-            return message_response(message_id, call.model, content, stop_reason, usage)
+            if fault is not None and fault.type == "stall":  # a plain request just waits
+                await anyio.sleep(fault.seconds)
+            response = message_response(message_id, call.model, content, stop_reason, usage)
+            return cut_response(response) if fault is not None and fault.type == "cut" else response
         stall = fault.seconds if fault is not None and fault.type == "stall" else None
         cut = fault is not None and fault.type == "cut"
         events = stream_events(message_id, call.model, content, stop_reason, usage, stall=stall, cut=cut)
@@ -330,7 +365,9 @@ class ScriptedModelServer:
                     await anyio.sleep(0.25)
             return error_response(504, "timeout_error", "scripted hang ended")
         status, kind, default_message = FAULT_ERRORS[fault.type]
-        headers = {"retry-after": f"{fault.retry_after:g}"} if fault.type == "rate_limit" else None
+        headers = None
+        if fault.type == "rate_limit" and fault.retry_after is not None:
+            headers = {"retry-after": f"{fault.retry_after:g}"}
         return error_response(status, kind, fault.message or default_message, headers)
 
     async def count_tokens(self, request: Request) -> Response:
@@ -362,4 +399,5 @@ def serve_forever(scenario: Scenario, host: str, port: int) -> None:
     """Run the server in the foreground until interrupted (``claudecluster model-server``)."""
     server = ScriptedModelServer(scenario, host=host, port=port)
     config = uvicorn.Config(server.app, host=host, port=port, log_level="info", lifespan="off")
+    logging.getLogger("uvicorn.error").addFilter(_QUIET_CUTS)
     uvicorn.Server(config).run()

@@ -8,12 +8,12 @@ allowed transitions (:data:`TRANSITIONS`); the store refuses any other move::
     succeeded → merged | conflicted | gate_failed | pending (gate retry) | failed (merge error)
     succeeded → held (touches protected paths) → succeeded (approved) | cancelled (rejected)
     pending/ready → blocked (a dependency failed) | cancelled
+    ready → failed (its agent could not be started: e.g. a full disk while creating its worktree)
 """
 
 from __future__ import annotations
 
 import enum
-import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,22 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import ConfigError
+from .limits import (
+    MAX_ARG_STRLEN,
+    MAX_FILE_GLOBS_PER_PLAN,
+    MAX_FILES_PER_TASK,
+    MAX_GLOB_LENGTH,
+    MAX_GOAL_BYTES,
+    MAX_PROMPT_BYTES,
+    MAX_STORED_TASK_ID_LENGTH,
+    MAX_TASK_ID_LENGTH,
+    MAX_TASKS_PER_PLAN,
+    MAX_TITLE_LENGTH,
+    TASK_ID_PATTERN,
+    ref_format_problem,
+    task_id_problem,
+)
+from .limits import utf8_size as _size
 
 __all__ = [
     "ACTIVE_STATES",
@@ -51,84 +67,6 @@ __all__ = [
     "split_task_ref",
     "task_id_problem",
 ]
-
-# -- limits on input: each refused with an error naming it ------------------------------------
-
-#: Tasks in one plan.
-MAX_TASKS_PER_PLAN = 5000
-#: A task id a caller gives. Derived ids (``<id>.resolve``, ``<id>.resolve2`` …, up to 8
-#: digits) stay within :data:`MAX_STORED_TASK_ID_LENGTH`.
-MAX_TASK_ID_LENGTH = 48
-MAX_STORED_TASK_ID_LENGTH = 64
-#: Linux's MAX_ARG_STRLEN: the most one argv string may hold (its NUL included). The
-#: prompt goes on the agent's command line as one argument.
-MAX_ARG_STRLEN = 128 * 1024
-#: A task's prompt and a plan's goal, in UTF-8 bytes. The engine puts the goal, a note and,
-#: on a gate retry, up to ~6 KiB of gate output around the prompt: all of it stays below
-#: MAX_ARG_STRLEN with room to spare (``prompt + goal + 16 KiB < MAX_ARG_STRLEN``).
-MAX_PROMPT_BYTES = 96 * 1024
-MAX_GOAL_BYTES = 8 * 1024
-MAX_TITLE_LENGTH = 500
-#: File globs per task, characters per glob, and globs in a whole plan.
-MAX_FILES_PER_TASK = 100
-MAX_GLOB_LENGTH = 1024
-MAX_FILE_GLOBS_PER_PLAN = 50_000
-
-TASK_ID_PATTERN = rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_TASK_ID_LENGTH - 1}}}"
-_ID_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-# Branches a task id becomes part of: its own, its resolve task's, next to this one.
-_RESERVED_IDS = frozenset({"integration"})
-_REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
-
-
-def ref_format_problem(refname: str) -> str | None:
-    """Why git would refuse ``refname`` as a ref name (``git check-ref-format`` rules, with
-    at least two components), or None if it is valid."""
-    if refname == "@":
-        return "is '@'"
-    if refname.endswith("/") or refname.startswith("/"):
-        return "begins or ends with '/'"
-    if refname.endswith("."):
-        return "ends with '.'"
-    if "@{" in refname:
-        return "contains '@{'"
-    if ".." in refname:
-        return "contains '..'"
-    if _REF_FORBIDDEN.search(refname):
-        return "contains a space, a control character or one of ~^:?*[\\"
-    components = refname.split("/")
-    if len(components) < 2:
-        return "has a single component"
-    for component in components:
-        if not component:
-            return "contains '//'"
-        if component.startswith("."):
-            return f"has a component {component!r} starting with '.'"
-        if component.endswith(".lock"):
-            return f"has a component {component!r} ending with '.lock'"
-    return None
-
-
-def task_id_problem(value: str, *, max_length: int = MAX_TASK_ID_LENGTH) -> str | None:
-    """Why ``value`` cannot be a task id, or None. A task id must be usable, unquoted, as a
-    git branch name component: ``claudecluster/<plan>/<id>`` and its resolve task's
-    ``claudecluster/<plan>/<id>.resolve`` must both pass ``git check-ref-format``."""
-    if not _ID_CHARS.fullmatch(value) or len(value) > max_length:
-        return (
-            f"task id {value!r} must start with a letter or digit and use only letters, "
-            f"digits, '.', '_' and '-' (max {max_length} characters)"
-        )
-    if value.lower() in _RESERVED_IDS:
-        return f"task id {value!r} is reserved (the plan's integration branch)"
-    for branch in (f"claudecluster/p0/{value}", f"claudecluster/p0/{value}.resolve"):
-        problem = ref_format_problem(branch)
-        if problem is not None:
-            return f"task id {value!r} cannot be part of a git branch name ({branch} {problem})"
-    return None
-
-
-def _size(text: str) -> int:
-    return len(text.encode("utf-8", "surrogatepass"))
 
 
 class Priority(enum.StrEnum):
@@ -203,7 +141,7 @@ ACTIVE_STATES = frozenset({TaskState.RUNNING, TaskState.WAITING})
 _S = TaskState
 TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     _S.PENDING: frozenset({_S.READY, _S.BLOCKED, _S.CANCELLED}),
-    _S.READY: frozenset({_S.RUNNING, _S.PENDING, _S.BLOCKED, _S.CANCELLED}),
+    _S.READY: frozenset({_S.RUNNING, _S.PENDING, _S.BLOCKED, _S.CANCELLED, _S.FAILED}),
     _S.RUNNING: frozenset({_S.WAITING, _S.SUCCEEDED, _S.FAILED, _S.TIMED_OUT, _S.CANCELLED, _S.PENDING}),
     _S.WAITING: frozenset({_S.RUNNING, _S.SUCCEEDED, _S.FAILED, _S.TIMED_OUT, _S.CANCELLED, _S.PENDING}),
     # A succeeded task's branch waits in the merge queue. A failed gate sends it back to its
@@ -330,6 +268,9 @@ class Task(TaskSpec):
     last_activity: str = ""
     not_before: float | None = None
     approved: bool = False
+    setup_s: float | None = None  #: seconds its worktree setup took (copy_files and setup), all attempts
+    warnings: list[str] = Field(default_factory=list)  #: what its agent was denied, and the rule that allows it
+    merge_batch: int | None = None  #: the plan's merge batch that landed it (1, 2, …)
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -376,6 +317,10 @@ class Plan(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     final_merge: dict[str, Any] | None = None
     reason: str = ""
+    max_cost_usd: float | None = None  #: no agent starts once the plan's tasks cost this much
+    max_tokens: int | None = None  #: … or used this many tokens
+    merge_batches: int = 0  #: with a gate: landings of its merge queue (one compare-and-swap each)
+    gate_runs: int = 0  #: runs of its gate (batches, their bisection, the final merge)
     created_at: datetime
     updated_at: datetime
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from .agent import AgentRun
 from .agent_spec import AgentSpec
 from .claude_cli import ClaudeBinary
 from .errors import PlanValidationError
+from .events import AgentEvent
 from .graph import parse_tasks, validate_tasks
 from .models import TASK_ID_PATTERN, TaskSpec
 from .prompts import clip
@@ -97,8 +99,10 @@ async def plan_with_claude(
     model: str | None,
     log_dir: Path,
     timeout: float = 900,
+    on_event: Callable[[AgentEvent], None] | None = None,
 ) -> list[TaskSpec]:
-    """Ask a read-only Claude Code run in ``repo`` to split ``goal`` into a validated task DAG."""
+    """Ask a read-only Claude Code run in ``repo`` to split ``goal`` into a validated task DAG
+    (``on_event`` sees the planning agent's events as they come)."""
     prompt = _INSTRUCTIONS.format(marker=PLANNER_MARKER, goal=goal)
     last_error = "the planner gave no plan"
     for attempt in (1, 2):
@@ -115,7 +119,7 @@ async def plan_with_claude(
             inactivity_timeout=min(timeout, 600),
             log_path=log_dir / f"planner-{attempt}.log",
         )
-        outcome = await AgentRun(spec, claude=claude).run()
+        outcome = await AgentRun(spec, claude=claude, on_event=on_event).run()
         if not outcome.ok:
             raise PlanValidationError(f"the planning agent {outcome.status.value}: {outcome.reason}")
         try:

@@ -1,11 +1,15 @@
-"""What agents are told: the prompt of a task, of a resolve task, of a resumed run, and the
-messages of the commits and merges made for them."""
+"""What agents are told: the prompt of a task (checked, when the plan is stored, to fit the
+agent's command line), of a resolve task, of a resumed run, and the messages of the commits
+and merges made for them."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .models import Plan, Task, TaskKind
+from .errors import PlanValidationError
+from .graph import TaskGraph
+from .limits import MAX_ARG_STRLEN
+from .models import Plan, Task, TaskKind, TaskSpec
 from .outcome import AgentOutcome
 from .redact import redact
 
@@ -16,6 +20,7 @@ __all__ = [
     "commit_message",
     "merge_message",
     "resolve_prompt",
+    "stored_tasks",
     "task_prompt",
 ]
 
@@ -77,3 +82,27 @@ def merge_message(plan: Plan, task: Task | None = None) -> str:
     if task is None:
         return f"Merge claudecluster plan {plan.id}: {plan.goal[:60]}"
     return f"Merge task {task.id}: {task.title or task.id}\n\nclaudecluster plan {plan.id}"
+
+
+# What one agent prompt, as the engine builds it, may take of the OS's single-argument limit:
+# the rest is room for a failed gate's output added on a retry (at most ~6 KiB).
+_PROMPT_BUDGET = MAX_ARG_STRLEN - 16 * 1024
+
+
+def stored_tasks(plan: Plan, specs: list[TaskSpec]) -> list[Task]:
+    """The plan's tasks in topological order, each checked to fit the agent's command line
+    with the text the engine adds around its prompt."""
+    by_id = {s.id: s for s in specs}
+    stamp = plan.created_at
+    stored = [
+        Task(**by_id[tid].model_dump(), plan_id=plan.id, created_at=stamp, updated_at=stamp)
+        for tid in TaskGraph(specs).topological_order()
+    ]
+    for task in stored:
+        size = len(task_prompt(plan, task).encode("utf-8", "surrogatepass"))
+        if size > _PROMPT_BUDGET:
+            raise PlanValidationError(
+                f"invalid plan: task {task.id!r}'s prompt with the goal is {size / 1024:.1f} KiB; the limit is "
+                f"{_PROMPT_BUDGET // 1024} KiB (MAX_ARG_STRLEN {MAX_ARG_STRLEN // 1024} KiB minus room for gate output)"
+            )
+    return stored

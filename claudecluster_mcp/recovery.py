@@ -4,7 +4,9 @@ One engine per repository (:class:`EngineLease`, a ``flock`` the kernel drops wh
 process dies). When an engine opens a repository, :func:`recover` makes the store true again
 after a process died holding it: it settles half-done ref updates from the merge journal,
 has the placement kill what is left of interrupted agent runs, re-queues (or resumes) their
-tasks, re-queues merges, and hands the running plans back to the scheduler.
+tasks, stops gates left running and removes their worktrees, re-queues merges, records a
+conflicted task as merged once its resolve task is, and hands the running plans back to the
+scheduler.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EngineBusyError
+from .merge import reap_gates
 from .merge_queue import MergeQueue
 from .models import ACTIVE_STATES, PlanState, Task, TaskState
 from .placement import AgentPlacement, RunRecord
@@ -63,16 +66,20 @@ async def recover(
     repo: Path, store: Store, placement: AgentPlacement, merges: MergeQueue, scheduler: Scheduler
 ) -> None:
     """Make the store true again after a process died holding it (see the module docstring)."""
+    await reap_gates(repo)
     for entry in await store.open_merges():
         await _settle_journal(repo, store, merges, entry)
     for plan in await store.plans([PlanState.RUNNING]):
-        for task in await store.tasks(plan.id):
+        tasks = await store.tasks(plan.id)
+        for task in tasks:
             if task.state in ACTIVE_STATES:
                 await _requeue(store, placement, task)
             elif task.state is TaskState.READY:
                 await store.move(plan.id, task.id, TaskState.PENDING)
             elif task.state is TaskState.SUCCEEDED:
                 await merges.enqueue(plan.id, task.id)
+            elif task.state is TaskState.CONFLICTED:
+                await _settle_resolved(store, task, tasks)
         scheduler.activate(plan.id)
 
 
@@ -81,15 +88,22 @@ async def _settle_journal(repo: Path, store: Store, merges: MergeQueue, entry: d
     tip = (await git(repo, "rev-parse", "--verify", "--quiet", entry["ref"], check=False)).stdout.strip()
     done = tip == entry["new"]
     await store.end_merge(entry["seq"], "done" if done else "undone")
-    if done and entry["task_id"]:
-        task = await store.task(entry["plan_id"], entry["task_id"])
-        if task.state is TaskState.SUCCEEDED:
-            await merges.mark_merged(await store.plan(entry["plan_id"]), task, tip)
+    if done and entry["tasks"]:  # every task the update landed (a batch lands several)
+        await merges.landed(entry["plan_id"], entry["tasks"], tip)
     elif done:  # the final merge of a plan into its target branch
         plan = await store.plan(entry["plan_id"])
         if plan.state is not PlanState.MERGED:
             record = {"plan_id": plan.id, "target": entry["ref"], "previous_tip": entry["old"], "new_tip": tip}
             await store.update_plan(plan.id, state=PlanState.MERGED, final_merge={**record, "recovered": True})
+
+
+async def _settle_resolved(store: Store, task: Task, tasks: list[Task]) -> None:
+    """A conflicted task whose resolve task is merged is merged too (the engine died between
+    recording the one and the other)."""
+    resolver = next((t for t in tasks if t.resolves == task.id and t.state is TaskState.MERGED), None)
+    if resolver is not None:
+        reason = f"resolved by {resolver.id}"
+        await store.move(task.plan_id, task.id, TaskState.MERGED, merge_commit=resolver.merge_commit, reason=reason)
 
 
 async def _requeue(store: Store, placement: AgentPlacement, task: Task) -> None:

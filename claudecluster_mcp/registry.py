@@ -50,3 +50,19 @@ class Registry:
         if row is None:
             raise NotFoundError(f"unknown plan id {plan_id!r} (recent plans: {', '.join(recent) or 'none'})")
         return Path(row[0])
+
+    def plans(self, prefix: str = "", limit: int = 100) -> list[tuple[str, Path]]:
+        """(plan id, repository) of the newest ``limit`` plans whose id starts with ``prefix``."""
+        if not self.path.exists():
+            return []
+        with sqlite_errors(_REGISTRY, self.path), contextlib.closing(self._connect()) as db:
+            rows = db.execute(
+                "SELECT id, repo FROM plans WHERE substr(id, 1, ?) = ? ORDER BY created_at DESC LIMIT ?",
+                [len(prefix), prefix, limit],
+            ).fetchall()
+        return [(row[0], Path(row[1])) for row in rows]
+
+    def forget(self, plan_ids: list[str]) -> None:
+        """Drop ``plan_ids`` (plans removed by the collector)."""
+        with sqlite_errors(_REGISTRY, self.path), contextlib.closing(self._connect()) as db, db:
+            db.executemany("DELETE FROM plans WHERE id = ?", [[plan_id] for plan_id in plan_ids])

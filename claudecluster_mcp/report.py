@@ -1,7 +1,8 @@
-"""Reports of a plan: the terminal's status table, JSON, Markdown, and one self-contained
-HTML page (a timeline of tasks on worker slots, the dependency graph, per-task outcome, turns,
-cost, tokens, diffstat, the merge result, and failures with their reasons). One colour per
-task state and one elapsed-time format serve them all."""
+"""Reports of a plan: JSON, Markdown, and one self-contained HTML page (a timeline of tasks
+on worker slots, the dependency graph, per-task outcome, turns, cost, tokens, setup time,
+diffstat, the merge result, failures with their reasons, and what agents were denied). One
+colour per task state and one elapsed-time format serve them and the terminal's table
+(:mod:`~claudecluster_mcp.table`)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rich.markup import escape
-from rich.table import Table
-
+from .denials import common_denial, warning_lines
 from .graph import TaskGraph
-from .models import FINAL_STATES, PlanStatus, Task, TaskState
+from .models import PlanStatus, Task, TaskState
 from .redact import redact, redact_data
 from .workspace import git
 
@@ -26,8 +25,8 @@ __all__ = [
     "diffstats",
     "elapsed_text",
     "event_line",
+    "isolation_text",
     "state_colour",
-    "status_table",
     "to_html",
     "to_json",
     "to_markdown",
@@ -62,6 +61,25 @@ def elapsed_text(task: Task) -> str:
     if seconds is None:
         return "-"
     return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
+
+
+def merge_queue_text(status: PlanStatus) -> str:
+    """How the merge queue landed a gated plan's tasks: batches and gate runs ("" without a
+    gate)."""
+    plan = status.plan
+    if not plan.gate and not plan.gate_runs:
+        return ""
+    merged, batches, runs = status.counts.get("merged", 0), plan.merge_batches, plan.gate_runs
+    return (
+        f"{merged} task{'s' * (merged != 1)} merged in {batches} batch{'es' * (batches != 1)}; "
+        f"{runs} gate run{'s' * (runs != 1)}"
+    )
+
+
+def state_text(task: Task) -> str:
+    """A task's state, with the merge batch that landed it."""
+    batch = f" (batch {task.merge_batch})" if task.merge_batch and task.state is TaskState.MERGED else ""
+    return task.state.value + batch
 
 
 @dataclass(frozen=True)
@@ -106,6 +124,17 @@ def event_line(event: dict[str, Any]) -> str:
         detail = data.get("state", "") + (f" ({data['reason']})" if data.get("reason") else "")
     elif kind == "result":
         detail = f"{data.get('subtype')} turns={data.get('num_turns')} cost=${data.get('total_cost_usd', 0):.4f}"
+    elif kind == "setup":
+        ran = " ".join(data.get("command") or []) or "copy_files"
+        detail = f"{ran}: {'ok' if data.get('ok') else 'FAILED'} in {data.get('seconds')}s"
+        detail += f"; copied {', '.join(data['copied'])}" if data.get("copied") else ""
+        detail += f"; {' '.join(data.get('notes') or [])} {str(data.get('output', ''))[-300:]}"
+    elif kind == "gate":
+        verdict = "passed" if data.get("ok") else f"FAILED (exit {data.get('exit')})"
+        on = ", ".join(data.get("tasks") or []) or "the final merge"
+        detail = f"{verdict} on {on} in {data.get('seconds')}s"
+    elif kind == "warning":
+        detail = data.get("text", "")
     else:
         detail = _short(data)
     return f"{at} {kind:<12} {' '.join(redact(str(detail)).split())[:400]}"
@@ -123,40 +152,13 @@ def isolation_text(isolation: str | None) -> str:
     return f"isolation {isolation}" if isolation else ""
 
 
-def status_table(status: PlanStatus, isolation: str | None = None) -> Table:
-    """The live table: task, state, elapsed, turns, cost, last activity (and the isolation
-    level in its caption)."""
-    table = Table(expand=False, title=escape(f"plan {status.plan.id}: {status.plan.goal[:60]}"), title_justify="left")
-    table.add_column("task", no_wrap=True)
-    table.add_column("state", no_wrap=True)
-    table.add_column("elapsed", justify="right")
-    table.add_column("turns", justify="right")
-    table.add_column("cost", justify="right")
-    table.add_column("last activity", overflow="ellipsis", no_wrap=True, max_width=60)
-    for task in status.tasks:
-        explained = (task.state in FINAL_STATES and task.state is not TaskState.MERGED) or task.state is TaskState.HELD
-        activity = task.reason if explained else task.last_activity
-        table.add_row(
-            escape(task.id) + (" (resolve)" if task.kind.value == "resolve" else ""),
-            f"[{state_colour(task.state)}]{task.state.value}[/]",
-            elapsed_text(task),
-            str(task.turns or ""),
-            f"${task.cost_usd:.4f}" if task.cost_usd else "",
-            escape(activity),
-        )
-    caption = [f"{status.omitted} more tasks pending or merged"] if status.omitted else []
-    caption += [isolation_text(isolation)] if isolation else []
-    table.caption = "; ".join(caption) or None
-    return table
-
-
 def _task_dict(task: Task, stat: Diffstat | None) -> dict[str, Any]:
     data = task.model_dump(
         mode="json",
         include={
             "id", "title", "kind", "state", "deps", "priority", "category", "attempts", "turns",
             "cost_usd", "input_tokens", "output_tokens", "reason", "branch", "commit",
-            "merge_commit", "changed_files", "started_at", "finished_at",
+            "merge_commit", "changed_files", "started_at", "finished_at", "setup_s", "warnings", "merge_batch",
         },
     )  # fmt: skip
     data["diffstat"] = stat.__dict__ if stat else None
@@ -178,6 +180,7 @@ def to_json(status: PlanStatus, stats: dict[str, Diffstat] | None = None, isolat
         "counts": status.counts,
         "total_cost_usd": round(status.total_cost_usd, 6),
         "total_tokens": status.total_tokens,
+        "notice": common_denial(status.tasks),
         "tasks": [_task_dict(t, stats.get(t.id)) for t in status.tasks],
     }
     return json.dumps(redact_data(report), indent=2)
@@ -196,27 +199,31 @@ def to_markdown(status: PlanStatus, stats: dict[str, Diffstat] | None = None, is
         f"integration branch `{plan.integration_branch}`, target `{plan.target_branch}`",
         f"- State: **{plan.state.value}**; tasks: " + ", ".join(f"{n} {s}" for s, n in sorted(status.counts.items())),
         f"- Cost: ${status.total_cost_usd:.4f}; tokens: {status.total_tokens:,}",
+        *([f"- Merge queue: {text}"] if (text := merge_queue_text(status)) else []),
         *(
             [f"- Isolation: **{isolation}**" + (" (agents and the gate ran unconfined)" if isolation == "none" else "")]
             if isolation
             else []
         ),
         "",
-        "| task | state | attempts | turns | time | cost | tokens | diff | depends on |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|",
+        "| task | state | attempts | turns | time | setup | cost | tokens | diff | depends on |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for task in status.tasks:
         stat = stats.get(task.id)
         diff = f"{stat.files} files +{stat.added} -{stat.removed}" if stat else "-"
         lines.append(
-            f"| {task.id}{' (resolve)' if task.kind.value == 'resolve' else ''} | {task.state.value} | "
-            f"{task.attempts} | {task.turns} | {elapsed_text(task)} | ${task.cost_usd:.4f} | "
+            f"| {task.id}{' (resolve)' if task.kind.value == 'resolve' else ''} | {state_text(task)} | "
+            f"{task.attempts} | {task.turns} | {elapsed_text(task)} | {_setup_text(task)} | ${task.cost_usd:.4f} | "
             f"{task.input_tokens + task.output_tokens:,} | {diff} | {', '.join(task.deps) or '-'} |"
         )
     failures = [t for t in status.tasks if t.state not in (TaskState.MERGED, TaskState.PENDING) and t.reason]
     if failures:
         lines += ["", "## Problems", ""]
         lines += [f"- **{t.id}** ({t.state.value}): {t.reason}" for t in failures]
+    warnings = warning_lines(status.tasks)
+    if warnings:
+        lines += ["", "## Warnings", "", *(f"- {w}" for w in warnings)]
     if plan.final_merge:
         merge = plan.final_merge
         lines += [
@@ -228,6 +235,10 @@ def to_markdown(status: PlanStatus, stats: dict[str, Diffstat] | None = None, is
             f"Undo: `{merge.get('undo')}`",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _setup_text(task: Task) -> str:
+    return f"{task.setup_s:.1f}s" if task.setup_s is not None else "-"
 
 
 def _slots(tasks: list[Task]) -> list[tuple[Task, int, float, float]]:
@@ -352,9 +363,10 @@ def to_html(status: PlanStatus, stats: dict[str, Diffstat] | None = None, isolat
         rows.append(
             f'<tr data-task="{e(task.id)}"><td>{e(task.id)}{resolve}'
             f"<br><small>{e(task.title)}</small></td>"
-            f'<td><span class="state" style="background:{colour}">{e(task.state.value)}</span></td>'
+            f'<td><span class="state" style="background:{colour}">{e(state_text(task))}</span></td>'
             f'<td class="num">{task.attempts}</td><td class="num">{task.turns}</td>'
-            f'<td class="num">{elapsed_text(task)}</td><td class="num">${task.cost_usd:.4f}</td>'
+            f'<td class="num">{elapsed_text(task)}</td><td class="num">{_setup_text(task)}</td>'
+            f'<td class="num">${task.cost_usd:.4f}</td>'
             f'<td class="num">{task.input_tokens + task.output_tokens:,}</td>'
             f"<td>{f'{stat.files} files +{stat.added} -{stat.removed}' if stat else '-'}</td>"
             f"<td>{e(', '.join(task.deps) or '-')}</td></tr>"
@@ -363,6 +375,8 @@ def to_html(status: PlanStatus, stats: dict[str, Diffstat] | None = None, isolat
     problem_html = "".join(
         f'<li><b>{e(t.id)}</b> ({e(t.state.value)})<div class="reason">{e(t.reason)}</div></li>' for t in problems
     )
+    warnings = warning_lines(status.tasks)
+    warning_html = "".join(f"<li>{e(w)}</li>" for w in warnings)
     merge = plan.final_merge
     merge_html = (
         f'<p id="merge">Merged into <b>{e(str(merge.get("target")))}</b> ({e(str(merge.get("kind")))}): '
@@ -379,6 +393,7 @@ def to_html(status: PlanStatus, stats: dict[str, Diffstat] | None = None, isolat
             ("failed", sum(status.counts.get(s, 0) for s in ("failed", "timed_out", "conflicted", "gate_failed"))),
             ("cost", f"${status.total_cost_usd:.4f}"),
             ("tokens", f"{status.total_tokens:,}"),
+            *([("merge batches", plan.merge_batches), ("gate runs", plan.gate_runs)] if plan.gate else []),
         ]
     )
     return f"""<!doctype html>
@@ -394,11 +409,13 @@ state <b>{e(plan.state.value)}</b>{f' · <b id="isolation">{e(isolation_text(iso
 <h2>Dependency graph</h2>
 <section id="graph">{_dag(status.tasks)}</section>
 <h2>Tasks</h2>
-<table id="tasks"><thead><tr><th>task</th><th>state</th><th>attempts</th><th>turns</th><th>time</th>
+<table id="tasks"><thead><tr><th>task</th><th>state</th><th>attempts</th><th>turns</th><th>time</th><th>setup</th>
 <th>cost</th><th>tokens</th><th>diff</th><th>depends on</th></tr></thead><tbody>{"".join(rows)}</tbody></table>
 <h2>Merge</h2>
 {merge_html}
 <h2>Problems</h2>
 {f'<ul id="problems">{problem_html}</ul>' if problems else '<p id="problems" class="empty">None.</p>'}
+<h2>Warnings</h2>
+{f'<ul id="warnings">{warning_html}</ul>' if warnings else '<p id="warnings" class="empty">None.</p>'}
 </body></html>
 """

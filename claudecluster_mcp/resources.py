@@ -5,19 +5,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.shared.exceptions import MCPError
+from mcp.types import INVALID_PARAMS
 
-from .mcp_session import hub_of, reported
+from .mcp_session import check_text, hub_of, reported
 from .models import split_task_ref
 from .report import event_line
 from .views import StatusView
 
-__all__ = ["plan_resource", "register_resources", "split_goal", "task_log_resource"]
+__all__ = ["PromptArguments", "plan_resource", "register_resources", "split_goal", "task_log_resource"]
 
 
 async def plan_resource(plan_id: str, ctx: Context) -> str:
     """A plan's status as JSON."""
     with reported("resource"):
+        check_text(plan_id, "the plan id")
         async with hub_of(ctx).cluster_of_plan(plan_id) as cluster:
             found = await cluster.status(plan_id)
             view = StatusView.of_cluster(found, cluster)
@@ -27,6 +31,7 @@ async def plan_resource(plan_id: str, ctx: Context) -> str:
 async def task_log_resource(task_id: str, ctx: Context) -> str:
     """A task's agent events as text, one line each."""
     with reported("resource"):
+        check_text(task_id, "the task id")
         plan_id, local = split_task_ref(task_id)
         async with hub_of(ctx).cluster_of_plan(plan_id) as cluster:
             events = await cluster.events(plan_id, local)
@@ -51,6 +56,39 @@ def split_goal(goal: str, repo: str = ".") -> str:
     )
 
 
+class PromptArguments:
+    """Server middleware: a ``prompts/get`` naming an unknown prompt, missing a required
+    argument or giving an unknown one gets an invalid-params error saying which (the SDK
+    answers "Internal server error" and logs a traceback for each)."""
+
+    def __init__(self, mcp: MCPServer[Any]) -> None:
+        self.mcp = mcp
+
+    async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        if ctx.method == "prompts/get" and isinstance(ctx.params, dict):
+            problem = await self.problem(ctx.params.get("name"), ctx.params.get("arguments"))
+            if problem is not None:
+                raise MCPError(code=INVALID_PARAMS, message=problem)
+        return await call_next(ctx)
+
+    async def problem(self, name: object, arguments: object) -> str | None:
+        """What is wrong with a request for prompt ``name`` (malformed params are left to the SDK)."""
+        if not isinstance(name, str) or not isinstance(arguments, dict | None):
+            return None
+        prompts = {p.name: p for p in await self.mcp.list_prompts()}
+        if name not in prompts:
+            return f"unknown prompt {name!r}; the prompts are: {', '.join(sorted(prompts))}"
+        given, declared = arguments or {}, prompts[name].arguments or []
+        if missing := [a.name for a in declared if a.required and a.name not in given]:
+            return f"the prompt {name!r} needs argument(s): {', '.join(missing)}"
+        if unknown := sorted(set(given) - {a.name for a in declared}):
+            return (
+                f"the prompt {name!r} has no argument(s) {', '.join(map(repr, unknown))}; "
+                f"its arguments are: {', '.join(a.name for a in declared)}"
+            )
+        return None
+
+
 def register_resources(mcp: MCPServer[Any]) -> None:
     """Add the resource templates and the prompt to ``mcp``."""
     mcp.resource("claudecluster://plans/{plan_id}", mime_type="application/json", title="A plan's status")(
@@ -60,3 +98,4 @@ def register_resources(mcp: MCPServer[Any]) -> None:
         task_log_resource
     )
     mcp.prompt(title="Split a goal into claudecluster tasks")(split_goal)
+    mcp.middleware.append(PromptArguments(mcp))

@@ -48,15 +48,20 @@ class RateLimitPause:
     off with jitter up to a cap). 429s of other agents while the incident is on are part of
     it: they extend a known retry-after, they never stack. When the pause ends ONE agent
     starts, the probe; as soon as a request of its gets through (:meth:`answered`) the
-    incident is over and the pool resumes, agents starting ``stagger`` apart. A probe that
+    incident is over and the pool resumes in steps ``stagger`` apart that double: 1 agent,
+    then 2, 4, … (a pool of 20 is full again after 5 steps, not 19). A probe that
     is rate-limited too is a new strike: a longer pause, then another probe. Claude Code's
     own ``api_retry`` of a 429 in a running agent (:meth:`retrying`) holds new starts for
-    its retry delay, or until that agent gets an answer.
+    its retry delay, or until that agent gets an answer; but only one agent retries for the
+    pool: another agent that meets a 429 meanwhile, or while an incident is on, is to be
+    parked (stopped, to resume after the incident), so that a storm costs one agent's
+    retries and the probes, not every agent's retries. An answer to an agent that was
+    retrying a 429 ends an incident like the probe's.
 
     Every method takes the clock (epoch seconds): the policy is pure apart from its state
     and the random source of the jitter."""
 
-    def __init__(self, stagger: float, first: float = 1.0, cap: float = 30.0, rng: random.Random | None = None) -> None:
+    def __init__(self, stagger: float, first: float = 1.0, cap: float = 10.0, rng: random.Random | None = None) -> None:
         self.stagger = stagger
         self.first = first
         self.cap = cap
@@ -68,6 +73,8 @@ class RateLimitPause:
         self._probe_deadline = 0.0
         self._holds: dict[str, float] = {}  # running agent → end of its CLI retry delay
         self._stagger_until = 0.0
+        self._step = 1  # agents the current step of a restart admits…
+        self._step_left = 1  # …and how many of them may still start
 
     def rate_limited(self, ref: str, clock: float, retry_after: float | None = None) -> float:
         """The run of agent ``ref`` ended on a 429; returns when the pool may start again."""
@@ -83,21 +90,29 @@ class RateLimitPause:
             self.until = max(self.until, clock + retry_after)
         return max(self.until, clock)
 
-    def retrying(self, ref: str, clock: float, delay: float) -> None:
+    def retrying(self, ref: str, clock: float, delay: float) -> bool:
         """Claude Code in agent ``ref`` waits ``delay`` s to retry a 429 itself: admit no
-        new agent meanwhile."""
+        new agent meanwhile. True when ``ref`` is to be parked instead: another agent
+        already retries a 429 (until it is answered or ends), or an incident is on and
+        ``ref`` is neither its probe nor the agent that was retrying already."""
+        if any(other != ref for other in self._holds):
+            return True
+        if self.incident and ref != self.probe and ref not in self._holds:
+            return True
         self._holds[ref] = max(self._holds.get(ref, 0.0), clock + delay)
+        return False
 
     def answered(self, ref: str, clock: float) -> bool:
         """A model request of agent ``ref`` got through. True when that resumes the pool."""
-        self._holds.pop(ref, None)
-        if ref != self.probe:
+        retried = self._holds.pop(ref, None) is not None
+        if ref != self.probe and not (retried and self.incident):
             return False
         self.probe = None
         self.incident = False
         self.strikes = 0
         self.until = max(self.until, clock)  # staggered restart from now on (see settle)
         self._stagger_until = clock + self.stagger
+        self._step = self._step_left = 1
         return True
 
     def finished(self, ref: str, clock: float) -> bool:
@@ -106,8 +121,9 @@ class RateLimitPause:
         return self.answered(ref, clock) if ref == self.probe else False
 
     def wait_for(self, clock: float) -> float:
-        """Seconds until the next agent may start (0: now)."""
-        hold = max(self._holds.values(), default=0.0)
+        """Seconds until the next agent may start (0: now). During an incident its pauses
+        and probes decide, not an agent's own retry delays."""
+        hold = 0.0 if self.incident else max(self._holds.values(), default=0.0)
         if self.probe is not None:
             if clock < self._probe_deadline:
                 return max(self._probe_deadline - clock, hold - clock)
@@ -116,12 +132,17 @@ class RateLimitPause:
 
     def started(self, clock: float, ref: str = "") -> None:
         """Agent ``ref`` started at ``clock``: the first start after a pause is the probe;
-        during the restart after one, the next agent waits ``stagger``."""
+        during the restart after one, the start that completes a step makes the next,
+        twice as big, wait ``stagger``."""
         if self.incident:
             self.probe = ref
             self._probe_deadline = clock + max(self.cap, self.first)
         elif self.until and self.stagger:
-            self._stagger_until = clock + self.stagger
+            self._step_left -= 1
+            if self._step_left <= 0:
+                self._step *= 2
+                self._step_left = self._step
+                self._stagger_until = clock + self.stagger
 
     def settle(self, clock: float) -> None:
         """Forget a pause that is over once the staggered restart is through."""

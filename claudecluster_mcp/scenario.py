@@ -44,17 +44,22 @@ class _Strict(BaseModel):
 class Fault(_Strict):
     """A failure injected instead of (or in the middle of) a turn.
 
-    ``rate_limit`` = HTTP 429 with ``retry-after``; ``overloaded`` = 529; ``server_error`` =
-    500; ``unauthorized`` = 401; ``hang`` = accept the request and send nothing for
-    ``seconds``; ``stall`` = send ``message_start`` then nothing for ``seconds``, then finish
-    the turn; ``cut`` = close the connection in the middle of the message.
-    ``times`` = how many attempts at this turn (per conversation) get the fault; ``None`` = all.
+    ``rate_limit`` = HTTP 429 with ``retry-after`` (none when ``retry_after`` is ``None``);
+    ``overloaded`` = 529; ``server_error`` = 500; ``unauthorized`` = 401; ``hang`` = accept
+    the request and send nothing for ``seconds``; ``stall`` = send ``message_start`` then
+    nothing for ``seconds``, then finish the turn; ``cut`` = close the connection in the
+    middle of the message (streamed or not).
+    ``times`` = how many attempts at this turn get the fault (``None`` = all), counted per
+    conversation (``per="conversation"``: a restarted agent is a new conversation and meets
+    the fault again) or per rule (``per="rule"``: all conversations of the rule together, so
+    a restarted agent gets past it).
     """
 
     type: FaultType
-    retry_after: float = 1.0
+    retry_after: float | None = Field(default=1.0, ge=0)
     seconds: float = 3600.0
     times: int | None = Field(default=1, ge=1)
+    per: Literal["conversation", "rule"] = "conversation"
     message: str | None = None
 
 
@@ -130,10 +135,30 @@ class Rule(_Strict):
 
 
 class Storm(_Strict):
-    """A fault for the first ``requests`` model requests the server receives, any rule."""
+    """A fault for model requests of any rule: the first ``requests`` the server receives,
+    or every one in a time window, ``seconds`` long, that opens ``after`` seconds after the
+    server's first model request."""
 
-    requests: int = Field(ge=1)
+    requests: int | None = Field(default=None, ge=1)
+    after: float = Field(default=0.0, ge=0)
+    seconds: float | None = Field(default=None, gt=0)
     fault: Fault
+
+    @model_validator(mode="after")
+    def _one_extent(self) -> Storm:
+        if (self.requests is None) == (self.seconds is None):
+            raise ValueError("a storm needs exactly one of 'requests' or 'seconds'")
+        if self.after and self.seconds is None:
+            raise ValueError("a storm's 'after' goes with 'seconds'")
+        return self
+
+    def hits(self, number: int, since_first: float) -> bool:
+        """Does the storm fault the ``number``-th model request (from 1), which came
+        ``since_first`` seconds after the first one?"""
+        if self.requests is not None:
+            return number <= self.requests
+        assert self.seconds is not None
+        return self.after <= since_first < self.after + self.seconds
 
 
 class Scenario(_Strict):

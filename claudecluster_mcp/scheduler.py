@@ -1,8 +1,9 @@
 """The scheduler: which task runs next. A pass over each active plan promotes tasks whose
 dependencies are merged to ``ready``, blocks those whose dependencies never will be, and
 starts ready tasks — highest priority, then longest critical path first — while agent slots
-are free and no rate-limit pause holds the pool. A plan whose pass fails on an engine error
-ends ``failed`` with the reason; the other plans go on.
+are free and no rate-limit pause holds the pool. A plan whose agents have spent its budget
+(:mod:`~claudecluster_mcp.budget`) starts no more of them and ends. A plan whose pass fails on
+an engine error ends ``failed`` with the reason; the other plans go on.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from .budget import Budget
+from .diskfull import disk_full
 from .graph import TaskGraph
 from .models import FINAL_STATES, MergePolicy, PlanState, TaskState
 from .retry import RateLimitPause
@@ -43,6 +46,8 @@ class Scheduler:
         self._only: dict[str, set[str]] = {}  # plan → the task ids dispatched (when restricted)
         self._policies: dict[str, MergePolicy] = {}
         self._lengths: dict[str, dict[str, float]] = {}
+        self._budgets: dict[str, Budget] = {}
+        self._spent: set[str] = set()  # plans whose budget was reached
         self._tg: TaskGroup | None = None
 
     def activate(self, plan_id: str, only: set[str] | None = None) -> None:
@@ -107,7 +112,12 @@ class Scheduler:
             try:
                 next_wake = min(next_wake, await self._plan_pass(plan_id, clock, candidates))
             except Exception as exc:
-                await self._fail(plan_id, exc)
+                if not disk_full(exc):
+                    await self._fail(plan_id, exc)
+                    continue
+                # The store cannot write now: nothing is wrong with the plan; try again soon.
+                logger.warning("disk full: scheduling plan %s waits for space (%s)", plan_id, exc)
+                next_wake = min(next_wake, 5.0)
         wait = self.pause.wait_for(clock)
         if wait:
             return min(next_wake, wait)
@@ -129,9 +139,13 @@ class Scheduler:
         policy = self._policies.get(plan_id)
         if policy is None:
             policy = self._policies[plan_id] = (await self.store.plan(plan_id)).merge_policy
+        next_wake = 3600.0
+        if await self._budget_reached(plan_id, rows, state):
+            if all(s in FINAL_STATES for s in state.values()):
+                await self.settle(plan_id)
+            return next_wake
         lengths = self._path_lengths(plan_id, rows)
         only = self._only.get(plan_id)
-        next_wake = 3600.0
         for row in rows:
             current = row.state
             if current is TaskState.PENDING:
@@ -153,6 +167,34 @@ class Scheduler:
         if all(s in FINAL_STATES for s in state.values()):
             await self.settle(plan_id)
         return next_wake
+
+    async def _budget_reached(self, plan_id: str, rows: Sequence[Any], state: dict[str, TaskState]) -> bool:
+        """Once the plan's agents have spent its budget: say so on the plan (once), stop
+        its agents from starting (and, with ``budget_stop = "now"``, running), and cancel its
+        tasks not started. Tasks whose work is done still merge."""
+        budget = self._budgets.get(plan_id)
+        if budget is None:
+            budget = self._budgets[plan_id] = Budget.of(await self.store.plan(plan_id))
+        if not budget.limited:
+            return False
+        _, cost, tokens = await self.store.tally(plan_id)
+        reason = budget.reached(cost, tokens)
+        if reason is None:
+            return False
+        if plan_id not in self._spent:
+            self._spent.add(plan_id)
+            logger.warning("plan %s: %s", plan_id, reason)
+            await self.store.update_plan(plan_id, reason=reason)
+            await self.store.append_event(plan_id, None, "budget_reached", {"cost_usd": cost, "tokens": tokens})
+            self.runner.halt(plan_id, f"not started: {reason}")
+            if self.runner.settings.budget_stop == "now":
+                self.runner.cancel(plan_id, reason=f"stopped: {reason}")
+        for row in rows:
+            if row.state in (TaskState.PENDING, TaskState.READY) and f"{plan_id}/{row.id}" not in self.starting:
+                await self.store.move(plan_id, row.id, TaskState.CANCELLED, reason=f"not started: {reason}")
+                state[row.id] = TaskState.CANCELLED
+                self.pulse.notify()
+        return True
 
     def _start(self, plan_id: str, task_id: str) -> None:
         assert self._tg is not None

@@ -184,6 +184,21 @@ MIGRATIONS: list[str] = [
     DROP TABLE tasks;
     ALTER TABLE tasks_v3 RENAME TO tasks;
     """,
+    # 4: worktree setup time and permission warnings per task; a cost and token budget per plan.
+    """
+    ALTER TABLE tasks ADD COLUMN setup_s REAL;
+    ALTER TABLE tasks ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE plans ADD COLUMN max_cost_usd REAL CHECK (max_cost_usd IS NULL OR max_cost_usd > 0);
+    ALTER TABLE plans ADD COLUMN max_tokens INTEGER CHECK (max_tokens IS NULL OR max_tokens > 0);
+    """,
+    # 5: the merge queue lands batches: a journal entry names every task it lands; a task
+    # knows its batch, a plan counts its batches and gate runs.
+    """
+    ALTER TABLE merges ADD COLUMN task_ids TEXT;
+    ALTER TABLE tasks ADD COLUMN merge_batch INTEGER;
+    ALTER TABLE plans ADD COLUMN merge_batches INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE plans ADD COLUMN gate_runs INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 

@@ -14,12 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mcp.server.mcpserver import MCPServer
+from mcp.server.subscriptions import InMemorySubscriptionBus
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 
 from . import __version__
 from .claude_cli import ClaudeBinary
+from .completions import register_completions
 from .hub import Hub, HubRef
+from .mcp_protocol import register_protocol
 from .mcp_session import lifespan
 from .settings import EngineSettings
 from .tools import register
@@ -96,16 +99,21 @@ def build_server(
     (set ``ref.hub``, or run the hub with ``ref.running(hub)``, before calling tools)."""
     ref = ref or HubRef()
     metrics = metrics or Metrics()
+    bus = InMemorySubscriptionBus()  # 2026-07-28 sessions' subscriptions/listen streams
     mcp: MCPServer[Any] = MCPServer(
         "claudecluster",
         title="claudecluster",
         version=__version__,
         instructions=INSTRUCTIONS,
         log_level="WARNING",
-        lifespan=lifespan(ref),
+        lifespan=lifespan(ref, bus),
+        subscriptions=bus,
         **auth_options(token, public_url),
     )
     register(mcp, observe=metrics.observe)
+    register_protocol(mcp)
+    register_completions(mcp, ref)
+    mcp.middleware.append(metrics.timed)
     return mcp, ref, metrics
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import os
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -67,21 +67,45 @@ class EngineSettings(BaseModel):
     cancel_grace: float = Field(default=5.0, ge=0, description="seconds a cancelled agent gets to stop")
     max_attempts: int = Field(default=3, ge=1, description="tries per task for transient failures")
     retry_backoff: float = Field(default=5.0, ge=0, description="first retry delay (s); doubles")
+    # 10 s, not longer: a storm's end is noticed ~5 s after it on average (~12 s with 30 s),
+    # for one probe request every 10 s while it lasts; 60 pauses then span ~10 minutes.
     rate_limit_pause: float = Field(
-        default=30.0,
+        default=10.0,
         ge=0,
         description="longest pool pause when retry-after is unknown (pauses start at 1 s and back off)",
     )
-    max_rate_limit_pauses: int = Field(default=20, ge=0, description="rate-limit pauses per task before it fails")
-    restart_stagger: float = Field(default=1.0, ge=0, description="gap between agent starts after a pause")
+    max_rate_limit_pauses: int = Field(default=60, ge=0, description="rate-limit pauses per task before it fails")
+    restart_stagger: float = Field(
+        default=1.0, ge=0, description="gap between the doubling steps (1, 2, 4, … agents) of a restart after a pause"
+    )
     merge_policy: MergePolicy = Field(default=MergePolicy.RESOLVE, description="resolve | report conflicts")
     gate: list[str] | None = Field(default=None, description="command run on each merge candidate (argv)")
     gate_timeout: float = Field(default=600.0, gt=0, description="seconds a gate run may take")
-    gate_retries: int = Field(default=0, ge=0, description="re-runs of a task whose merge failed the gate")
+    gate_retries: int = Field(
+        default=1, ge=0, description="re-runs of a task whose merge failed the gate (told the gate's output)"
+    )
+    merge_batch_size: int = Field(
+        default=8, ge=1, le=100, description="candidates merged and gated together when a plan has a gate"
+    )
+    setup: list[str] | None = Field(default=None, description="command run in each new worktree before its agent")
+    setup_timeout: float = Field(default=600.0, gt=0, description="seconds a setup run may take")
+    copy_files: list[str] = Field(default_factory=list, description="globs copied from your checkout to new worktrees")
+    port_base: int = Field(default=20000, ge=1024, le=65535, description="first port of the agents' port blocks")
+    ports_per_task: int = Field(default=10, ge=1, le=1000, description="ports in each running agent's block")
+    max_cost_usd: float | None = Field(default=None, gt=0, description="cost budget of a plan (USD)")
+    max_tokens: int | None = Field(default=None, gt=0, description="token budget of a plan")
+    budget_stop: Literal["now", "finish"] = Field(
+        default="now", description="when a plan's budget is reached: stop its running agents now, or let them finish"
+    )
     agent_env: dict[str, str] = Field(default_factory=dict, description="extra environment for agents")
     claude_config_dir: Path | None = Field(default=None, description="isolated Claude config dir for agents")
     claude_bin: str | None = Field(default=None, description="path of the claude executable")
     state_dir: Path = Field(default_factory=default_state_dir, description="worktrees, agent logs, plan registry")
+    retention_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="days a finished plan's worktrees, logs and events are kept (then gc removes them; 0: keep)",
+    )
     serialize_overlaps: bool = Field(default=False, description="make tasks touching the same files sequential")
     protected_paths: list[str] = Field(
         default_factory=lambda: list(PROTECTED_PATHS),
@@ -111,6 +135,15 @@ class EngineSettings(BaseModel):
         if relative := [str(p) for p in paths if not p.is_absolute()]:
             raise ValueError(f"sandbox_write_paths must be absolute (or start with ~): {', '.join(relative)}")
         return paths
+
+    @field_validator("copy_files")
+    @classmethod
+    def _inside_the_repository(cls, value: list[str]) -> list[str]:
+        for glob in value:
+            path = PurePosixPath(glob)
+            if not glob.strip() or path.is_absolute() or glob.startswith("~") or ".." in path.parts:
+                raise ValueError(f"copy_files globs must stay inside the repository (no '..', not absolute): {glob!r}")
+        return value
 
     def sandbox_policy(self) -> SandboxPolicy | None:
         """What sandboxed commands may touch; None when ``isolation`` is ``none``."""

@@ -32,6 +32,7 @@ from .errors import NotFoundError, StateError, StoreError
 from .models import FINAL_STATES, TRANSITIONS, Plan, PlanState, PlanStatus, Priority, Task, TaskState
 from .redact import private_dir, private_file, redact, redact_data
 from .schema import decode, encode, migrate, quote
+from .signals import Change, Watchers
 from .sqlite_errors import sqlite_errors, translate_sqlite_errors
 from .workspace import git_common_dir
 
@@ -83,6 +84,9 @@ class Store:
         self.path = path
         # One connection: transactions of concurrent tasks must not interleave on it.
         self._lock = anyio.Lock()
+        #: Observers of committed changes (plans created, task moves, agent events, plan
+        #: updates); each is told after its transaction committed, never inside it.
+        self.watchers = Watchers()
 
     @classmethod
     @asynccontextmanager
@@ -122,11 +126,24 @@ class Store:
                 try:
                     yield self._db
                 except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        await self._db.execute("ROLLBACK")
+                    # SQLite rolls back by itself on some errors (a full disk): then a ROLLBACK
+                    # would fail and hide the error that matters.
+                    if self._db.in_transaction:
+                        with anyio.CancelScope(shield=True):
+                            await self._db.execute("ROLLBACK")
                     raise
                 with anyio.CancelScope(shield=True):
                     await self._db.execute("COMMIT")
+
+    async def _rows(self, query: str, args: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+        """Every row of a read, in one trip to the connection's thread (a cursor takes three:
+        under load each trip waits for the event loop, and a status call made nine)."""
+        return list(await self._db.execute_fetchall(query, args))
+
+    async def _one(self, query: str, args: Sequence[Any] = ()) -> aiosqlite.Row | None:
+        """The first row of a read (None without), in one trip."""
+        rows = await self._rows(query, args)
+        return rows[0] if rows else None
 
     # -- plans ------------------------------------------------------------------------------
 
@@ -145,6 +162,7 @@ class Store:
                     f"INSERT INTO tasks ({', '.join(map(quote, columns))}) VALUES ({', '.join('?' * len(columns))})",
                     values,
                 )
+        self.watchers.emit(Change(plan.id, None, "plan", {"goal": plan.goal, "tasks": len(tasks)}))
 
     async def _insert_task(self, db: aiosqlite.Connection, task: Task, seq: int) -> None:
         row = {**task.model_dump(), "seq": seq}
@@ -161,11 +179,11 @@ class Store:
             ) as c:
                 row = await c.fetchone()
             await self._insert_task(db, task, int(row[0]) if row else 0)
+        self.watchers.emit(Change(task.plan_id, task.id, "task_added", {"state": task.state.value}))
 
     async def plan(self, plan_id: str) -> Plan:
         """The plan with this id (:class:`NotFoundError` if none)."""
-        async with self._db.execute("SELECT * FROM plans WHERE id = ?", [plan_id]) as cursor:
-            row = await cursor.fetchone()
+        row = await self._one("SELECT * FROM plans WHERE id = ?", [plan_id])
         if row is None:
             known = ", ".join(p.id for p in await self.plans()) or "none"
             raise NotFoundError(f"no plan {plan_id!r} in {self.path.parent.parent} (plans: {known})")
@@ -178,8 +196,7 @@ class Store:
             wanted = [s.value for s in states]
             query += f" WHERE state IN ({', '.join('?' * len(wanted))})"
             args = wanted
-        async with self._db.execute(query + " ORDER BY created_at", args) as cursor:
-            return [Plan.model_validate(decode(row)) for row in await cursor.fetchall()]
+        return [Plan.model_validate(decode(row)) for row in await self._rows(query + " ORDER BY created_at", args)]
 
     async def update_plan(self, plan_id: str, **fields: Any) -> None:
         """Set plan columns (``state``, ``final_merge``, …)."""
@@ -192,6 +209,7 @@ class Store:
             )
             if cursor.rowcount == 0:
                 raise NotFoundError(f"no plan {plan_id!r}")
+        self.watchers.emit(Change(plan_id, None, "plan_state", _brief_plan(fields)))
 
     # -- tasks ------------------------------------------------------------------------------
 
@@ -207,17 +225,15 @@ class Store:
         query += " ORDER BY seq"
         if limit is not None:
             query += f" LIMIT {int(limit)}"
-        async with self._db.execute(query, args) as cursor:
-            return [Task.model_validate(decode(row)) for row in await cursor.fetchall()]
+        return [Task.model_validate(decode(row)) for row in await self._rows(query, args)]
 
     async def tally(self, plan_id: str) -> tuple[dict[str, int], float, int]:
         """(tasks by state, total cost in USD, total tokens) of a plan, computed by SQLite."""
-        async with self._db.execute(
+        rows = await self._rows(
             "SELECT state, COUNT(*), SUM(cost_usd), SUM(input_tokens + output_tokens) FROM tasks "
             "WHERE plan_id = ? GROUP BY state",
             [plan_id],
-        ) as cursor:
-            rows = await cursor.fetchall()
+        )
         counts = {row[0]: int(row[1]) for row in rows}
         return counts, float(sum(row[2] or 0 for row in rows)), int(sum(row[3] or 0 for row in rows))
 
@@ -260,29 +276,27 @@ class Store:
 
     async def task_rows(self, plan_id: str) -> list[TaskRow]:
         """The scheduling view of a plan's tasks (cheap: no model validation)."""
-        async with self._db.execute(
+        rows = await self._rows(
             "SELECT id, state, deps, priority, not_before, seq, resolves FROM tasks WHERE plan_id = ? ORDER BY seq",
             [plan_id],
-        ) as cursor:
-            return [
-                TaskRow(row[0], TaskState(row[1]), json.loads(row[2]), Priority(row[3]), row[4], row[5], row[6])
-                for row in await cursor.fetchall()
-            ]
+        )
+        return [
+            TaskRow(row[0], TaskState(row[1]), json.loads(row[2]), Priority(row[3]), row[4], row[5], row[6])
+            for row in rows
+        ]
 
     async def unfinished(self, plan_id: str) -> int:
         """How many tasks of the plan are not in a final state."""
         finals = [s.value for s in FINAL_STATES]
-        async with self._db.execute(
+        row = await self._one(
             f"SELECT COUNT(*) FROM tasks WHERE plan_id = ? AND state NOT IN ({', '.join('?' * len(finals))})",
             [plan_id, *finals],
-        ) as cursor:
-            row = await cursor.fetchone()
+        )
         return int(row[0]) if row else 0
 
     async def task(self, plan_id: str, task_id: str) -> Task:
         """One task (:class:`NotFoundError` naming the plan's tasks if unknown)."""
-        async with self._db.execute("SELECT * FROM tasks WHERE plan_id = ? AND id = ?", [plan_id, task_id]) as cursor:
-            row = await cursor.fetchone()
+        row = await self._one("SELECT * FROM tasks WHERE plan_id = ? AND id = ?", [plan_id, task_id])
         if row is None:
             known = ", ".join(t.id for t in await self.tasks(plan_id)) or "none"
             raise NotFoundError(f"plan {plan_id!r} has no task {task_id!r} (tasks: {known})")
@@ -306,7 +320,8 @@ class Store:
                 if row is None:
                     raise NotFoundError(f"plan {plan_id!r} has no task {task_id!r}")
                 raise StateError(f"task {plan_id}/{task_id} cannot move from {row[0]} to {to.value}")
-            await self._event(db, plan_id, task_id, "state", {"state": to.value, **_brief(fields)})
+            stored = await self._event(db, plan_id, task_id, "state", {"state": to.value, **_brief(fields)})
+        self.watchers.emit(Change(plan_id, task_id, "state", stored))
         return await self.task(plan_id, task_id)
 
     async def update_task(self, plan_id: str, task_id: str, **fields: Any) -> None:
@@ -330,16 +345,20 @@ class Store:
         task_id: str | None,
         kind: str,
         data: Mapping[str, Any],
-    ) -> None:
+    ) -> Any:
+        """Append an event row; returns ``data`` as stored (redacted)."""
+        clean = redact_data(data)
         await db.execute(
             "INSERT INTO events (plan_id, task_id, at, kind, data) VALUES (?, ?, ?, ?, ?)",
-            [plan_id, task_id, now().isoformat(), kind, json.dumps(redact_data(data), default=str)],
+            [plan_id, task_id, now().isoformat(), kind, json.dumps(clean, default=str)],
         )
+        return clean
 
     async def append_event(self, plan_id: str, task_id: str | None, kind: str, data: Mapping[str, Any]) -> None:
         """Append to the event log (never updated or deleted)."""
         async with self.transaction() as db:
-            await self._event(db, plan_id, task_id, kind, data)
+            stored = await self._event(db, plan_id, task_id, kind, data)
+        self.watchers.emit(Change(plan_id, task_id, kind, stored))
 
     async def events(
         self, plan_id: str, task_id: str | None = None, *, after: int = 0, limit: int | None = None
@@ -354,18 +373,21 @@ class Store:
         if limit is not None:
             query = f"SELECT * FROM ({query.replace('ORDER BY seq', 'ORDER BY seq DESC')} LIMIT ?) ORDER BY seq"
             args.append(limit)
-        async with self._db.execute(query, args) as cursor:
-            rows = await cursor.fetchall()
+        rows = await self._rows(query, args)
         return [StoredEvent({**dict(row), "data": json.loads(row["data"])}) for row in rows]
 
     # -- merge journal ----------------------------------------------------------------------
 
-    async def begin_merge(self, plan_id: str, task_id: str | None, ref: str, old: str, new: str) -> int:
-        """Record a ref update about to happen; returns its journal number."""
+    async def begin_merge(
+        self, plan_id: str, task_id: str | None, ref: str, old: str, new: str, *, batch: Sequence[str] = ()
+    ) -> int:
+        """Record a ref update about to happen (landing ``task_id``, or every task of
+        ``batch``); returns its journal number."""
         async with self.transaction() as db:
             cursor = await db.execute(
-                "INSERT INTO merges (plan_id, task_id, ref, old, new, state, at) VALUES (?, ?, ?, ?, ?, 'started', ?)",
-                [plan_id, task_id, ref, old, new, now().isoformat()],
+                "INSERT INTO merges (plan_id, task_id, ref, old, new, state, at, task_ids) "
+                "VALUES (?, ?, ?, ?, ?, 'started', ?, ?)",
+                [plan_id, task_id, ref, old, new, now().isoformat(), json.dumps(list(batch)) if batch else None],
             )
             return int(cursor.lastrowid or 0)
 
@@ -375,21 +397,45 @@ class Store:
             await db.execute("UPDATE merges SET state = ? WHERE seq = ? AND state = 'started'", [state, seq])
 
     async def open_merges(self) -> list[dict[str, Any]]:
-        """Journal entries left ``started`` (a crash between recording and closing)."""
-        async with self._db.execute("SELECT * FROM merges WHERE state = 'started' ORDER BY seq") as cursor:
-            return [dict(row) for row in await cursor.fetchall()]
+        """Journal entries left ``started`` (a crash between recording and closing); an
+        entry's ``tasks`` are the tasks it lands (none for a plan's final merge)."""
+        rows = [dict(row) for row in await self._rows("SELECT * FROM merges WHERE state = 'started' ORDER BY seq")]
+        for row in rows:
+            batch = json.loads(row["task_ids"]) if row["task_ids"] else []
+            row["tasks"] = batch or ([row["task_id"]] if row["task_id"] else [])
+        return rows
+
+    async def count_merges(self, plan_id: str, *, batches: int = 0, gate_runs: int = 0) -> int:
+        """Add to a plan's count of merge batches and gate runs; returns its batch count."""
+        async with (
+            self.transaction() as db,
+            db.execute(
+                "UPDATE plans SET merge_batches = merge_batches + ?, gate_runs = gate_runs + ? "
+                "WHERE id = ? RETURNING merge_batches",
+                [batches, gate_runs, plan_id],
+            ) as cursor,
+        ):
+            row = await cursor.fetchone()
+        if row is None:
+            raise NotFoundError(f"no plan {plan_id!r}")
+        return int(row[0])
 
     async def schema(self) -> list[tuple[str, str]]:
         """(name, sql) of every table and index, for the migrated-equals-fresh test."""
-        async with self._db.execute(
+        rows = await self._rows(
             "SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%' ORDER BY name"
-        ) as cursor:
-            return [(row[0], row[1]) for row in await cursor.fetchall()]
+        )
+        return [(row[0], row[1]) for row in rows]
 
 
 def _brief(fields: Mapping[str, Any]) -> dict[str, Any]:
     keep = ("attempts", "reason", "commit", "merge_commit", "turns", "cost_usd")
     return {k: encode(k, v) for k, v in fields.items() if k in keep and v not in (None, "")}
+
+
+def _brief_plan(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """What observers learn of a plan update: its state and reason, if set."""
+    return {k: encode(k, v) for k, v in fields.items() if k in ("state", "reason") and v not in (None, "")}
 
 
 def _task_rows(tasks: Sequence[Task]) -> tuple[list[str], list[list[Any]]]:

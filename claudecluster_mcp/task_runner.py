@@ -1,14 +1,15 @@
-"""Running one task: prepare its worktree on the integration tip, start its agent through
-the placement, record the agent's events and progress, then commit its work and queue it for
-merging — or decide, from the outcome, to retry, pause the pool for a rate limit, or fail.
+"""Running one task: prepare its worktree on the integration tip and set it up (copy_files,
+setup), start its agent through the placement with its own block of ports, record the
+agent's events, progress and denials, then commit its work and queue it for merging — or
+decide, from the outcome, to retry, pause the pool for a rate limit, or fail.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -16,23 +17,33 @@ from typing import Any
 import anyio
 
 from .agent_spec import AgentSpec
-from .errors import ClusterError, NotFoundError, StateError
-from .events import AgentEvent, ApiRetry, AssistantText, ResultEvent, StderrLine, ToolResult, ToolUse
+from .denials import DenialWatch
+from .diskfull import add_worktree_or_full, commit_or_full, disk_full, until_written
+from .errors import ClusterError, DiskFullError, NotFoundError, StateError, leaves
+from .events import AgentEvent, ApiRetry, AssistantText, StderrLine, ToolResult, ToolUse, activity
 from .merge_queue import MergeQueue
 from .models import ACTIVE_STATES, Plan, Task, TaskKind, TaskState
 from .outcome import AgentOutcome, OutcomeStatus
 from .placement import AgentHandle, AgentPlacement
+from .ports import PORTS, PortBlocks, fleet_env
+from .proctree import RUN_TAG_VAR
 from .prompts import RESUME_PROMPT, commit_message, task_prompt
-from .redact import private_dir, redact, redactor, register_secrets
+from .redact import private_dir, redactor, register_secrets
 from .retry import FIRST_RATE_LIMIT_PAUSE, RateLimitPause, decide_retry
 from .settings import EngineSettings
 from .signals import Pulse
 from .store import Store, now
+from .task_worktree import (
+    conflict_markers,
+    copied_paths,
+    drop_interrupted_writes,
+    has_progress,
+    requeue_interrupted,
+    set_up,
+)
 from .workspace import (
-    add_worktree,
     changed_files,
     changes_fingerprint,
-    commit_all,
     git,
     identity_args,
     remove_worktree,
@@ -42,7 +53,7 @@ from .workspace import (
 __all__ = ["TaskRunner", "has_progress"]
 
 logger = logging.getLogger(__name__)
-_CONFLICT_MARKER = re.compile(r"^(<{7}|>{7})( |$)", re.MULTILINE)
+_NO_SESSION = "No conversation found with session ID"  # claude --resume of a session it never saved
 
 
 class TaskRunner:
@@ -57,6 +68,7 @@ class TaskRunner:
         pulse: Pulse,
         pause: RateLimitPause,
         merges: MergeQueue,
+        ports: PortBlocks = PORTS,
     ) -> None:
         self.repo = repo
         self.store = store
@@ -69,7 +81,13 @@ class TaskRunner:
         pause.first = min(FIRST_RATE_LIMIT_PAUSE, settings.rate_limit_pause)
         self.merges = merges
         self.runs: dict[str, AgentHandle] = {}
+        self.ports = ports
+        self._setups: dict[str, anyio.CancelScope] = {}  # tasks whose worktree is being set up
+        self._stop_reasons: dict[str, str] = {}
+        self._halted: dict[str, str] = {}  # plan → why none of its agents may start
         self._rate_limit_pauses: dict[str, int] = {}
+        self._parked: set[str] = set()  # agents stopped to wait out a rate-limit storm
+        self._cancelled: dict[str, str] = {}  # parked agents cancelled before they ended → why
         # Once per engine, not per run: the agents' secrets and the private state directories.
         register_secrets(settings.agent_env)
         self._secrets = redactor(settings.agent_env)
@@ -78,13 +96,27 @@ class TaskRunner:
             private_dir(directory)
 
     def cancel(self, plan_id: str, task_id: str | None = None, reason: str = "cancelled by request") -> bool:
-        """Stop the running agent of a task (or every agent of the plan); False if none runs."""
-        found = False
+        """Stop the running agent (or the worktree setup) of a task, or of every task of the
+        plan; False if none runs."""
+
+        def wanted(ref: str) -> bool:
+            return ref == f"{plan_id}/{task_id}" or (task_id is None and ref.startswith(plan_id + "/"))
+
+        for ref, scope in list(self._setups.items()):
+            if wanted(ref):
+                self._stop_reasons[ref] = reason
+                scope.cancel()
         for ref, run in list(self.runs.items()):
-            if ref == f"{plan_id}/{task_id}" or (task_id is None and ref.startswith(plan_id + "/")):
+            if wanted(ref):
+                if ref in self._parked:  # stopping already, to be resumed: the cancel wins
+                    self._parked.discard(ref)
+                    self._cancelled[ref] = reason
                 run.cancel(reason)
-                found = True
-        return found
+        return any(wanted(ref) for ref in [*self._setups, *self.runs])
+
+    def halt(self, plan_id: str, reason: str) -> None:
+        """No more agent of the plan starts: its tasks handed over are cancelled with ``reason``."""
+        self._halted[plan_id] = reason
 
     async def run(self, plan_id: str, task_id: str) -> None:
         """Run one task to its next state; never raises for a failure of the task itself."""
@@ -98,14 +130,13 @@ class TaskRunner:
             await self._attempt(plan, task)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
-                await _requeue_interrupted(self.store, plan, task)
+                await requeue_interrupted(self.store, plan, task)
             raise
-        except Exception as exc:  # a failure of ours (git, store): the task fails, others go on
-            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                current = await self.store.task(plan.id, task.id)
-                target = TaskState.FAILED if current.state in ACTIVE_STATES else TaskState.BLOCKED
-                await self.store.move(plan.id, task.id, target, reason=f"claudecluster error: {exc}")
-            if not isinstance(exc, (StateError, NotFoundError)):
+        except Exception as exc:  # a failure of ours (git, store, a full disk): the task fails, others go on
+            cause = leaves(exc)[0]
+            reason = str(cause) if isinstance(cause, DiskFullError) else f"claudecluster error: {cause}"
+            await _record_failure(self.store, plan, task, reason)
+            if not isinstance(cause, (StateError, NotFoundError, DiskFullError)):
                 logger.exception("task %s failed inside the engine", task.ref)
         finally:
             self.runs.pop(task.ref, None)
@@ -113,46 +144,117 @@ class TaskRunner:
             self.pulse.notify()
 
     async def _attempt(self, plan: Plan, task: Task) -> None:
+        with self.ports.block(self.settings.port_base, self.settings.ports_per_task) as port_base:
+            await self._attempt_with(plan, task, fleet_env(plan.id, task.id, port_base))
+
+    async def _attempt_with(self, plan: Plan, task: Task, fleet: dict[str, str]) -> None:
         worktree, base, resuming = await self._prepare(plan, task)
         send, receive = anyio.create_memory_object_stream[AgentEvent](math.inf)
         with send, receive:  # closed on every path, also when the agent never starts
+            options = self.settings.agent_options()
             spec = AgentSpec(
                 prompt=RESUME_PROMPT if resuming else task_prompt(plan, task),
                 cwd=worktree,
                 resume=task.session_id if resuming else None,
                 log_path=self.settings.state_dir / "logs" / plan.id / f"{task.id}.{task.attempts + 1}.log",
-                **self.settings.agent_options(),
+                **{**options, "env": {**options["env"], **fleet}},
             )
-            handle = self.placement.agent(
-                spec,
-                on_event=send.send_nowait,
-                on_start=lambda pid, started: self.store.update_task(plan.id, task.id, pid=pid, pid_started=started),
-            )
+
+            async def started(pid: int, at: float) -> None:
+                # The session exists once claude runs: a crash during setup leaves none to resume.
+                await self.store.update_task(plan.id, task.id, pid=pid, pid_started=at, session_id=handle.session_id)
+
+            handle = self.placement.agent(spec, on_event=send.send_nowait, on_start=started)
             task = await self.store.move(
                 plan.id,
                 task.id,
                 TaskState.RUNNING,
                 attempts=task.attempts + (0 if resuming else 1),
                 run_id=handle.run_id,
-                session_id=handle.session_id,
+                session_id=handle.session_id if resuming else None,
                 branch=f"claudecluster/{plan.id}/{task.id}",
                 base_commit=base,
                 worktree=worktree,
                 started_at=now(),
                 not_before=None,
                 resume=False,
-                last_activity="starting",
+                last_activity="starting" if resuming else "setting up",
             )
+            # Tagged as the agent's run: crash recovery sweeps what a setup left, too.
+            tagged = {**fleet, RUN_TAG_VAR: handle.run_id}
+            if not resuming and not await self._set_up(plan, task, worktree, tagged):
+                return
+            halted = self._halted.get(plan.id)  # its plan's budget was reached meanwhile
+            if halted is not None:
+                await self.store.move(plan.id, task.id, TaskState.CANCELLED, reason=halted, finished_at=now())
+                return
             self.runs[task.ref] = handle
             self.pulse.notify()
             # Unconfined, an agent can write the user's checkout: notice it (_written_outside).
             before = await changes_fingerprint(self.repo) if self.settings.isolation == "none" else None
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._record, plan, task, handle, receive)
-                with send:
-                    outcome = await handle.run()
+            denials = DenialWatch(sandboxed=self.settings.isolation != "none")
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._record, plan, task, handle, receive, denials)
+                    with send:
+                        outcome = await handle.run()
+            except Exception as exc:
+                full = [leaf for leaf in leaves(exc) if disk_full(leaf)]
+                if full:
+                    raise DiskFullError(f"disk full while the agent ran (its transcript or events): {full[0]}") from exc
+                raise
+        await self._warn(plan, task, denials.result(outcome.permission_denials))
         outside = await self._written_outside(before) if before is not None else []
+        if resuming and _NO_SESSION in outcome.reason:
+            # Killed before Claude Code saved its session, the run looked like progress (a
+            # resolve task's worktree holds its unfinished merge from the start): run afresh.
+            reason = f"could not resume ({outcome.reason}); starting afresh"
+            await self.store.move(plan.id, task.id, TaskState.PENDING, reason=reason, resume=False, pid=None)
+            return
         await self._finish(plan, task, outcome, worktree, base, outside)
+
+    async def _set_up(self, plan: Plan, task: Task, worktree: Path, env: dict[str, str]) -> bool:
+        """Copy files into the new worktree and run the setup command; False (the task
+        failed or was cancelled) when its agent must not start."""
+        settings = self.settings
+        if not settings.copy_files and not settings.setup:
+            return True
+        scope = self._setups[task.ref] = anyio.CancelScope()
+        try:
+            with scope:
+                result = await set_up(
+                    self.repo,
+                    worktree,
+                    globs=settings.copy_files,
+                    command=settings.setup,
+                    timeout=settings.setup_timeout,
+                    sandbox=settings.sandbox_policy(),
+                    env=env,
+                )
+        finally:
+            self._setups.pop(task.ref, None)
+        if scope.cancel_called:
+            reason = self._stop_reasons.pop(task.ref, "cancelled during its setup")
+            await self.store.move(plan.id, task.id, TaskState.CANCELLED, reason=reason, finished_at=now())
+            return False
+        await self.store.append_event(plan.id, task.id, "setup", result.event())
+        setup_s = round((task.setup_s or 0.0) + result.seconds, 3)
+        if not result.ok:
+            fields: dict[str, Any] = {"setup_s": setup_s, "finished_at": now(), "last_activity": "setup failed"}
+            await self.store.move(plan.id, task.id, TaskState.FAILED, reason=result.reason(), **fields)
+            return False
+        await self.store.update_task(plan.id, task.id, setup_s=setup_s, last_activity="starting")
+        return True
+
+    async def _warn(self, plan: Plan, task: Task, warnings: list[str]) -> None:
+        """Record what the agent was denied: on the task (once each) and in its log."""
+        fresh = [w for w in dict.fromkeys(self._secrets.text(w) for w in warnings) if w not in task.warnings]
+        if not fresh:
+            return
+        task.warnings = [*task.warnings, *fresh]
+        await self.store.update_task(plan.id, task.id, warnings=task.warnings)
+        for warning in fresh:
+            await self.store.append_event(plan.id, task.id, "warning", {"text": warning})
 
     async def _prepare(self, plan: Plan, task: Task) -> tuple[Path, str, bool]:
         """Create the task's worktree on its branch from the integration tip (or keep it to
@@ -160,11 +262,12 @@ class TaskRunner:
         branch = f"claudecluster/{plan.id}/{task.id}"
         worktree = self.settings.state_dir / "worktrees" / plan.id / task.id
         if task.resume and task.session_id and task.base_commit and worktree.is_dir():
+            await drop_interrupted_writes(worktree)
             return worktree, task.base_commit, True
         await remove_worktree(self.repo, worktree)
         tip = await self.merges.integration_tip(plan)
         await git(self.repo, "update-ref", "-m", "claudecluster: task branch", f"refs/heads/{branch}", tip)
-        await add_worktree(self.repo, worktree, branch)
+        await add_worktree_or_full(self.repo, worktree, branch, tip)
         if task.kind is TaskKind.RESOLVE and task.resolves:
             original = await self.store.task(plan.id, task.resolves)
             assert original.commit is not None
@@ -173,7 +276,7 @@ class TaskRunner:
             await git(worktree, *identity, "merge", "--no-commit", "--no-ff", original.commit, ok_codes=(0, 1))
         return worktree, tip, False
 
-    async def _record(self, plan: Plan, task: Task, handle: AgentHandle, receive: Any) -> None:
+    async def _record(self, plan: Plan, task: Task, handle: AgentHandle, receive: Any, denials: DenialWatch) -> None:
         """Store the agent's events and live progress as they come, secrets redacted (before
         any truncation, so that a cut never leaves half a secret)."""
         private_dir(self.settings.state_dir / "logs" / plan.id)
@@ -187,19 +290,24 @@ class TaskRunner:
                     if isinstance(data.get(key), str) and len(data[key]) > 2000:
                         data[key] = data[key][:2000] + "…"
                 await self.store.append_event(plan.id, task.id, event.kind, data)
+                await self._warn(plan, task, denials.feed(event))
                 self._watch_rate_limit(task.ref, event)
                 target = _state_after(event, task.state)
                 if target is not None:
                     with contextlib.suppress(StateError):
                         await self.store.move(plan.id, task.id, target)
                         task.state = target
-                await self.store.update_task(plan.id, task.id, last_activity=summary(event), turns=handle.turns)
+                await self.store.update_task(plan.id, task.id, last_activity=activity(event), turns=handle.turns)
 
     def _watch_rate_limit(self, ref: str, event: AgentEvent) -> None:
         """Feed the pool's rate-limit incident: Claude Code retrying a 429 itself holds new
-        starts; a model answer means a request got through (and ends a probe's incident)."""
+        starts (or, when another agent already does, its agent is parked: stopped now, its
+        session resumed after the storm); a model answer means a request got through (and
+        ends the incident)."""
         if isinstance(event, ApiRetry) and (event.error == "rate_limit" or event.error_status == 429):
-            self.pause.retrying(ref, time.time(), event.retry_delay_ms / 1000)
+            if self.pause.retrying(ref, time.time(), event.retry_delay_ms / 1000) and ref in self.runs:
+                self._parked.add(ref)
+                self.runs[ref].cancel("parked: waiting out a rate-limit storm")
             self.pulse.notify()
         elif (
             (isinstance(event, AssistantText) and not event.is_api_error) or isinstance(event, ToolUse)
@@ -225,11 +333,19 @@ class TaskRunner:
             "pid": None,
             "finished_at": now(),
         }
+        parked = outcome.status is OutcomeStatus.CANCELLED and task.ref in self._parked
+        self._parked.discard(task.ref)
+        cancelled = self._cancelled.pop(task.ref, None)
         if outcome.ok:
             await self._succeeded(plan, task, outcome, worktree, base, results, outside)
+        elif parked or outcome.status is OutcomeStatus.RATE_LIMITED:
+            if not await self._paused(plan, task, outcome, results):
+                reason = f"rate limited (more than {self.settings.max_rate_limit_pauses} pauses): {outcome.reason}"
+                await self.store.move(plan.id, task.id, TaskState.FAILED, reason=reason, **results)
         elif outcome.status is OutcomeStatus.CANCELLED:
-            await self.store.move(plan.id, task.id, TaskState.CANCELLED, reason=outcome.reason, **results)
-        elif not (outcome.status is OutcomeStatus.RATE_LIMITED and await self._paused(plan, task, outcome, results)):
+            reason = cancelled or outcome.reason
+            await self.store.move(plan.id, task.id, TaskState.CANCELLED, reason=reason, **results)
+        else:
             decision = decide_retry(outcome, task.attempts, self.settings)
             if decision.retry:
                 await self.store.move(
@@ -255,12 +371,18 @@ class TaskRunner:
         outside: list[str],
     ) -> None:
         if task.kind is TaskKind.RESOLVE:
-            leftover = await _conflict_markers(worktree)
+            leftover = await conflict_markers(worktree)
             if leftover:
                 reason = f"conflict markers remain in {', '.join(leftover)}"
                 await self.store.move(plan.id, task.id, TaskState.FAILED, reason=reason, **results)
                 return
-        committed = await commit_all(worktree, commit_message(plan, task, outcome))
+        copies = await copied_paths(self.repo, worktree, self.settings.copy_files)
+        try:
+            committed = await commit_or_full(self.repo, worktree, commit_message(plan, task, outcome), exclude=copies)
+        except DiskFullError as exc:
+            fail = functools.partial(self.store.move, plan.id, task.id, TaskState.FAILED, reason=str(exc), **results)
+            await until_written(fail, f"the failure of task {task.ref}")
+            return
         head = await rev_parse(worktree, "HEAD")
         files = await changed_files(self.repo, base, head)
         await self.store.move(
@@ -286,7 +408,8 @@ class TaskRunner:
     async def _paused(self, plan: Plan, task: Task, outcome: AgentOutcome, results: dict[str, Any]) -> bool:
         """Put a rate-limited task back behind the pool's pause (the first 429 of a storm
         opens the incident, a probe's 429 backs it off, the others join it); False once the
-        task has had too many pauses."""
+        task has had too many pauses. An agent that got somewhere resumes its session after
+        the pause (Claude Code ended it cleanly on the 429), instead of starting over."""
         pauses = self._rate_limit_pauses.get(task.ref, 0) + 1
         self._rate_limit_pauses[task.ref] = pauses
         if pauses > self.settings.max_rate_limit_pauses:
@@ -297,31 +420,20 @@ class TaskRunner:
         await self.store.append_event(
             plan.id, task.id, "pool_paused", {"seconds": seconds, "strikes": self.pause.strikes}
         )
-        # A rate limit is not the task's fault: it does not use up an attempt.
+        resume = await has_progress(task.model_copy(update={"session_id": outcome.session_id or task.session_id}))
+        # A rate limit is not the task's fault: it does not use up an attempt (a resumed
+        # session goes on with the attempt it belongs to; a new one is a new attempt).
         await self.store.move(
             plan.id,
             task.id,
             TaskState.PENDING,
-            reason=f"rate limited: {outcome.reason}",
-            attempts=task.attempts - 1,
+            reason=f"rate limited: {outcome.reason}" + ("; resuming its session" if resume else ""),
+            attempts=task.attempts if resume else task.attempts - 1,
             not_before=until,
+            resume=resume,
             **results,
         )
         return True
-
-
-def summary(event: AgentEvent) -> str:
-    """One line of what an agent event says (the task's last activity), secrets redacted."""
-    if isinstance(event, ToolUse):
-        detail = event.input.get("file_path") or event.input.get("command") or event.input.get("pattern") or ""
-        return f"{event.name} {redact(str(detail))[:120]}".strip()
-    if isinstance(event, AssistantText):
-        return redact(event.text.strip().splitlines()[0])[:160] if event.text.strip() else "…"
-    if isinstance(event, ApiRetry):
-        return f"waiting to retry the model API ({event.error or event.error_status})"
-    if isinstance(event, ResultEvent):
-        return f"result: {event.subtype}"
-    return event.kind
 
 
 def _state_after(event: AgentEvent, state: TaskState) -> TaskState | None:
@@ -333,36 +445,19 @@ def _state_after(event: AgentEvent, state: TaskState) -> TaskState | None:
     return None
 
 
-async def has_progress(task: Task) -> bool:
-    """True when an interrupted run left something to resume: a session, and changes in its
-    worktree or commits beyond its base."""
-    if not (task.session_id and task.worktree and task.base_commit and task.worktree.is_dir()):
-        return False
-    with contextlib.suppress(Exception):
-        dirty = await git(task.worktree, "status", "--porcelain")
-        head = await rev_parse(task.worktree, "HEAD")
-        return bool(dirty.stdout.strip()) or head != task.base_commit
-    return False
+async def _record_failure(store: Store, plan: Plan, task: Task, reason: str) -> None:
+    """End a task that failed inside the engine: failed (or blocked, if it was not about to
+    run). On a full disk the record is retried until it is written (or the engine stops):
+    the task keeps its slot meanwhile, so it is not started again and again."""
 
-
-async def _requeue_interrupted(store: Store, plan: Plan, task: Task) -> None:
-    """The engine is shutting down: the task goes back to the queue, to be resumed by the
-    next process that opens this repository if its agent got anywhere."""
-    with contextlib.suppress(Exception):
+    async def write() -> None:
         current = await store.task(plan.id, task.id)
-        if current.state in ACTIVE_STATES or current.state is TaskState.READY:
-            progressed = await has_progress(current)
-            reason = "interrupted by shutdown" + ("; resuming its session" if progressed else "")
-            await store.move(plan.id, task.id, TaskState.PENDING, reason=reason, resume=progressed)
+        runnable = current.state in ACTIVE_STATES or current.state is TaskState.READY
+        await store.move(plan.id, task.id, TaskState.FAILED if runnable else TaskState.BLOCKED, reason=reason)
 
-
-async def _conflict_markers(worktree: Path) -> list[str]:
-    files = await git(worktree, "diff", "--name-only", "-z", "HEAD", "--")
-    untracked = await git(worktree, "ls-files", "--others", "--exclude-standard", "-z")
-    leftover = []
-    for name in {n for n in (files.stdout + untracked.stdout).split("\0") if n}:
-        path = worktree / name
-        with contextlib.suppress(OSError, UnicodeDecodeError):
-            if path.is_file() and _CONFLICT_MARKER.search(path.read_text()):
-                leftover.append(name)
-    return sorted(leftover)
+    try:
+        await until_written(write, f"the failure of task {task.ref}")
+    except (StateError, NotFoundError):
+        pass
+    except Exception:  # the task stays where it was; recovery sees to it on the next open
+        logger.exception("cannot record the failure of task %s", task.ref)

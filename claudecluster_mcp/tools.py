@@ -30,7 +30,8 @@ from pydantic import BaseModel, Field
 
 from .engine import STATUS_FOCUS
 from .errors import ConfigError
-from .mcp_session import HubDep, reported
+from .hub import Hub
+from .mcp_session import HubDep, check_text, reported
 from .merge_queue import FinalMerge
 from .models import MergePolicy, PlanStatus, TaskSpec, split_task_ref
 from .resources import register_resources
@@ -80,14 +81,36 @@ async def plan(
         MergePolicy | None,
         Field(description="On a merge conflict: 'resolve' (an agent resolves it) or 'report' (stop and say how)."),
     ] = None,
+    max_cost_usd: Annotated[
+        float | None,
+        Field(
+            gt=0,
+            description="Budget of all the plan's agents together, in USD (default: the max_cost_usd setting): "
+            "once reached, no new agent starts and the plan ends.",
+        ),
+    ] = None,
+    max_tokens: Annotated[
+        int | None, Field(gt=0, description="Token budget of all the plan's agents together (default: the setting).")
+    ] = None,
+    ctx: Context | None = None,
 ) -> PlanView:
     """Validate and store a plan for a goal in a git repository, without running anything.
 
     Returns the plan id (use it with `dispatch`, `status`, `merge`), the tasks in dependency
     order, and warnings (e.g. tasks that may edit the same files). Errors name every problem
-    (unknown dependency, duplicate id, cycle, bad ref)."""
+    (unknown dependency, duplicate id, cycle, bad ref). Without `tasks`, progress notifications
+    say what the planning agent does."""
     async with hub.cluster(repo) as cluster:
-        stored = await cluster.plan(goal, tasks, base_ref=base_ref, target=target, merge_policy=merge_policy)
+        stored = await cluster.plan(
+            goal,
+            tasks,
+            base_ref=base_ref,
+            target=target,
+            merge_policy=merge_policy,
+            max_cost_usd=max_cost_usd,
+            max_tokens=max_tokens,
+            on_progress=ctx.report_progress if ctx is not None else None,
+        )
     return PlanView.of(stored)
 
 
@@ -142,7 +165,10 @@ async def status(
         return StatusView.listing(overview)
     local = None
     if task_id is not None:
-        plan_id, local = split_task_ref(task_id)
+        task_plan, local = split_task_ref(task_id)
+        if plan_id not in (None, task_plan):
+            raise ConfigError(f"task {task_id} is not in plan {plan_id}; give the task_id alone")
+        plan_id = task_plan
     assert plan_id is not None
     async with hub.cluster_of_plan(plan_id) as cluster:
         found = await cluster.status(
@@ -161,13 +187,17 @@ async def merge(
     plan_id: Annotated[str, Field(description="The plan to merge.")],
     target: Annotated[str | None, Field(description="Branch to merge into (default: the plan's target).")] = None,
     dry_run: Annotated[bool, Field(description="Only report what would happen.")] = False,
+    ctx: Context | None = None,
 ) -> FinalMerge:
     """Merge the plan's integration branch (all merged tasks) into the target branch: a
-    fast-forward if the target has not moved, else a merge commit after a conflict check.
-    Conflicts are listed and nothing changes; a checked-out target with local changes is
+    fast-forward if the target has not moved, else a merge commit after a conflict check,
+    which must pass the plan's gate (progress notifications meanwhile). Conflicts or a failed
+    gate are reported and nothing changes; a checked-out target with local changes is
     refused. The answer includes the command that undoes the merge."""
     async with hub.cluster_of_plan(plan_id) as cluster:
-        return await cluster.merge(plan_id, target, dry_run=dry_run)
+        return await cluster.merge(
+            plan_id, target, dry_run=dry_run, on_progress=ctx.report_progress if ctx is not None else None
+        )
 
 
 async def cancel(
@@ -292,6 +322,9 @@ def _as_tool(fn: Callable[..., Awaitable[BaseModel]], observe: Observer | None) 
         started, failed = time.perf_counter(), True
         try:
             with reported("tool"):
+                for name, argument in kwargs.items():
+                    if not isinstance(argument, Hub | Context):
+                        check_text(argument, name)
                 value = await fn(*args, **kwargs)
             failed = False
         finally:

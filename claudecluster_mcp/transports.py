@@ -1,5 +1,5 @@
-"""How the server is reached: stdio, and one Starlette app serving Streamable HTTP at /mcp,
-legacy SSE at /sse + /messages/, /health and /metrics; for HTTP, bearer-token auth (a token
+"""How the server is reached: stdio, and one Starlette app serving (resumable) Streamable HTTP
+at /mcp, legacy SSE at /sse + /messages/, /health and /metrics; for HTTP, bearer-token auth (a token
 generated on first start unless one is given, or ``--no-auth`` on loopback only), Host/Origin
 (DNS-rebinding) validation and a request-size limit.
 
@@ -16,6 +16,7 @@ import os
 import secrets
 import stat
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,8 +24,10 @@ from typing import Any, NamedTuple
 
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp.types.methods import SPEC_CLIENT_METHODS
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -36,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .errors import ConfigError
+from .event_store import RETRY_MS, ResumableStreams
 from .hub import Hub, HubRef
 from .models import TaskState
 
@@ -257,6 +261,13 @@ class BodyLimit:
 # -- metrics -------------------------------------------------------------------------------
 
 
+#: Latency buckets (s), fine below 100 ms where the MCP latency targets are.
+LATENCY_BUCKETS = (
+    *(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1),
+    *(0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+
 class Metrics:
     """Prometheus metrics of one server (a private registry, so tests can build several)."""
 
@@ -272,7 +283,14 @@ class Metrics:
             "claudecluster_tool_seconds",
             "MCP tool latency",
             ["tool"],
-            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.requests = Histogram(
+            "claudecluster_request_seconds",
+            "MCP requests in the server, from the decoded message to its result",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.errors = Counter("claudecluster_tool_errors", "MCP tool errors", ["tool"], registry=self.registry)
@@ -282,6 +300,18 @@ class Metrics:
         self.latency.labels(tool).observe(seconds)
         if failed:
             self.errors.labels(tool).inc()
+
+    async def timed(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        """MCP server middleware timing every request into :attr:`requests`, whatever the
+        transport (clients' own timings include their machine's scheduling; this does not)."""
+        started = time.perf_counter()
+        try:
+            return await call_next(ctx)
+        finally:
+            if ctx.request_id is not None:  # not a notification
+                # Only the spec's method names: a label per made-up name would grow forever.
+                method = ctx.method if ctx.method in SPEC_CLIENT_METHODS else "other"
+                self.requests.labels(method).observe(time.perf_counter() - started)
 
     async def refresh(self, hub: Hub) -> None:
         """Recompute the gauges from the open clusters."""
@@ -321,10 +351,12 @@ def http_app(
     metrics: Metrics,
     max_request_bytes: int,
 ) -> Starlette:
-    """One Starlette app: Streamable HTTP at /mcp, legacy SSE at /sse + /messages/, /health
-    and /metrics, refusing bodies over ``max_request_bytes``. The hub (from ``make_hub``) runs
-    in the app's lifespan."""
-    streamable = mcp.streamable_http_app(transport_security=security, host=host)
+    """One Starlette app: Streamable HTTP at /mcp (resumable: see
+    :mod:`~claudecluster_mcp.event_store`), legacy SSE at /sse + /messages/, /health and
+    /metrics, refusing bodies over ``max_request_bytes``. The hub (from ``make_hub``) runs in
+    the app's lifespan."""
+    streamable = mcp.streamable_http_app(transport_security=security, host=host, retry_interval=RETRY_MS)
+    ResumableStreams().install(mcp.session_manager)
     sse = mcp.sse_app(transport_security=security, host=host)
 
     async def health(request: Request) -> Response:

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from .denials import common_denial
 from .engine import Cluster
 from .merge_queue import FinalMerge
 from .models import PlanStatus, Task, TaskState
@@ -55,6 +56,9 @@ class TaskView(BaseModel):
     commit: str | None
     merge_commit: str | None
     changed_files: list[str]
+    setup_s: float | None = Field(default=None, description="seconds its worktree setup took")
+    warnings: list[str] = Field(default_factory=list, description="what its agent was denied, and the rule to allow it")
+    merge_batch: int | None = Field(default=None, description="the plan's merge batch that landed it (1, 2, …)")
 
     @classmethod
     def of(cls, task: Task) -> TaskView:
@@ -81,6 +85,9 @@ class TaskView(BaseModel):
             commit=task.commit,
             merge_commit=task.merge_commit,
             changed_files=task.changed_files,
+            setup_s=task.setup_s,
+            warnings=task.warnings,
+            merge_batch=task.merge_batch,
         )
 
 
@@ -96,6 +103,8 @@ class PlanView(BaseModel):
     integration_branch: str
     target_branch: str
     warnings: list[str]
+    max_cost_usd: float | None = Field(default=None, description="the plan's cost budget (USD)")
+    max_tokens: int | None = Field(default=None, description="the plan's token budget")
     tasks: list[TaskView]
 
     @classmethod
@@ -111,6 +120,8 @@ class PlanView(BaseModel):
             integration_branch=plan.integration_branch,
             target_branch=plan.target_branch,
             warnings=plan.warnings,
+            max_cost_usd=plan.max_cost_usd,
+            max_tokens=plan.max_tokens,
             tasks=[TaskView.of(t) for t in status.tasks],
         )
 
@@ -152,11 +163,14 @@ class StatusView(BaseModel):
     plan_id: str | None = None
     goal: str = ""
     state: str = ""
-    reason: str = Field(default="", description="why the plan failed, if it did")
+    reason: str = Field(default="", description="why the plan failed or ended early (its budget reached)")
+    notice: str = Field(default="", description="a denial every task that ran hit, said once")
     finished: bool = False
     counts: dict[str, int] = Field(default_factory=dict)
     total_cost_usd: float = 0.0
     total_tokens: int = 0
+    merge_batches: int = Field(default=0, description="landings of the plan's merge queue (one ref update each)")
+    gate_runs: int = Field(default=0, description="runs of the plan's gate (batches, their bisection, final merge)")
     workers: int = 0
     agents_running: int = 0
     tasks: list[TaskView] = Field(default_factory=list)
@@ -174,10 +188,13 @@ class StatusView(BaseModel):
             goal=status.plan.goal,
             state=status.plan.state.value,
             reason=status.plan.reason,
+            notice=common_denial(status.tasks) or "",
             finished=status.finished,
             counts=status.counts,
             total_cost_usd=round(status.total_cost_usd, 6),
             total_tokens=status.total_tokens,
+            merge_batches=status.plan.merge_batches,
+            gate_runs=status.plan.gate_runs,
             workers=workers,
             agents_running=agents_running,
             tasks=[TaskView.of(t) for t in status.tasks],
@@ -208,6 +225,8 @@ class StatusView(BaseModel):
             f"plan {self.plan_id} {self.state}{' (finished)' if self.finished else ''}"
             f"{f' ({self.reason})' if self.reason else ''}: {counts}; "
             f"{self.agents_running} agents running; ${self.total_cost_usd:.4f}, {self.total_tokens:,} tokens"
+            f"{f'; {self.gate_runs} gate runs, {self.merge_batches} merge batches' if self.gate_runs else ''}"
+            f"{f'; {self.notice}' if self.notice else ''}"
             f"{'; isolation none: agents run unconfined' if self.isolation == 'none' else ''}"
         )
 
@@ -252,6 +271,8 @@ def merge_summary(merge: FinalMerge) -> str:
     """One line saying what the `merge` tool did (or, dry, would do)."""
     if merge.kind == "conflict":
         return f"plan {merge.plan_id} conflicts with {merge.target} in: {', '.join(merge.conflicts)}; nothing changed"
+    if merge.kind == "gate_failed":
+        return f"plan {merge.plan_id} merged with {merge.target} fails the gate; nothing changed:\n{merge.gate_output}"
     verb = "would be" if merge.dry_run else "was"
     return f"plan {merge.plan_id} {verb} merged into {merge.target} ({merge.kind}); undo: {merge.undo or '-'}"
 

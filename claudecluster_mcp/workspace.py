@@ -28,6 +28,7 @@ import math
 import os
 import signal
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -45,6 +46,7 @@ __all__ = [
     "changed_files",
     "changes_fingerprint",
     "check_branch_name",
+    "check_target_branch",
     "commit_all",
     "confine",
     "current_branch",
@@ -63,6 +65,8 @@ __all__ = [
 ]
 
 ZERO_OID = "0" * 40
+REF_LOCK_WAIT = 10.0
+"""Seconds a ref update waits for a lock held by another git process (e.g. ``git gc``)."""
 DEFAULT_GIT_TIMEOUT = 120.0
 """Seconds a git command may run before it is killed, unless :func:`set_git_timeout` says otherwise."""
 _git_timeout = DEFAULT_GIT_TIMEOUT
@@ -191,7 +195,11 @@ async def _kill_group(process: Process) -> None:
 async def repo_root(path: Path) -> Path:
     """The top of the git repository containing ``path`` (:class:`RepositoryError` if none)."""
     path = Path(path).expanduser()
-    if not path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError as exc:  # e.g. a name too long
+        raise RepositoryError(f"cannot open {str(path)[:200]!r}: {exc.strerror}") from exc
+    if not is_dir:
         raise RepositoryError(f"{path} is not a directory")
     result = await git(path, "rev-parse", "--show-toplevel", check=False)
     if result.returncode != 0:
@@ -233,6 +241,19 @@ async def check_branch_name(repo: Path, name: str) -> str:
     return name
 
 
+async def check_target_branch(repo: Path, name: str) -> str:
+    """Validate a branch a plan's work is merged into: a valid branch name, neither ``HEAD``
+    (which ``git check-ref-format`` allows and git then cannot tell from HEAD) nor one of the
+    engine's own branches under ``claudecluster/`` (another plan's integration branch)."""
+    await check_branch_name(repo, name)
+    if name == "HEAD" or name.startswith("claudecluster/"):
+        raise RepositoryError(
+            f"cannot merge into {name!r}: "
+            + ("name a branch" if name == "HEAD" else "branches under claudecluster/ belong to the engine")
+        )
+    return name
+
+
 async def rev_parse(repo: Path, ref: str) -> str:
     """The commit a ref names (:class:`RepositoryError` if it names none)."""
     if not ref or ref.startswith("-"):
@@ -263,10 +284,15 @@ async def is_ancestor(repo: Path, ancestor: str, descendant: str) -> bool:
     return result.returncode == 0
 
 
-async def update_ref(repo: Path, ref: str, new: str, old: str | None, message: str) -> bool:
+async def update_ref(
+    repo: Path, ref: str, new: str, old: str | None, message: str, *, lock_wait: float = REF_LOCK_WAIT
+) -> bool:
     """Compare-and-swap a ref: set ``ref`` to ``new`` only if it is ``old`` (None = must not
-    exist). False when the ref was not at ``old``."""
-    result = await git(repo, "update-ref", "-m", message, ref, new, old or ZERO_OID, check=False)
+    exist). False when the ref was not at ``old``. While another git process holds the ref's
+    lock, git retries for up to ``lock_wait`` seconds (its own default is 0.1 s, after which a
+    finished task's merge would fail for good); a lock still there after that is reported."""
+    wait = f"core.filesRefLockTimeout={round(lock_wait * 1000)}"
+    result = await git(repo, "-c", wait, "update-ref", "-m", message, ref, new, old or ZERO_OID, check=False)
     if result.returncode != 0:
         lost_race = ("but expected", "already exists", "unable to lock", "unable to resolve reference")
         if any(text in result.stderr for text in lost_race):
@@ -332,10 +358,13 @@ async def identity_args(repo: Path) -> list[str]:
     return _identities[key]
 
 
-async def commit_all(worktree: Path, message: str) -> bool:
+async def commit_all(worktree: Path, message: str, *, exclude: Sequence[str] = ()) -> bool:
     """Commit everything changed in ``worktree`` (tracked and untracked, respecting
-    .gitignore; an in-progress merge is concluded). False when there was nothing to commit."""
+    .gitignore; an in-progress merge is concluded), except ``exclude``: files new to the
+    index that stay out of the commit. False when there was nothing to commit."""
     await git(worktree, "add", "--all")
+    if exclude:
+        await git(worktree, "rm", "--cached", "-q", "--ignore-unmatch", "--", *(f":(literal){p}" for p in exclude))
     staged = await git(worktree, "diff", "--cached", "--quiet", ok_codes=(0, 1))
     merging = (await git(worktree, "rev-parse", "--verify", "--quiet", "MERGE_HEAD", check=False)).returncode == 0
     if staged.returncode == 0 and not merging:

@@ -223,9 +223,10 @@ async def test_429s_of_unknown_length_cost_short_adaptive_pauses_not_fixed_ones(
     faults = [r for r in server.requests if r.outcome == "storm fault: rate_limit"]
     assert len(faults) == 5
     pauses = [e["data"]["seconds"] for e in events if e["kind"] == "pool_paused"]
-    assert pauses and max(pauses) < 30
+    # All pauses together are shorter than one old fixed pause (the wall time, load-dependent,
+    # is the benchmark's business: BENCHMARKS.md, "Adaptive rate-limit pauses").
+    assert pauses and sum(pauses) < 30, pauses
     print(f"{count} tasks, {len(faults)} 429s, {len(pauses)} pool_paused events, {elapsed:.1f}s")
-    assert elapsed < 30, elapsed
 
 
 async def test_cancel_a_running_plan_leaves_no_process(

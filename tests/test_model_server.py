@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -462,6 +463,24 @@ def test_fault_times_null_faults_every_attempt() -> None:
     assert later_turn.status_code == 200
 
 
+def test_rate_limit_without_retry_after() -> None:
+    with serve(fault_rule({"type": "rate_limit", "retry_after": None})) as (_, client):
+        response = client.post("/v1/messages", json=body())
+    assert response.status_code == 429
+    assert "retry-after" not in response.headers
+
+
+def test_fault_per_rule_is_met_once_by_all_conversations_together() -> None:
+    # A restarted agent is a new conversation: per rule, it gets past the fault.
+    with serve(fault_rule({"type": "server_error", "times": 2, "per": "rule"})) as (server, client):
+        statuses = [
+            client.post("/v1/messages", json=body(), headers=session(name)).status_code for name in ("A", "B", "C", "D")
+        ]
+        records = server.requests
+    assert statuses == [500, 500, 200, 200]
+    assert [r.outcome for r in records] == ["fault: server_error"] * 2 + ["ok"] * 2
+
+
 def test_fault_count_without_session_header_uses_first_message() -> None:
     with serve(fault_rule({"type": "overloaded"})) as (_, client):
         first = client.post("/v1/messages", json=body())
@@ -521,6 +540,19 @@ def test_cut_in_tool_input() -> None:
     assert "content_block_stop" not in names
     assert "message_stop" not in names
     assert error is not None
+
+
+def test_cut_drops_a_non_streamed_answer_half_way() -> None:
+    # Claude Code's fallback after a cut stream is a plain request: times 2 cuts both.
+    with serve(fault_rule({"type": "cut", "times": 2})) as (server, client):
+        cut_stream, stream_error = read_stream(client, body(), headers=session("C"))
+        with pytest.raises(httpx.RemoteProtocolError):
+            client.post("/v1/messages", json=body(stream=False), headers=session("C"))
+        whole = client.post("/v1/messages", json=body(stream=False), headers=session("C"))
+        records = server.requests
+    assert stream_error is not None and "message_stop" not in event_names(cut_stream)
+    assert whole.json()["content"] == [{"type": "text", "text": "recovered"}]
+    assert [r.outcome for r in records] == ["fault: cut", "fault: cut", "ok"]
 
 
 def test_stall_delays_after_message_start() -> None:
@@ -597,6 +629,25 @@ def test_storm_rate_limit_has_retry_after() -> None:
     assert first.headers["retry-after"] == "3"
     assert first.json()["error"]["type"] == "rate_limit_error"
     assert second.status_code == 200
+
+
+def test_storm_window_faults_every_request_while_it_lasts() -> None:
+    storm = {"after": 0.5, "seconds": 0.6, "fault": {"type": "rate_limit", "retry_after": None}}
+    with serve(storm=storm) as (server, client):
+        assert server.storm_window is None  # its clock starts with the first request
+        statuses = []
+        for _ in range(6):
+            statuses.append(client.post("/v1/messages", json=body(stream=False)).status_code)
+            time.sleep(0.25)
+        window = server.storm_window
+        records = server.requests
+    assert window is not None and window[1] - window[0] == pytest.approx(0.6)
+    assert window[0] == pytest.approx(records[0].at + 0.5, abs=0.05)
+    # 0, 0.25 s: before; 0.5, 0.75, 1.0 s: in it (give or take the requests' own time); then after.
+    assert statuses[:2] == [200, 200] and statuses[-1] == 200
+    assert statuses.count(429) in (2, 3)
+    faulted = [r for r in records if r.outcome == "storm fault: rate_limit"]
+    assert all(window[0] <= r.at < window[1] for r in faulted)
 
 
 def test_turn_latency() -> None:
@@ -693,3 +744,20 @@ def test_synthetic_assistant_messages_of_a_resumed_session_do_not_advance_the_sc
             server.url + "/v1/messages", json={"model": "m", "max_tokens": 10, "messages": history}, timeout=5
         )
     assert answer.json()["content"] == [{"type": "text", "text": "two"}]
+
+
+def test_a_scripted_cut_logs_no_traceback() -> None:
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    with serve(fault_rule({"type": "cut", "times": 2})) as (_, client):
+        uvicorn_errors.addHandler(handler)  # after the start: uvicorn sets up its loggers then
+        try:
+            read_stream(client, body())
+            with pytest.raises(httpx.RemoteProtocolError):
+                client.post("/v1/messages", json=body(stream=False))
+            client.get("/")  # the server has finished with the cut requests
+        finally:
+            uvicorn_errors.removeHandler(handler)
+    assert not [r for r in seen if r.exc_info], [r.getMessage() for r in seen]

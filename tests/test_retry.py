@@ -171,6 +171,25 @@ def test_after_the_pause_one_agent_probes_and_its_answer_resumes_the_pool() -> N
     assert p.until == 0 and p.wait_for(until + 2.0) == 0
 
 
+def test_after_a_pause_the_pool_restarts_in_doubling_steps() -> None:
+    p = pool()
+    until = p.rate_limited("a", 100.0)
+    p.started(until, "a")
+    p.answered("a", until + 1.0)
+    clock, steps = until + 1.0, []
+    for _ in range(4):
+        clock += p.wait_for(clock)
+        started = 0
+        while p.wait_for(clock) == 0:
+            p.started(clock, f"agent{started}")
+            started += 1
+        steps.append(started)
+    assert steps == [1, 2, 4, 8]
+    assert clock == pytest.approx(until + 1.0 + 4 * 0.2)
+    p.settle(clock + 0.2)
+    assert p.wait_for(clock + 0.2) == 0 and p.until == 0
+
+
 def test_a_rate_limited_probe_backs_off() -> None:
     p = pool()
     clock = 100.0
@@ -215,6 +234,23 @@ def test_the_cli_retrying_a_429_holds_new_starts() -> None:
     p.retrying("b", 106.0, 4.0)
     p.finished("b", 107.0)
     assert p.wait_for(107.0) == 0
+
+
+def test_one_agent_retries_a_429_for_the_pool_and_the_others_are_parked() -> None:
+    p = pool()
+    assert p.retrying("a", 100.0, 1.0) is False  # a's Claude Code retries for the pool
+    assert p.retrying("b", 100.1, 1.0) is True  # b is parked: stopped, resumed later
+    until = p.rate_limited("b", 100.2)  # b's stop opens the incident
+    assert p.retrying("a", 101.0, 2.0) is False  # a goes on retrying
+    assert p.retrying("d", 101.1, 2.0) is True  # others that meet the 429 are parked
+    # During the incident its pauses and probes decide, not a's retry delays.
+    assert p.wait_for(until) == 0
+    p.started(until, "c")
+    assert p.retrying("c", until + 0.5, 1.0) is True  # the probe is parked too: a new strike
+    assert p.rate_limited("c", until + 0.6) > until + 0.6 and p.strikes == 2
+    # A request of the agent that kept retrying gets through: the incident is over.
+    assert p.answered("a", 110.0)
+    assert not p.incident and p.strikes == 0
 
 
 def test_without_a_rate_limit_nothing_waits() -> None:

@@ -252,6 +252,29 @@ def test_bad_field_values(turn: dict[str, Any], where: str) -> None:
     assert where in _invalid({"rules": [_rule(turns=[turn])]})
 
 
+@pytest.mark.parametrize(
+    ("storm", "problem"),
+    [
+        ({"fault": {"type": "cut"}}, "exactly one of 'requests' or 'seconds'"),
+        ({"requests": 2, "seconds": 5, "fault": {"type": "cut"}}, "exactly one of 'requests' or 'seconds'"),
+        ({"requests": 2, "after": 5, "fault": {"type": "cut"}}, "'after' goes with 'seconds'"),
+    ],
+)
+def test_a_storm_lasts_some_requests_or_some_seconds(storm: dict[str, Any], problem: str) -> None:
+    assert problem in _invalid({"rules": [_rule()], "storm": storm})
+
+
+def test_a_storm_window_hits_requests_by_time() -> None:
+    storm = Storm(after=10, seconds=20, fault=Fault(type="rate_limit", retry_after=None))
+    assert [storm.hits(n, t) for n, t in [(1, 0), (9, 9.9), (10, 10), (50, 29.9), (51, 30)]] == [
+        False,
+        False,
+        True,
+        True,
+        False,
+    ]
+
+
 def test_bad_storm() -> None:
     message = _invalid({"rules": [_rule()], "storm": {"requests": 0, "fault": {"type": "cut"}}})
     assert "storm.requests" in message

@@ -187,3 +187,11 @@ def test_the_packages_log_records_are_redacted(caplog: pytest.LogCaptureFixture)
         .makeRecord("somebody.else", logging.INFO, __file__, 1, key, None, None)
         .getMessage()
     )
+
+
+def test_a_secret_value_shaped_like_a_token_is_named_after_its_variable() -> None:
+    key = "sk-ant-api03-" + secrets.token_urlsafe(30)
+    red = Redactor({key: "ANTHROPIC_API_KEY"})
+    assert red.text(f"a {key} b") == "a [redacted:ANTHROPIC_API_KEY] b"
+    transcript = red.stream()
+    assert transcript.feed(f"a {key} b\n".encode()) + transcript.close() == b"a [redacted:ANTHROPIC_API_KEY] b\n"

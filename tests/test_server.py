@@ -134,6 +134,8 @@ async def test_plan_dispatch_status_logs_merge_with_real_agents(
     assert merged["kind"] == "fast-forward" and merged["undo"]
     assert (repo / "one.txt").read_text() == "1\n" and (repo / "two.txt").read_text() == "2\n"
     assert progress and progress[-1][1] == 2
+    values = [done for done, _, _ in progress]
+    assert values == sorted(set(values)), values  # MCP progress only ever increases
     assert [p["plan_id"] for p in listing["plans"]] == [plan_id]
 
 
@@ -212,6 +214,8 @@ async def test_bad_input_gives_actionable_errors_and_the_session_goes_on(
         plan = await call(client, "plan", repo=str(repo), goal="g", tasks=one)
         plan_id = plan["plan_id"]
         assert f"recent plans: {plan_id}" in await error_of(client, "status", plan_id="pnope0000")
+        huge = await error_of(client, "status", plan_id="p" + "x" * 200_000)
+        assert "unknown plan id 'pxxx" in huge and "characters cut" in huge and len(huge) < 9000
         assert "has no task 'zz' (tasks: a)" in await error_of(client, "logs", task_id=f"{plan_id}:zz")
         assert "must be <plan_id>:<task id>" in await error_of(client, "logs", task_id="no-colon")
         assert "exactly one of plan_id or task_id" in await error_of(client, "cancel")

@@ -219,6 +219,35 @@ async def test_update_ref_expecting_a_value_of_a_missing_ref_returns_false(repo:
     assert await update_ref(repo, "refs/heads/ghost", head, head, "move") is False
 
 
+async def test_update_ref_waits_for_a_ref_lock_another_git_holds_briefly(
+    repo: Path, run: Git, commit_on: CommitOn
+) -> None:
+    first = run(repo, "rev-parse", "HEAD")
+    second = commit_on(repo, "side", {"a.txt": "a"})
+    lock = repo / ".git" / "refs" / "heads" / "main.lock"
+    lock.write_text(first + "\n")  # as while another git process updates main
+
+    async def release() -> None:
+        await anyio.sleep(1.0)
+        lock.unlink()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(release)
+        moved = await update_ref(repo, "refs/heads/main", second, first, "merge")
+
+    assert moved is True
+    assert run(repo, "rev-parse", "main") == second
+
+
+async def test_update_ref_behind_a_stale_ref_lock_fails_naming_the_lock(repo: Path, run: Git) -> None:
+    head = run(repo, "rev-parse", "HEAD")
+    lock = repo / ".git" / "refs" / "heads" / "main.lock"
+    lock.write_text("left by a git that crashed\n")
+
+    with pytest.raises(GitError, match=r"main\.lock.*File exists"):
+        await update_ref(repo, "refs/heads/main", head, head, "merge", lock_wait=0.3)
+
+
 async def test_current_branch_ancestry_and_changed_files(repo: Path, run: Git, commit_on: CommitOn) -> None:
     base = run(repo, "rev-parse", "HEAD")
     tip = commit_on(repo, "feature", {"a.txt": "a", "dir/b.txt": "b"})
@@ -480,7 +509,7 @@ async def test_merge_into_gate_sees_the_merge_candidate(repo: Path, run: Git, co
     ]
     result = await merge_into(repo, "target", feature_tip, "merge", gate=gate)
     assert result.outcome is MergeOutcome.MERGED
-    assert result.gate is None
+    assert result.gate is not None and result.gate.ok  # the verdict it passed, for counting gate runs
     assert run(repo, "rev-parse", "target") == result.new_tip
 
 
