@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +39,7 @@ __all__ = [
     "apply_snapshot",
     "checkout_snapshot",
     "git_identity",
+    "ignored_matches",
     "make_bundle",
     "take_snapshot",
     "unbundle",
@@ -64,6 +65,16 @@ class Snapshot:
         return {name: sha for name, sha in named.items() if sha}
 
 
+async def ignored_matches(worktree: Path, globs: Sequence[str]) -> list[str]:
+    """Files of ``worktree`` that git ignores and ``globs`` (``copy_files``) match."""
+    if not globs:
+        return []
+    listed = await git(
+        worktree, "ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--", *(f":(glob){g}" for g in globs)
+    )
+    return sorted(name for name in listed.stdout.split("\0") if name)
+
+
 async def git_identity(repo: Path) -> tuple[str, str]:
     """The committer (name, e-mail) the repository's git would use, or claudecluster's."""
     name = (await git(repo, "config", "user.name", check=False)).stdout.strip()
@@ -84,12 +95,15 @@ async def _state(worktree: Path) -> tuple[str, str | None, str | None, Path]:
     return head, ref.removeprefix("refs/heads/") if ref.startswith("refs/heads/") else None, merge_head, Path(git_dir)
 
 
-async def take_snapshot(worktree: Path, identity: tuple[str, str], *, files: bool = False) -> Snapshot:
+async def take_snapshot(
+    worktree: Path, identity: tuple[str, str], *, files: bool = False, ignored: Sequence[str] = ()
+) -> Snapshot:
     """The worktree's state. Its files are recorded as a files commit when they differ
     from ``HEAD`` outside an unfinished merge (a node re-does that merge instead), or always
-    with ``files`` (the node's result). Without ``files`` the index is left as it was."""
+    with ``files`` (the node's result); ``ignored``: paths git ignores that go along (files
+    copied in for the agent, e.g. ``.env``). Without ``files`` the index is left as it was."""
     head, branch, merge_head, git_dir = await _state(worktree)
-    if not files:
+    if not files and not ignored:
         dirty = (await git(worktree, "status", "--porcelain", "--untracked-files=all")).stdout.strip()
         if merge_head or not dirty:
             return Snapshot(head, branch, merge_head)
@@ -97,6 +111,8 @@ async def take_snapshot(worktree: Path, identity: tuple[str, str], *, files: boo
     saved = index.read_bytes() if not files and index.exists() else None
     try:  # the tree of every file in the worktree, through the index (put back if it matters)
         await git(worktree, "add", "--all")
+        if ignored:
+            await git(worktree, "add", "--force", "--", *(f":(literal){path}" for path in ignored))
         tree = (await git(worktree, "write-tree")).stdout.strip()
     finally:
         if saved is not None:

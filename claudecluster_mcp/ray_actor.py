@@ -48,10 +48,12 @@ from .agent import AgentRun
 from .agent_spec import AgentSpec
 from .bundles import Snapshot, checkout_snapshot, make_bundle, take_snapshot
 from .claude_cli import find_claude
+from .confined import run_confined
 from .errors import AgentError, ClusterError, ConfigError
 from .events import AgentEvent
 from .isolation import sandbox_support
 from .outcome import AgentOutcome
+from .proctree import RUN_TAG_VAR
 from .workspace import git
 
 __all__ = ["IDLE_EXIT", "RESULT_KEPT", "AgentSlot", "Message", "NodeInfo", "RemoteJob", "RunInfo", "RunResult"]
@@ -92,6 +94,9 @@ class RemoteJob:
     claude_bin: str | None = None
     #: what identifies the run's task to a restarted engine: its worktree on the engine
     key: str = ""
+    #: the ``setup`` command, run (confined) in the node's worktree before the agent
+    setup: list[str] | None = None
+    setup_timeout: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,7 @@ class RunResult:
     bundle: bytes = b""
     transcript: bytes = b""
     error: ClusterError | None = None
-    #: clock times on the node: "received", "checked_out", "agent_done", "result_ready"
+    #: clock times on the node: "received", "checked_out", ("set_up",) "agent_done", "result_ready"
     times: dict[str, float] = field(default_factory=dict)
 
 
@@ -258,14 +263,17 @@ class AgentSlot:
     async def _agent(self, run: _Run, bundle: bytes, tmp: Path, node: NodeInfo) -> RunResult:
         job = run.job
         times = {"received": time.time()}
-        worktree = await checkout_snapshot(tmp / "wt", bundle, job.snapshot, job.identity, cache=self._cache)
-        times["checked_out"] = time.time()
-        claude = await anyio.to_thread.run_sync(find_claude, job.claude_bin)
         if job.spec.sandbox is not None and not (support := sandbox_support()).available:
             raise ConfigError(
                 f'Ray node {node.hostname} cannot run agents under isolation "sandbox": {support.describe()} '
                 '(install it there, or set isolation = "none")'
             )
+        worktree = await checkout_snapshot(tmp / "wt", bundle, job.snapshot, job.identity, cache=self._cache)
+        times["checked_out"] = time.time()
+        if job.setup:
+            await _set_up(job, worktree, node)
+            times["set_up"] = time.time()
+        claude = await anyio.to_thread.run_sync(find_claude, job.claude_bin)
         log = tmp / "transcript.log"
         spec = job.spec.model_copy(update={"cwd": worktree, "log_path": log})
 
@@ -325,6 +333,20 @@ class AgentSlot:
                 with contextlib.suppress(Exception):
                     ray.kill(ray.get_runtime_context().current_actor)
                 return
+
+
+async def _set_up(job: RemoteJob, worktree: Path, node: NodeInfo) -> None:
+    """Run the ``setup`` command in the node's worktree, as the engine does in its own (what
+    it installs, e.g. ``node_modules``, git ignores: it does not travel in bundles)."""
+    fleet = {k: v for k, v in job.spec.env.items() if k.startswith("CLAUDECLUSTER_")}
+    env = {**fleet, RUN_TAG_VAR: f"{job.run_id}-{os.getpid()}"}
+    assert job.setup is not None
+    ran = await run_confined(job.setup, worktree, timeout=job.setup_timeout, sandbox=job.spec.sandbox, env=env)
+    if not ran.ok:
+        raise AgentError(
+            f"setup {' '.join(job.setup)} failed on Ray node {node.hostname} "
+            f"(exit {ran.returncode}): {ran.output.strip()[-1500:]}"
+        )
 
 
 def _address_of(node_id: str) -> str:

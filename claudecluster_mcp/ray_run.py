@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .agent_spec import AgentSpec
-from .bundles import Snapshot, apply_snapshot, take_snapshot
+from .bundles import Snapshot, apply_snapshot, ignored_matches, take_snapshot
 from .errors import AgentError
 from .events import AgentEvent, AssistantText, InitEvent, ToolUse
 from .outcome import AgentOutcome
@@ -145,9 +145,16 @@ class RayAgentHandle:
             raise AgentError("an agent run can only be run once")
         self._ran = True
         worktree = self.spec.cwd
+        settings = self.placement.settings
         identity = await self.placement.identity(worktree)
-        snapshot = await take_snapshot(worktree, identity)
-        job = RemoteJob(self.run_id, self.spec, snapshot, identity, self.placement.settings.claude_bin, str(worktree))
+        # Files copied in for the agent (copy_files) that git ignores go along; the rest of
+        # what the engine's setup made is made again on the node (the setup runs there too).
+        copied = await ignored_matches(worktree, settings.copy_files)
+        snapshot = await take_snapshot(worktree, identity, ignored=copied)
+        job = RemoteJob(
+            self.run_id, self.spec, snapshot, identity, settings.claude_bin, str(worktree),
+            setup=settings.setup if not self.spec.resume else None, setup_timeout=settings.setup_timeout,
+        )  # fmt: skip
         if self._adopt is not None:
             outcome = await self._reattach(self._adopt, job)
             if outcome is not None:

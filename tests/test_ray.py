@@ -240,7 +240,7 @@ async def test_a_dag_runs_on_both_nodes_within_their_slots_and_merges(
                     "turns": [write_turn("shared.txt", "left\nright\n"), {"text": "resolved"}],
                 },
                 *(marker_rule(n, write_turn(f"{n}.txt", f"from {n}\n")) for n in ("A", "B")),
-                marker_rule("D", bash_turn("cat A.txt B.txt > D.txt && echo uncommitted > notes.txt")),
+                marker_rule("D", bash_turn("cat A.txt B.txt >D.txt; cat .env deps.txt >seen.txt; echo x >notes.txt")),
                 marker_rule("left", write_turn("shared.txt", "left\n")),
                 marker_rule("right", write_turn("shared.txt", "right\n")),
             ],
@@ -252,7 +252,15 @@ async def test_a_dag_runs_on_both_nodes_within_their_slots_and_merges(
         marker_task("left", files=["shared.txt"]),
         marker_task("right", files=["shared.txt"]),
     ]
-    settings = engine_settings(server, placement="ray", ray_address=ray_cluster.address, workers=6)
+    # A file copied into each worktree and one the setup makes: both ignored by git, both on the node.
+    (repo / ".gitignore").write_text(".env\ndeps.txt\n")
+    git(repo, "add", ".gitignore")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "ignore")
+    (repo / ".env").write_text("SECRET=local\n")
+    settings = engine_settings(
+        server, placement="ray", ray_address=ray_cluster.address, workers=6,
+        copy_files=[".env"], setup=["sh", "-c", "echo deps > deps.txt"],
+    )  # fmt: skip
 
     async with (
         RayPlacement.open(settings, claude) as placement,
@@ -269,9 +277,10 @@ async def test_a_dag_runs_on_both_nodes_within_their_slots_and_merges(
     # D ran on a node with A's and B's work (bundled from the integration branch); what it
     # left uncommitted there was committed here, as for a local agent.
     assert (repo / "D.txt").read_text() == "from A\nfrom B\n"
-    assert (repo / "notes.txt").read_text() == "uncommitted\n"
+    assert (repo / "notes.txt").read_text() == "x\n"
+    assert (repo / "seen.txt").read_text() == "SECRET=local\ndeps\n"  # copied, and set up, on the node
     assert (repo / "shared.txt").read_text() == "left\nright\n"
-    assert status.task("D").changed_files == ["D.txt", "notes.txt"]
+    assert status.task("D").changed_files == ["D.txt", "notes.txt", "seen.txt"]
     assert git(repo, "status", "--porcelain") == ""
     # The transcript of each run came back into the engine's log.
     assert "D done" in (settings.state_dir / "logs" / plan.id / "D.1.log").read_text()
