@@ -68,6 +68,7 @@ async def test_setup_copy_files_and_a_port_block_for_each_concurrent_agent(
         copy_files=[".env"],
         setup=[sys.executable, "-c", _SETUP],
         gate=[sys.executable, "-c", _GATE.format(out=gates)],
+        merge_batch_size=1,  # one gate run per task, so each sees its own task's variables
         port_base=41000,
         ports_per_task=10,
     )
