@@ -362,5 +362,18 @@ def _sweep_stale_dirs() -> None:
     """Remove what slots that died on this machine (a lost node, a killed worker) could
     not: their temporary repositories (``ccray-<pid>-…``) and runs' TMPDIRs (``ccrun-<run>-<pid>``)."""
     for path in Path(tempfile.gettempdir()).iterdir():
-        if (found := _STALE.fullmatch(path.name)) and not psutil.pid_exists(int(found[1] or found[2])):
+        if (found := _STALE.fullmatch(path.name)) and _owner_gone(int(found[1] or found[2]), path):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _owner_gone(pid: int, path: Path) -> bool:
+    """Whether the slot process that made ``path`` has ended: no such pid, a zombie (a worker
+    whose raylet died is re-parented, possibly to a subreaper that never waits for it), or
+    a process started after the directory was last changed (the pid was reused)."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() == psutil.STATUS_ZOMBIE or proc.create_time() > path.stat().st_mtime + 1
+    except (psutil.NoSuchProcess, FileNotFoundError):
+        return True
+    except psutil.Error:  # e.g. another user's process: leave its directory alone
+        return False

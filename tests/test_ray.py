@@ -216,6 +216,39 @@ def test_importing_the_package_does_not_import_ray() -> None:
     assert done.stdout.strip() == "False"
 
 
+def test_the_sweep_removes_the_dirs_of_dead_zombie_and_recycled_slot_processes_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from claudecluster_mcp import ray_actor
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    zombie = subprocess.Popen(["true"])  # never waited for: a zombie, as a worker whose raylet died
+    while psutil.Process(zombie.pid).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.01)
+    recycled = subprocess.Popen(["sleep", "30"])  # started after its directory was last changed
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    dirs = {
+        "alive": tmp_path / f"ccray-{os.getpid()}-abc",
+        "alive run": tmp_path / f"ccrun-0123456789ab-{os.getpid()}",
+        "zombie": tmp_path / f"ccray-{zombie.pid}-abc",
+        "dead": tmp_path / f"ccrun-0123456789ab-{dead.pid}",
+        "recycled": tmp_path / f"ccray-{recycled.pid}-abc",
+        "not ours": tmp_path / f"ccray-{dead.pid}-ABC",
+    }
+    for path in dirs.values():
+        path.mkdir()
+    os.utime(dirs["recycled"], (time.time() - 3600, time.time() - 3600))
+    try:
+        ray_actor._sweep_stale_dirs()
+    finally:
+        recycled.kill()
+        recycled.wait()
+        zombie.wait()
+
+    assert sorted(name for name, path in dirs.items() if path.exists()) == ["alive", "alive run", "not ours"]
+
+
 # -- agents on the cluster -----------------------------------------------------------------------
 
 
