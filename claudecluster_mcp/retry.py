@@ -10,9 +10,23 @@ from dataclasses import dataclass
 from .outcome import AgentOutcome, OutcomeStatus
 from .settings import EngineSettings
 
-__all__ = ["FIRST_RATE_LIMIT_PAUSE", "RateLimitPause", "RetryDecision", "decide_retry", "pause_length"]
+__all__ = [
+    "AGE_SHARE",
+    "FIRST_RATE_LIMIT_PAUSE",
+    "WAKE_AFTER",
+    "RateLimitPause",
+    "RetryDecision",
+    "decide_retry",
+    "pause_length",
+]
 
 FIRST_RATE_LIMIT_PAUSE = 1.0  #: the first pause of a rate-limit incident of unknown length (s)
+#: A pause of unknown length is at most this share of the incident's age (then the cap):
+#: the storm's end is noticed after a delay in proportion to how long it lasted.
+AGE_SHARE = 0.15
+#: When an incident ends, an agent whose Claude Code still waits longer than this (s) to
+#: retry a 429 itself is stopped and its session resumed at once (a restart takes ~1-2 s).
+WAKE_AFTER = 3.0
 
 _TRANSIENT_STATUSES = frozenset({OutcomeStatus.CRASHED, OutcomeStatus.TIMED_OUT})
 
@@ -44,19 +58,22 @@ class RateLimitPause:
     """The pool-wide rate-limit incident: no agent starts while it is on.
 
     A 429 opens an incident and pauses the pool: for the retry-after when it is known, else
-    for :func:`pause_length` of the incident's consecutive strikes (short at first, backing
-    off with jitter up to a cap). 429s of other agents while the incident is on are part of
-    it: they extend a known retry-after, they never stack. When the pause ends ONE agent
-    starts, the probe; as soon as a request of its gets through (:meth:`answered`) the
-    incident is over and the pool resumes in steps ``stagger`` apart that double: 1 agent,
-    then 2, 4, … (a pool of 20 is full again after 5 steps, not 19). A probe that
-    is rate-limited too is a new strike: a longer pause, then another probe. Claude Code's
-    own ``api_retry`` of a 429 in a running agent (:meth:`retrying`) holds new starts for
+    for :func:`pause_length` of the incident's consecutive strikes and age (short at first,
+    backing off with jitter, never more than about a sixth of the incident's age, nor the
+    cap). 429s of other agents while the incident is on are part of it: they extend a known
+    retry-after, they never stack. When the pause ends ONE agent starts, the probe; as soon
+    as a request of its gets through (:meth:`answered`) the incident is over and the pool
+    resumes in steps ``stagger`` apart that double: the probe was the first step, 2 agents
+    start at once, then 4, 8, … (a pool of 20 is full again after 4 steps, not 19). A probe
+    that is rate-limited too is a new strike: a longer pause, then another probe. Claude
+    Code's own ``api_retry`` of a 429 in a running agent (:meth:`retrying`) holds new starts for
     its retry delay, or until that agent gets an answer; but only one agent retries for the
     pool: another agent that meets a 429 meanwhile, or while an incident is on, is to be
     parked (stopped, to resume after the incident), so that a storm costs one agent's
     retries and the probes, not every agent's retries. An answer to an agent that was
-    retrying a 429 ends an incident like the probe's.
+    retrying a 429 ends an incident like the probe's; an agent whose Claude Code is then still
+    waiting out a long retry delay is to be woken (:meth:`take_woken`: stopped, its session
+    resumed now).
 
     Every method takes the clock (epoch seconds): the policy is pure apart from its state
     and the random source of the jitter."""
@@ -69,23 +86,26 @@ class RateLimitPause:
         self.until = 0.0  #: no agent starts before this time (epoch seconds)
         self.strikes = 0  #: consecutive 429s of the incident that each needed a pause
         self.incident = False  #: paused, or waiting for the probe to get through
+        self.since = 0.0  #: when the incident began
         self.probe: str | None = None  #: the agent started to probe the limit
         self._probe_deadline = 0.0
         self._holds: dict[str, float] = {}  # running agent → end of its CLI retry delay
         self._stagger_until = 0.0
         self._step = 1  # agents the current step of a restart admits…
         self._step_left = 1  # …and how many of them may still start
+        self._woken: list[str] = []
 
     def rate_limited(self, ref: str, clock: float, retry_after: float | None = None) -> float:
         """The run of agent ``ref`` ended on a 429; returns when the pool may start again."""
         self._holds.pop(ref, None)
         if ref == self.probe or not self.incident:
+            if not self.incident:
+                self.since = clock
             self.probe = None
             self.incident = True
             self.strikes += 1
-            self.until = max(
-                self.until, clock + pause_length(self.strikes, retry_after, self.first, self.cap, self.rng)
-            )
+            length = pause_length(self.strikes, retry_after, self.first, self.cap, self.rng, age=clock - self.since)
+            self.until = max(self.until, clock + length)
         elif retry_after:  # the same incident, told how long: honour it, without stacking
             self.until = max(self.until, clock + retry_after)
         return max(self.until, clock)
@@ -107,13 +127,25 @@ class RateLimitPause:
         retried = self._holds.pop(ref, None) is not None
         if ref != self.probe and not (retried and self.incident):
             return False
+        # The limit is lifted: Claude Code's own retry delays no longer hold the pool, and
+        # an agent still waiting out a long one is better restarted now.
+        self._woken += [other for other, end in self._holds.items() if end > clock + WAKE_AFTER]
+        self._holds.clear()
+        self._resume(clock)
+        return True
+
+    def _resume(self, clock: float) -> None:
         self.probe = None
         self.incident = False
         self.strikes = 0
         self.until = max(self.until, clock)  # staggered restart from now on (see settle)
-        self._stagger_until = clock + self.stagger
-        self._step = self._step_left = 1
-        return True
+        self._stagger_until = clock
+        self._step = self._step_left = 2
+
+    def take_woken(self) -> list[str]:
+        """The agents to wake since the last call (see the class docstring)."""
+        woken, self._woken = self._woken, []
+        return woken
 
     def finished(self, ref: str, clock: float) -> bool:
         """Agent ``ref`` ended (not on a 429): a probe that ends so was not rate-limited."""
@@ -127,7 +159,7 @@ class RateLimitPause:
         if self.probe is not None:
             if clock < self._probe_deadline:
                 return max(self._probe_deadline - clock, hold - clock)
-            self.answered(self.probe, clock)  # no verdict in time: stop waiting for it
+            self._resume(clock)  # no verdict in time: stop waiting for it (proves nothing)
         return max(0.0, self.until - clock, self._stagger_until - clock, hold - clock)
 
     def started(self, clock: float, ref: str = "") -> None:
@@ -151,13 +183,20 @@ class RateLimitPause:
 
 
 def pause_length(
-    strikes: int, retry_after: float | None, first: float, cap: float, rng: random.Random | random.SystemRandom
+    strikes: int,
+    retry_after: float | None,
+    first: float,
+    cap: float,
+    rng: random.Random | random.SystemRandom,
+    age: float = float("inf"),
 ) -> float:
     """Pure: how long the pool pauses after the ``strikes``-th consecutive 429 of an
-    incident. A known ``retry_after`` is honoured as it is; otherwise ``first`` doubling per
-    strike, jittered up to twice that (so that pools do not retry in lockstep), never more
-    than ``cap``."""
+    incident that began ``age`` seconds ago. A known ``retry_after`` is honoured as it is;
+    otherwise ``first`` doubling per strike, jittered up to twice that (so that pools do not
+    retry in lockstep), but at most :data:`AGE_SHARE` of the age (jittered up to 1.5 times
+    that, at least ``first``), and never more than ``cap``."""
     if retry_after:
         return retry_after
     base = first * 2 ** max(strikes - 1, 0)
-    return min(cap, rng.uniform(base, 2 * base))
+    young = max(first, AGE_SHARE * age)
+    return min(cap, rng.uniform(base, 2 * base), rng.uniform(young, 1.5 * young))

@@ -76,7 +76,7 @@ class EngineSettings(BaseModel):
     )
     max_rate_limit_pauses: int = Field(default=60, ge=0, description="rate-limit pauses per task before it fails")
     restart_stagger: float = Field(
-        default=1.0, ge=0, description="gap between the doubling steps (1, 2, 4, … agents) of a restart after a pause"
+        default=0.5, ge=0, description="gap between the doubling steps (2, 4, 8, … agents) of a restart after a pause"
     )
     merge_policy: MergePolicy = Field(default=MergePolicy.RESOLVE, description="resolve | report conflicts")
     gate: list[str] | None = Field(default=None, description="command run on each merge candidate (argv)")

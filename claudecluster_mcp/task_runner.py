@@ -20,7 +20,7 @@ from .agent_spec import AgentSpec
 from .denials import DenialWatch
 from .diskfull import add_worktree_or_full, commit_or_full, disk_full, until_written
 from .errors import ClusterError, DiskFullError, NotFoundError, StateError, leaves
-from .events import AgentEvent, ApiRetry, AssistantText, StderrLine, ToolResult, ToolUse, activity
+from .events import AgentEvent, ApiRetry, AssistantText, StderrLine, ToolResult, activity
 from .merge_queue import MergeQueue
 from .models import ACTIVE_STATES, Plan, Task, TaskKind, TaskState
 from .outcome import AgentOutcome, OutcomeStatus
@@ -28,8 +28,9 @@ from .placement import AgentHandle, AgentPlacement
 from .ports import PORTS, PortBlocks, fleet_env
 from .proctree import RUN_TAG_VAR
 from .prompts import RESUME_PROMPT, commit_message, task_prompt
+from .rate_limits import RateLimits, Stop
 from .redact import private_dir, redactor, register_secrets
-from .retry import FIRST_RATE_LIMIT_PAUSE, RateLimitPause, decide_retry
+from .retry import RateLimitPause, decide_retry
 from .settings import EngineSettings
 from .signals import Pulse
 from .store import Store, now
@@ -75,19 +76,13 @@ class TaskRunner:
         self.settings = settings
         self.placement = placement
         self.pulse = pulse
-        self.pause = pause
-        # Pauses of unknown length start short and back off up to rate_limit_pause.
-        pause.cap = settings.rate_limit_pause
-        pause.first = min(FIRST_RATE_LIMIT_PAUSE, settings.rate_limit_pause)
         self.merges = merges
         self.runs: dict[str, AgentHandle] = {}
+        self.limits = RateLimits(store, settings, pause, self.runs, pulse)
         self.ports = ports
         self._setups: dict[str, anyio.CancelScope] = {}  # tasks whose worktree is being set up
         self._stop_reasons: dict[str, str] = {}
         self._halted: dict[str, str] = {}  # plan → why none of its agents may start
-        self._rate_limit_pauses: dict[str, int] = {}
-        self._parked: set[str] = set()  # agents stopped to wait out a rate-limit storm
-        self._cancelled: dict[str, str] = {}  # parked agents cancelled before they ended → why
         # Once per engine, not per run: the agents' secrets and the private state directories.
         register_secrets(settings.agent_env)
         self._secrets = redactor(settings.agent_env)
@@ -108,9 +103,7 @@ class TaskRunner:
                 scope.cancel()
         for ref, run in list(self.runs.items()):
             if wanted(ref):
-                if ref in self._parked:  # stopping already, to be resumed: the cancel wins
-                    self._parked.discard(ref)
-                    self._cancelled[ref] = reason
+                self.limits.cancelling(ref, reason)
                 run.cancel(reason)
         return any(wanted(ref) for ref in [*self._setups, *self.runs])
 
@@ -140,7 +133,7 @@ class TaskRunner:
                 logger.exception("task %s failed inside the engine", task.ref)
         finally:
             self.runs.pop(task.ref, None)
-            self.pause.finished(task.ref, time.time())
+            self.limits.ended(task.ref)
             self.pulse.notify()
 
     async def _attempt(self, plan: Plan, task: Task) -> None:
@@ -291,28 +284,13 @@ class TaskRunner:
                         data[key] = data[key][:2000] + "…"
                 await self.store.append_event(plan.id, task.id, event.kind, data)
                 await self._warn(plan, task, denials.feed(event))
-                self._watch_rate_limit(task.ref, event)
+                self.limits.watch(task.ref, event)
                 target = _state_after(event, task.state)
                 if target is not None:
                     with contextlib.suppress(StateError):
                         await self.store.move(plan.id, task.id, target)
                         task.state = target
                 await self.store.update_task(plan.id, task.id, last_activity=activity(event), turns=handle.turns)
-
-    def _watch_rate_limit(self, ref: str, event: AgentEvent) -> None:
-        """Feed the pool's rate-limit incident: Claude Code retrying a 429 itself holds new
-        starts (or, when another agent already does, its agent is parked: stopped now, its
-        session resumed after the storm); a model answer means a request got through (and
-        ends the incident)."""
-        if isinstance(event, ApiRetry) and (event.error == "rate_limit" or event.error_status == 429):
-            if self.pause.retrying(ref, time.time(), event.retry_delay_ms / 1000) and ref in self.runs:
-                self._parked.add(ref)
-                self.runs[ref].cancel("parked: waiting out a rate-limit storm")
-            self.pulse.notify()
-        elif (
-            (isinstance(event, AssistantText) and not event.is_api_error) or isinstance(event, ToolUse)
-        ) and self.pause.answered(ref, time.time()):
-            self.pulse.notify()
 
     async def _written_outside(self, before: dict[str, tuple[int, int]]) -> list[str]:
         """Files of the user's checkout written while the agent ran (under ``none``, where
@@ -333,13 +311,13 @@ class TaskRunner:
             "pid": None,
             "finished_at": now(),
         }
-        parked = outcome.status is OutcomeStatus.CANCELLED and task.ref in self._parked
-        self._parked.discard(task.ref)
-        cancelled = self._cancelled.pop(task.ref, None)
+        stop, cancelled = self.limits.stopped(task.ref, outcome)
         if outcome.ok:
             await self._succeeded(plan, task, outcome, worktree, base, results, outside)
-        elif parked or outcome.status is OutcomeStatus.RATE_LIMITED:
-            if not await self._paused(plan, task, outcome, results):
+        elif stop is Stop.WOKEN:
+            await self.limits.requeue(plan, task, outcome, results, "woken after a rate-limit storm", time.time())
+        elif stop is Stop.PARKED or outcome.status is OutcomeStatus.RATE_LIMITED:
+            if not await self.limits.paused(plan, task, outcome, results):
                 reason = f"rate limited (more than {self.settings.max_rate_limit_pauses} pauses): {outcome.reason}"
                 await self.store.move(plan.id, task.id, TaskState.FAILED, reason=reason, **results)
         elif outcome.status is OutcomeStatus.CANCELLED:
@@ -404,36 +382,6 @@ class TaskRunner:
             await self.store.move(plan.id, task.id, TaskState.HELD, reason=reason)
             return
         await self.merges.enqueue(plan.id, task.id)
-
-    async def _paused(self, plan: Plan, task: Task, outcome: AgentOutcome, results: dict[str, Any]) -> bool:
-        """Put a rate-limited task back behind the pool's pause (the first 429 of a storm
-        opens the incident, a probe's 429 backs it off, the others join it); False once the
-        task has had too many pauses. An agent that got somewhere resumes its session after
-        the pause (Claude Code ended it cleanly on the 429), instead of starting over."""
-        pauses = self._rate_limit_pauses.get(task.ref, 0) + 1
-        self._rate_limit_pauses[task.ref] = pauses
-        if pauses > self.settings.max_rate_limit_pauses:
-            return False
-        clock = time.time()
-        until = self.pause.rate_limited(task.ref, clock, outcome.retry_after_s)
-        seconds = round(until - clock, 3)
-        await self.store.append_event(
-            plan.id, task.id, "pool_paused", {"seconds": seconds, "strikes": self.pause.strikes}
-        )
-        resume = await has_progress(task.model_copy(update={"session_id": outcome.session_id or task.session_id}))
-        # A rate limit is not the task's fault: it does not use up an attempt (a resumed
-        # session goes on with the attempt it belongs to; a new one is a new attempt).
-        await self.store.move(
-            plan.id,
-            task.id,
-            TaskState.PENDING,
-            reason=f"rate limited: {outcome.reason}" + ("; resuming its session" if resume else ""),
-            attempts=task.attempts if resume else task.attempts - 1,
-            not_before=until,
-            resume=resume,
-            **results,
-        )
-        return True
 
 
 def _state_after(event: AgentEvent, state: TaskState) -> TaskState | None:

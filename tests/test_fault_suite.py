@@ -144,6 +144,33 @@ async def test_in_a_storm_one_agent_retries_for_the_pool_and_the_others_wait_par
     assert len(server.requests) < 40
 
 
+@pytest.mark.claude
+async def test_when_a_storm_ends_the_agent_in_a_long_cli_retry_delay_is_woken_and_resumes(
+    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings
+) -> None:
+    # No retry-after: Claude Code's own delays grow (0.6, 1.1, 2.5, 4.1, 9.7 s…), so the agent
+    # retrying for the pool would next try ~18 s in, long after the 10 s storm; the engine's
+    # probe notices the end within a few seconds and that agent is restarted on its session.
+    storm = {"seconds": 10, "fault": {"type": "rate_limit"}}
+    rules = [marker_rule(f"T{i}", write_turn(f"t{i}.txt", f"{i}\n")) for i in range(2)]
+    server = model_server({"storm": storm, "rules": rules})
+    settings = engine_settings(server, rate_limit_pause=10.0)  # the default: a probe has 10 s to get a verdict
+    env = {k: v for k, v in settings.agent_env.items() if k != "CLAUDE_CODE_MAX_RETRIES"}
+
+    async with Cluster.open(repo, workers=2, settings=settings.model_copy(update={"agent_env": env})) as cluster:
+        plan = (await cluster.plan("two", [marker_task("T0"), marker_task("T1")])).plan
+        await cluster.dispatch(plan.id)
+        with anyio.fail_after(100):
+            status = await cluster.wait(plan.id)
+        events = await cluster.events(plan.id)
+
+    assert all(t.state is TaskState.MERGED and t.attempts == 1 for t in status.tasks), [
+        (t.id, t.state, t.reason) for t in status.tasks
+    ]
+    reasons = [str(e["data"].get("reason", "")) for e in events if e["kind"] == "state"]
+    assert any(r.startswith("woken after a rate-limit storm") for r in reasons), [r for r in reasons if r]
+
+
 class HeldOutcomes:
     """A local placement whose parked runs keep their outcome until ``release`` is set: the
     window in which a cancel can meet a run that is stopping to be resumed."""

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from claudecluster_mcp.outcome import AgentOutcome, OutcomeStatus
-from claudecluster_mcp.retry import RateLimitPause, RetryDecision, decide_retry, pause_length
+from claudecluster_mcp.retry import AGE_SHARE, WAKE_AFTER, RateLimitPause, RetryDecision, decide_retry, pause_length
 from claudecluster_mcp.settings import EngineSettings
 from claudecluster_mcp.store import now
 
@@ -162,11 +162,11 @@ def test_after_the_pause_one_agent_probes_and_its_answer_resumes_the_pool() -> N
     assert not p.answered("other", until + 0.6)  # another agent's answer is not the probe's
     assert p.answered("a", until + 1.0)
     assert p.strikes == 0 and not p.incident
-    # The pool resumes, staggered lightly.
+    # The pool resumes at once (the probe was its first step), then staggered lightly.
+    assert p.wait_for(until + 1.0) == 0
+    p.started(until + 1.0, "b")
+    p.started(until + 1.0, "c")
     assert p.wait_for(until + 1.0) == pytest.approx(0.2)
-    assert p.wait_for(until + 1.2) == 0
-    p.started(until + 1.2, "b")
-    assert p.wait_for(until + 1.2) == pytest.approx(0.2)
     p.settle(until + 2.0)
     assert p.until == 0 and p.wait_for(until + 2.0) == 0
 
@@ -184,26 +184,39 @@ def test_after_a_pause_the_pool_restarts_in_doubling_steps() -> None:
             p.started(clock, f"agent{started}")
             started += 1
         steps.append(started)
-    assert steps == [1, 2, 4, 8]
-    assert clock == pytest.approx(until + 1.0 + 4 * 0.2)
+    assert steps == [2, 4, 8, 16]  # after the probe's one
+    assert clock == pytest.approx(until + 1.0 + 3 * 0.2)
     p.settle(clock + 0.2)
     assert p.wait_for(clock + 0.2) == 0 and p.until == 0
 
 
-def test_a_rate_limited_probe_backs_off() -> None:
+def test_a_rate_limited_probe_backs_off_in_proportion_to_the_incident_s_age() -> None:
     p = pool()
-    clock = 100.0
+    start = clock = 100.0
     pauses = []
-    for _ in range(6):
+    while clock < start + 600:
         until = p.rate_limited("probe", clock)
-        pauses.append(until - clock)
+        pauses.append((clock - start, until - clock))
         clock = until
         p.started(clock, "probe")
-    assert [p_ >= FIRST * 2**i for i, p_ in enumerate(pauses[:5])] == [True] * 5
-    assert pauses[5] == CAP and p.strikes == 6
+    for age, pause in pauses:
+        assert FIRST <= pause <= min(CAP, 1.5 * max(FIRST, AGE_SHARE * age)) + 1e-9, (age, pause)
+    assert pauses[-1][1] == pytest.approx(CAP) and p.strikes == len(pauses)
+    # A 20 s storm gets a handful of probes, the last one at most ~a fifth of it before its end.
+    early = [pause for age, pause in pauses if age < 20]
+    assert 5 <= len(early) <= 15 and max(early) <= 4.5
     # A 429 of an agent that ran before the incident does not back it off further.
+    strikes = p.strikes
     p.rate_limited("old", clock + 0.1)
-    assert p.strikes == 6
+    assert p.strikes == strikes
+
+
+def test_pauses_are_short_while_the_incident_is_young_whatever_the_strikes() -> None:
+    rng = random.Random(1)
+    assert all(1.0 <= pause_length(8, None, 1.0, 30.0, rng, age=2.0) <= 1.5 for _ in range(100))
+    assert all(3.0 <= pause_length(8, None, 1.0, 30.0, rng, age=20.0) <= 4.5 for _ in range(100))
+    assert pause_length(8, None, 1.0, 30.0, rng, age=1000.0) == 30.0
+    assert pause_length(8, 42.0, 1.0, 30.0, rng, age=2.0) == 42.0  # a known retry-after stands
 
 
 def test_a_probe_that_ends_without_a_429_resumes_the_pool() -> None:
@@ -251,6 +264,26 @@ def test_one_agent_retries_a_429_for_the_pool_and_the_others_are_parked() -> Non
     # A request of the agent that kept retrying gets through: the incident is over.
     assert p.answered("a", 110.0)
     assert not p.incident and p.strikes == 0
+
+
+def test_when_the_incident_ends_an_agent_still_in_a_long_cli_retry_delay_is_woken() -> None:
+    p = pool()
+    assert p.retrying("a", 100.0, 16.0) is False  # a's Claude Code waits 16 s before retrying
+    until = p.rate_limited("b", 100.1)
+    p.started(until, "c")
+    assert p.answered("c", until + 1.0)  # the probe got through: the storm is over
+    assert p.take_woken() == ["a"] and p.take_woken() == []
+    assert p.wait_for(until + 1.0) == 0  # a's retry delay no longer holds the pool
+
+
+def test_an_agent_about_to_retry_anyway_is_not_woken() -> None:
+    p = pool()
+    p.retrying("a", 100.0, 4.0)
+    until = p.rate_limited("b", 100.1)
+    p.started(until, "c")
+    clock = 104.0 - WAKE_AFTER + 0.5  # a retries within WAKE_AFTER: a restart would not be quicker
+    assert p.answered("c", clock)
+    assert p.take_woken() == []
 
 
 def test_without_a_rate_limit_nothing_waits() -> None:
