@@ -49,13 +49,14 @@ from .events import (
     ToolUse,
     Usage,
 )
-from .outcome import AgentOutcome, OutcomeStatus, RunState, decide_outcome, ended_on_api_error
+from .outcome import AgentOutcome, OutcomeStatus, RunState, decide_outcome, ended_on_api_error, verdict_events
 from .proctree import REAPER_SCRIPT, ProcessTree, become_subreaper
 from .redact import redactor
 
 __all__ = ["AgentRun", "run_agent"]
 
 logger = logging.getLogger(__name__)
+RECENT_EVENTS = 500  #: events an :class:`AgentRun` keeps in :attr:`AgentRun.events`
 
 
 def _default_log_dir() -> Path:
@@ -85,7 +86,10 @@ class AgentRun:
         self.state = RunState.STARTING
         self.pid: int | None = None
         self.tmpdir: Path | None = None  #: the run's private TMPDIR, removed at the end
-        self.events: list[AgentEvent] = []
+        #: The most recent events (a long run's whole stream would stay in memory).
+        self.events: deque[AgentEvent] = deque(maxlen=RECENT_EVENTS)
+        self._init: InitEvent | None = None
+        self._verdict: list[AgentEvent] = []
         self.last_activity = time.monotonic()
         self._claude = claude
         self._on_event = on_event
@@ -124,8 +128,10 @@ class AgentRun:
         self.events.append(event)
         if not isinstance(event, StderrLine):
             self.last_activity = time.monotonic()
+        self._verdict = verdict_events(self._verdict, event)
         if isinstance(event, InitEvent):
             self.session_id = event.session_id
+            self._init = self._init or event
         elif isinstance(event, ApiRetry):
             self._last_retry = event
             self.state = RunState.WAITING
@@ -228,7 +234,7 @@ class AgentRun:
             stderr_tail=list(self._stderr),
             last_retry=self._last_retry,
         )
-        init = next((e for e in self.events if isinstance(e, InitEvent)), None)
+        init = self._init
         retry_after = self._last_retry.retry_delay_ms / 1000 if self._last_retry else None
         assert self._tree is not None
         return AgentOutcome(
@@ -246,7 +252,7 @@ class AgentRun:
             final_text=result.result if result else None,
             structured_output=result.structured_output if result else None,
             permission_denials=result.permission_denials if result else [],
-            api_error=ended_on_api_error(self.events, stopped=self._stop is not None),
+            api_error=ended_on_api_error(self._verdict, stopped=self._stop is not None),
             api_error_status=result.api_error_status if result else None,
             retry_after_s=retry_after if status is OutcomeStatus.RATE_LIMITED else None,
             started_at=started_at,

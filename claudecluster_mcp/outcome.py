@@ -24,6 +24,7 @@ __all__ = [
     "RunState",
     "decide_outcome",
     "ended_on_api_error",
+    "verdict_events",
 ]
 
 
@@ -110,6 +111,16 @@ def decide_outcome(
     how = f"was killed by signal {signal_number}" if signal_number else f"exited with code {exit_code}"
     detail = " | ".join(line for line in stderr_tail[-3:] if line)
     return OutcomeStatus.CRASHED, f"claude {how} without a result" + (f": {detail}" if detail else "")
+
+
+def verdict_events(kept: list[AgentEvent], event: AgentEvent) -> list[AgentEvent]:
+    """Pure: of a stream's events so far (``kept``, then ``event``), the few that decide
+    :func:`ended_on_api_error` as the whole stream would: the last result and the last model
+    output, in their order. A run keeps these instead of every event."""
+    if not isinstance(event, ResultEvent | AssistantText | ToolUse):
+        return kept
+    result = isinstance(event, ResultEvent)
+    return [e for e in kept if isinstance(e, ResultEvent) != result] + [event]
 
 
 def ended_on_api_error(events: Sequence[AgentEvent], *, stopped: bool = False) -> bool:

@@ -5,9 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from claudecluster_mcp.events import AgentEvent, ApiRetry, ResultEvent, StreamParser
-from claudecluster_mcp.outcome import OutcomeStatus, decide_outcome, ended_on_api_error
+from claudecluster_mcp.events import (
+    AgentEvent,
+    ApiRetry,
+    AssistantText,
+    ResultEvent,
+    StderrLine,
+    StreamParser,
+    ToolResult,
+    ToolUse,
+)
+from claudecluster_mcp.outcome import OutcomeStatus, decide_outcome, ended_on_api_error, verdict_events
 
 DATA = Path(__file__).parent / "data"
 
@@ -187,3 +198,27 @@ def test_a_later_segment_that_succeeds_clears_an_earlier_api_error() -> None:
 
     assert not ended_on_api_error(failed + succeeded)
     assert ended_on_api_error(succeeded + failed)
+
+
+_STREAM_EVENTS: list[AgentEvent] = [
+    ResultEvent(subtype="success", is_error=False),
+    ResultEvent(subtype="success", is_error=True, terminal_reason="api_error"),
+    ResultEvent(subtype="error_during_execution", is_error=True),
+    ResultEvent(subtype="success", is_error=True, api_error_status=500),
+    AssistantText(text="working on it"),
+    AssistantText(text="API Error: 500", is_api_error=True),
+    ToolUse(id="t1", name="Bash"),
+    ToolResult(tool_use_id="t1"),
+    StderrLine(text="warning"),
+]
+
+
+@settings(max_examples=300, derandomize=True)
+@given(st.lists(st.sampled_from(_STREAM_EVENTS), max_size=12))
+def test_the_few_events_a_run_keeps_decide_an_api_error_as_the_whole_stream_would(events: list[AgentEvent]) -> None:
+    kept: list[AgentEvent] = []
+    for event in events:
+        kept = verdict_events(kept, event)
+
+    assert len(kept) <= 2
+    assert ended_on_api_error(kept) == ended_on_api_error(events)
