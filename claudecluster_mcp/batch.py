@@ -115,13 +115,15 @@ class Recorder(Protocol):
 
 
 @contextlib.contextmanager
-def gate_env(settings: EngineSettings, plan: Plan, task_id: str) -> Iterator[dict[str, str] | None]:
-    """The gate's ``CLAUDECLUSTER_*`` variables, with a block of ports held while it runs."""
+def gate_env(settings: EngineSettings, plan: Plan, task_ids: Sequence[str]) -> Iterator[dict[str, str] | None]:
+    """The gate's ``CLAUDECLUSTER_*`` variables, with a block of ports held while it runs:
+    ``CLAUDECLUSTER_TASK_IDS`` lists the tasks whose work the gated tree adds, in merge order
+    (several in a batch), ``CLAUDECLUSTER_TASK_ID`` is the last of them."""
     if not plan.gate:
         yield None
         return
     with PORTS.block(settings.port_base, settings.ports_per_task) as port_base:
-        yield fleet_env(plan.id, task_id, port_base)
+        yield fleet_env(plan.id, task_ids[-1], port_base) | {"CLAUDECLUSTER_TASK_IDS": " ".join(task_ids)}
 
 
 async def record_gate(store: Store, plan: Plan, task_ids: Sequence[str], verdict: GateResult) -> None:
@@ -230,7 +232,7 @@ class BatchMerge:
     async def _gate(self, links: Sequence[Link]) -> GateResult:
         assert self.plan.gate
         head = links[-1]
-        with gate_env(self.settings, self.plan, head.task.id) as env:
+        with gate_env(self.settings, self.plan, [link.task.id for link in links]) as env:
             verdict = await run_gate(
                 self.repo,
                 head.commit,

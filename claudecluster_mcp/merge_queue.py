@@ -214,7 +214,7 @@ class MergeQueue:
         """Merge one candidate by itself (:func:`merge_into`)."""
         assert task.commit is not None
         result: MergeResult | None = None
-        with scope, gate_env(self.settings, plan, task.id) as env:
+        with scope, gate_env(self.settings, plan, [task.id]) as env:
             result = await merge_into(
                 self.repo,
                 plan.integration_branch,

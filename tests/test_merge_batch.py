@@ -53,6 +53,8 @@ number = len(runs.read_text().splitlines()) + 1 if runs.exists() else 1
 seen = sorted(p.name for p in pathlib.Path(".").glob("*.txt"))
 with runs.open("a") as log:
     log.write(" ".join(seen) + "\\n")
+with (state / "task-ids").open("a") as log:
+    log.write(os.environ["CLAUDECLUSTER_TASK_IDS"] + " / " + os.environ["CLAUDECLUSTER_TASK_ID"] + "\\n")
 if number == 1:
     (state / "go").touch()
     while not (state / "release").exists():
@@ -217,6 +219,11 @@ async def test_waiting_candidates_are_gated_once_and_land_together_in_order(
     # Two gate runs for five candidates: the first alone, then the four that waited together.
     runs = gate_runs(gate_dir)
     assert runs == [["a.txt"], [f"{n}.txt" for n in names]], runs
+    # The batch's gate is told which tasks it gates, in merge order (the last one's id alone too).
+    succeeded = [e["task_id"] for e in events if e["kind"] == "state" and e["data"]["state"] == "succeeded"]
+    order = [t for t in dict.fromkeys(succeeded) if t != "a"]
+    told = [line.split(" / ") for line in (gate_dir / "task-ids").read_text().splitlines()]
+    assert told == [["a", "a"], [" ".join(order), order[-1]]], (told, order)
     assert (status.plan.gate_runs, status.plan.merge_batches) == (2, 2)
     batched = [t for t in status.tasks if t.id != "a"]
     assert {t.merge_batch for t in batched} == {2}

@@ -93,6 +93,7 @@ async def test_setup_copy_files_and_a_port_block_for_each_concurrent_agent(
         assert seen == ["GREETING=hello", f"{name} {blocks[name]}", f"{plan.id} {blocks[name]}"]
         gate_env = json.loads((gates / f"{name}.json").read_text())
         assert gate_env["CLAUDECLUSTER_PLAN_ID"] == plan.id and gate_env["CLAUDECLUSTER_TASK_ID"] == name
+        assert gate_env["CLAUDECLUSTER_TASK_IDS"] == name
         assert int(gate_env["CLAUDECLUSTER_PORT_BASE"]) >= 41000
         assert status.task(name).setup_s is not None and status.task(name).setup_s > 0
     # The copy is never committed, even where .gitignore would not have kept it out.
