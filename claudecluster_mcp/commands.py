@@ -31,7 +31,8 @@ from .models import FINAL_STATES, PlanState, PlanStatus, TaskState, split_task_r
 from .placement import open_placement
 from .preflight import check_model
 from .registry import Registry
-from .report import diffstats, event_line, to_html, to_json, to_markdown
+from .report import diffstats, event_line, to_json, to_markdown
+from .report_html import to_html
 from .scheduler import held_up
 from .settings import EngineSettings
 from .store import Store, state_db_path

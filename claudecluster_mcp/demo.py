@@ -27,7 +27,8 @@ from .engine import Cluster
 from .errors import ConfigError
 from .model_server import ScriptedModelServer, scripted_env
 from .models import PlanStatus, TaskState
-from .report import diffstats, state_colour, to_html
+from .report import diffstats, state_colour
+from .report_html import to_html
 from .scenario import load_scenario
 from .settings import EngineSettings
 from .terminal import follow

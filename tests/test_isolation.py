@@ -23,7 +23,8 @@ from claudecluster_mcp.isolation import (
 )
 from claudecluster_mcp.merge import run_gate
 from claudecluster_mcp.models import Plan, PlanStatus, Task
-from claudecluster_mcp.report import to_html, to_json, to_markdown
+from claudecluster_mcp.report import to_json, to_markdown
+from claudecluster_mcp.report_html import to_html
 from claudecluster_mcp.settings import EngineSettings
 from claudecluster_mcp.views import StatusView
 

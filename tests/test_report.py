@@ -18,7 +18,8 @@ from claudecluster_mcp.claude_cli import ClaudeBinary
 from claudecluster_mcp.engine import Cluster, EngineSettings
 from claudecluster_mcp.model_server import ScriptedModelServer
 from claudecluster_mcp.models import Task, TaskState
-from claudecluster_mcp.report import diffstats, elapsed_text, state_colour, to_html, to_json, to_markdown
+from claudecluster_mcp.report import diffstats, elapsed_text, state_colour, to_json, to_markdown
+from claudecluster_mcp.report_html import to_html
 from claudecluster_mcp.scenario import marker_rule, write_turn
 
 pytestmark = pytest.mark.anyio

@@ -22,7 +22,8 @@ from claudecluster_mcp.engine import Cluster
 from claudecluster_mcp.model_server import ScriptedModelServer
 from claudecluster_mcp.models import TaskSpec, TaskState
 from claudecluster_mcp.redact import Redactor, is_secret_name, redact, redactor, register_secrets
-from claudecluster_mcp.report import diffstats, to_html, to_json, to_markdown
+from claudecluster_mcp.report import diffstats, to_json, to_markdown
+from claudecluster_mcp.report_html import to_html
 from claudecluster_mcp.scenario import bash_turn, marker_rule, write_turn
 from claudecluster_mcp.settings import EngineSettings
 from claudecluster_mcp.store import state_db_path
