@@ -20,11 +20,12 @@ from claudecluster_mcp.benchmarks import results_table
 from claudecluster_mcp.claude_cli import ClaudeBinary
 from claudecluster_mcp.engine import Cluster
 from claudecluster_mcp.model_server import ScriptedModelServer
-from claudecluster_mcp.models import TaskState
+from claudecluster_mcp.models import PlanStatus, TaskState
 from claudecluster_mcp.outcome import AgentOutcome
 from claudecluster_mcp.placement import AgentHandle, LocalPlacement
 from claudecluster_mcp.scenario import marker_rule, marker_task, write_turn
 from claudecluster_mcp.settings import EngineSettings
+from claudecluster_mcp.store import StoredEvent
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
@@ -118,27 +119,38 @@ async def test_a_rate_limited_agent_that_got_somewhere_resumes_its_session_after
     ]
 
 
-@pytest.mark.claude
-async def test_in_a_storm_one_agent_retries_for_the_pool_and_the_others_wait_parked(
-    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings
-) -> None:
-    # Claude Code retries 429s itself here (its default); every request of the first 5 s gets one.
-    storm = {"seconds": 5, "fault": {"type": "rate_limit", "retry_after": 1}}
-    rules = [marker_rule(f"T{i}", write_turn(f"t{i}.txt", f"{i}\n")) for i in range(3)]
-    server = model_server({"storm": storm, "rules": rules})
-    settings = engine_settings(server)
+async def run_through_a_storm(
+    repo: Path, server: ScriptedModelServer, settings: EngineSettings, count: int
+) -> tuple[PlanStatus, list[StoredEvent]]:
+    """Run ``count`` one-file tasks at once with Claude Code retrying 429s itself (its
+    default); every task must merge on its first attempt (a rate limit is not its fault)."""
     env = {k: v for k, v in settings.agent_env.items() if k != "CLAUDE_CODE_MAX_RETRIES"}
-
-    async with Cluster.open(repo, workers=3, settings=settings.model_copy(update={"agent_env": env})) as cluster:
-        plan = (await cluster.plan("three", [marker_task(f"T{i}") for i in range(3)])).plan
+    async with Cluster.open(repo, workers=count, settings=settings.model_copy(update={"agent_env": env})) as cluster:
+        plan = (await cluster.plan("storm", [marker_task(f"T{i}") for i in range(count)])).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(100):
             status = await cluster.wait(plan.id)
         events = await cluster.events(plan.id)
-
     assert all(t.state is TaskState.MERGED and t.attempts == 1 for t in status.tasks), [
         (t.id, t.state, t.reason) for t in status.tasks
     ]
+    return status, events
+
+
+def storm_server(model_server: StartServer, storm: dict[str, Any], count: int) -> ScriptedModelServer:
+    rules = [marker_rule(f"T{i}", write_turn(f"t{i}.txt", f"{i}\n")) for i in range(count)]
+    return model_server({"storm": storm, "rules": rules})
+
+
+@pytest.mark.claude
+async def test_in_a_storm_one_agent_retries_for_the_pool_and_the_others_wait_parked(
+    repo: Path, model_server: StartServer, engine_settings: Settings
+) -> None:
+    # Every request of the first 5 s gets a 429.
+    server = storm_server(model_server, {"seconds": 5, "fault": {"type": "rate_limit", "retry_after": 1}}, 3)
+
+    _, events = await run_through_a_storm(repo, server, engine_settings(server), 3)
+
     parked = {e["task_id"] for e in events if "parked" in str(e["data"].get("reason", ""))}
     assert parked, [e["data"] for e in events if e["kind"] == "state"]
     assert len(server.requests) < 40
@@ -146,27 +158,16 @@ async def test_in_a_storm_one_agent_retries_for_the_pool_and_the_others_wait_par
 
 @pytest.mark.claude
 async def test_when_a_storm_ends_the_agent_in_a_long_cli_retry_delay_is_woken_and_resumes(
-    claude: ClaudeBinary, repo: Path, model_server: StartServer, engine_settings: Settings
+    repo: Path, model_server: StartServer, engine_settings: Settings
 ) -> None:
     # No retry-after: Claude Code's own delays grow (0.6, 1.1, 2.5, 4.1, 9.7 s…), so the agent
     # retrying for the pool would next try ~18 s in, long after the 10 s storm; the engine's
     # probe notices the end within a few seconds and that agent is restarted on its session.
-    storm = {"seconds": 10, "fault": {"type": "rate_limit"}}
-    rules = [marker_rule(f"T{i}", write_turn(f"t{i}.txt", f"{i}\n")) for i in range(2)]
-    server = model_server({"storm": storm, "rules": rules})
+    server = storm_server(model_server, {"seconds": 10, "fault": {"type": "rate_limit"}}, 2)
     settings = engine_settings(server, rate_limit_pause=10.0)  # the default: a probe has 10 s to get a verdict
-    env = {k: v for k, v in settings.agent_env.items() if k != "CLAUDE_CODE_MAX_RETRIES"}
 
-    async with Cluster.open(repo, workers=2, settings=settings.model_copy(update={"agent_env": env})) as cluster:
-        plan = (await cluster.plan("two", [marker_task("T0"), marker_task("T1")])).plan
-        await cluster.dispatch(plan.id)
-        with anyio.fail_after(100):
-            status = await cluster.wait(plan.id)
-        events = await cluster.events(plan.id)
+    _, events = await run_through_a_storm(repo, server, settings, 2)
 
-    assert all(t.state is TaskState.MERGED and t.attempts == 1 for t in status.tasks), [
-        (t.id, t.state, t.reason) for t in status.tasks
-    ]
     reasons = [str(e["data"].get("reason", "")) for e in events if e["kind"] == "state"]
     assert any(r.startswith("woken after a rate-limit storm") for r in reasons), [r for r in reasons if r]
 
