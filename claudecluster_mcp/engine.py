@@ -41,15 +41,14 @@ from .merge_queue import FinalMerge, MergeQueue
 from .models import (
     ACTIVE_STATES,
     FINAL_STATES,
-    MAX_GOAL_BYTES,
     MergePolicy,
-    Plan,
     PlanState,
     PlanStatus,
     Task,
     TaskSpec,
     TaskState,
 )
+from .new_plan import check_goal, new_plan
 from .placement import AgentPlacement, LocalPlacement
 from .planner import plan_with_claude
 from .preflight import check_model
@@ -62,9 +61,9 @@ from .retry import RateLimitPause
 from .scheduler import Scheduler, held_up
 from .settings import MAX_WORKERS, EngineSettings, default_state_dir
 from .signals import Pulse, Watcher
-from .store import Store, StoredEvent, now, state_db_path
+from .store import Store, StoredEvent, state_db_path
 from .task_runner import TaskRunner
-from .workspace import check_target_branch, current_branch, repo_root, rev_parse, update_ref
+from .workspace import repo_root, update_ref
 
 __all__ = ["STATUS_FOCUS", "Cluster", "EngineSettings", "FinalMerge", "default_state_dir"]
 
@@ -176,15 +175,7 @@ class Cluster:
         read-only Claude Code planning run splits the goal, telling ``on_progress`` what it does
         meanwhile. ``max_cost_usd`` / ``max_tokens`` (default: the settings') budget all its
         agents together."""
-        if any(limit is not None and limit <= 0 for limit in (max_cost_usd, max_tokens)):
-            raise ConfigError(f"a budget must be positive (max_cost_usd {max_cost_usd}, max_tokens {max_tokens})")
-        if not goal.strip():
-            raise ConfigError("the goal is empty")
-        if len(goal.encode("utf-8", "surrogatepass")) > MAX_GOAL_BYTES:
-            raise ConfigError(
-                f"the goal is {len(goal.encode('utf-8', 'surrogatepass')) / 1024:.1f} KiB; the limit is "
-                f"{MAX_GOAL_BYTES // 1024} KiB (MAX_GOAL_BYTES): put the details in the tasks' prompts"
-            )
+        check_goal(goal, max_cost_usd, max_tokens)
         # Validation is CPU-bound on big plans: off the event loop, so other sessions go on.
         if tasks is None:
             specs = await self._planned(goal, on_progress)
@@ -193,38 +184,24 @@ class Cluster:
         specs, warnings = await anyio.to_thread.run_sync(
             lambda: checked_plan(specs, serialize=self.settings.serialize_overlaps)
         )
-        branch_now = await current_branch(self.repo)
-        base_ref = base_ref or branch_now or "HEAD"
-        base_commit = await rev_parse(self.repo, base_ref)
-        # The base may be any commit-ish (origin/main, a tag, a SHA): never a branch to create.
-        target = target or branch_now
-        if target is None:
-            raise ConfigError("HEAD is detached: name the target branch for the final merge")
-        await check_target_branch(self.repo, target)
-        plan_id = "p" + secrets.token_hex(4)
-        stamp = now()
-        plan = Plan(
-            id=plan_id,
-            repo=self.repo,
-            goal=goal,
+        plan = await new_plan(
+            self.repo,
+            self.settings,
+            goal,
+            warnings,
             base_ref=base_ref,
-            base_commit=base_commit,
-            target_branch=target,
-            integration_branch=f"claudecluster/{plan_id}/integration",
-            merge_policy=merge_policy or self.settings.merge_policy,
-            gate=list(gate) if gate is not None else self.settings.gate,
-            warnings=warnings,
-            max_cost_usd=max_cost_usd if max_cost_usd is not None else self.settings.max_cost_usd,
-            max_tokens=max_tokens if max_tokens is not None else self.settings.max_tokens,
-            created_at=stamp,
-            updated_at=stamp,
+            target=target,
+            merge_policy=merge_policy,
+            gate=gate,
+            max_cost_usd=max_cost_usd,
+            max_tokens=max_tokens,
         )
         stored = await anyio.to_thread.run_sync(stored_tasks, plan, specs)
         ref = f"refs/heads/{plan.integration_branch}"
-        if not await update_ref(self.repo, ref, base_commit, None, "claudecluster: plan"):
+        if not await update_ref(self.repo, ref, plan.base_commit, None, "claudecluster: plan"):
             raise StateError(f"branch {plan.integration_branch} already exists")
         await self.store.create_plan(plan, stored)
-        await anyio.to_thread.run_sync(self.registry.register, plan_id, self.repo)
+        await anyio.to_thread.run_sync(self.registry.register, plan.id, self.repo)
         # What status() would read back, without re-reading thousands of rows on the loop.
         return PlanStatus(plan=plan, tasks=stored, counts={TaskState.PENDING.value: len(stored)})
 
