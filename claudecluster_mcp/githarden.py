@@ -4,7 +4,7 @@ Agents work in worktrees of the user's repository and share its ``.git``: with a
 (or a file tool and a committed ``.gitattributes``) an agent can plant a hook, a
 ``core.fsmonitor`` command or a filter/merge/diff driver that any later git command in
 that repository would execute, with the engine's rights and outside the agent's run. So
-every engine git command (:func:`~claudecluster_mcp.workspace.git`) runs with
+every engine git command (:func:`~claudecluster_mcp.gitrun.git`) runs with
 
 * a **scrubbed environment** (:func:`git_environment`): every inherited ``GIT_*`` variable
   is dropped (``GIT_DIR``, ``GIT_WORK_TREE``, ``GIT_INDEX_FILE``, ``GIT_EXEC_PATH``,
