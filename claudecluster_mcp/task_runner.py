@@ -6,7 +6,6 @@ decide, from the outcome, to retry, pause the pool for a rate limit, or fail.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -20,7 +19,8 @@ from .agent_spec import AgentSpec
 from .denials import DenialWatch
 from .diskfull import add_worktree_or_full, commit_or_full, disk_full, until_written
 from .errors import ClusterError, DiskFullError, NotFoundError, StateError, leaves
-from .events import AgentEvent, ApiRetry, AssistantText, StderrLine, ToolResult, activity
+from .event_log import EventLog
+from .events import AgentEvent
 from .merge_queue import MergeQueue
 from .models import ACTIVE_STATES, Plan, Task, TaskKind, TaskState
 from .outcome import AgentOutcome, OutcomeStatus
@@ -85,7 +85,7 @@ class TaskRunner:
         self._halted: dict[str, str] = {}  # plan → why none of its agents may start
         # Once per engine, not per run: the agents' secrets and the private state directories.
         register_secrets(settings.agent_env)
-        self._secrets = redactor(settings.agent_env)
+        self.events = EventLog(store, redactor(settings.agent_env), self.limits)
         state = settings.state_dir
         for directory in (state, state / "logs", state / "worktrees"):
             private_dir(directory)
@@ -186,9 +186,10 @@ class TaskRunner:
             # Unconfined, an agent can write the user's checkout: notice it (_written_outside).
             before = await changes_fingerprint(self.repo) if self.settings.isolation == "none" else None
             denials = DenialWatch(sandboxed=self.settings.isolation != "none")
+            private_dir(self.settings.state_dir / "logs" / plan.id)  # the agent's transcript goes there
             try:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._record, plan, task, handle, receive, denials)
+                    tg.start_soon(self.events.record, plan, task, handle, receive, denials)
                     with send:
                         outcome = await handle.run()
             except Exception as exc:
@@ -196,7 +197,7 @@ class TaskRunner:
                 if full:
                     raise DiskFullError(f"disk full while the agent ran (its transcript or events): {full[0]}") from exc
                 raise
-        await self._warn(plan, task, denials.result(outcome.permission_denials))
+        await self.events.warn(plan, task, denials.result(outcome.permission_denials))
         outside = await self._written_outside(before) if before is not None else []
         if resuming and _NO_SESSION in outcome.reason:
             # Killed before Claude Code saved its session, the run looked like progress (a
@@ -239,16 +240,6 @@ class TaskRunner:
         await self.store.update_task(plan.id, task.id, setup_s=setup_s, last_activity="starting")
         return True
 
-    async def _warn(self, plan: Plan, task: Task, warnings: list[str]) -> None:
-        """Record what the agent was denied: on the task (once each) and in its log."""
-        fresh = [w for w in dict.fromkeys(self._secrets.text(w) for w in warnings) if w not in task.warnings]
-        if not fresh:
-            return
-        task.warnings = [*task.warnings, *fresh]
-        await self.store.update_task(plan.id, task.id, warnings=task.warnings)
-        for warning in fresh:
-            await self.store.append_event(plan.id, task.id, "warning", {"text": warning})
-
     async def _prepare(self, plan: Plan, task: Task) -> tuple[Path, str, bool]:
         """Create the task's worktree on its branch from the integration tip (or keep it to
         resume an interrupted session). Returns (worktree, base commit, resuming)."""
@@ -268,29 +259,6 @@ class TaskRunner:
             identity = await identity_args(self.repo)
             await git(worktree, *identity, "merge", "--no-commit", "--no-ff", original.commit, ok_codes=(0, 1))
         return worktree, tip, False
-
-    async def _record(self, plan: Plan, task: Task, handle: AgentHandle, receive: Any, denials: DenialWatch) -> None:
-        """Store the agent's events and live progress as they come, secrets redacted (before
-        any truncation, so that a cut never leaves half a secret)."""
-        private_dir(self.settings.state_dir / "logs" / plan.id)
-        secrets = self._secrets
-        async with receive:
-            async for event in receive:
-                if isinstance(event, StderrLine):
-                    continue
-                data = secrets.data(event.model_dump(mode="json", exclude={"raw"}))
-                for key in ("text", "content"):
-                    if isinstance(data.get(key), str) and len(data[key]) > 2000:
-                        data[key] = data[key][:2000] + "…"
-                await self.store.append_event(plan.id, task.id, event.kind, data)
-                await self._warn(plan, task, denials.feed(event))
-                self.limits.watch(task.ref, event)
-                target = _state_after(event, task.state)
-                if target is not None:
-                    with contextlib.suppress(StateError):
-                        await self.store.move(plan.id, task.id, target)
-                        task.state = target
-                await self.store.update_task(plan.id, task.id, last_activity=activity(event), turns=handle.turns)
 
     async def _written_outside(self, before: dict[str, tuple[int, int]]) -> list[str]:
         """Files of the user's checkout written while the agent ran (under ``none``, where
@@ -382,15 +350,6 @@ class TaskRunner:
             await self.store.move(plan.id, task.id, TaskState.HELD, reason=reason)
             return
         await self.merges.enqueue(plan.id, task.id)
-
-
-def _state_after(event: AgentEvent, state: TaskState) -> TaskState | None:
-    """Waiting while the CLI waits to retry the model API; running again once it answers."""
-    if isinstance(event, ApiRetry) and state is TaskState.RUNNING:
-        return TaskState.WAITING
-    if isinstance(event, (AssistantText, ToolResult)) and state is TaskState.WAITING:
-        return TaskState.RUNNING
-    return None
 
 
 async def _record_failure(store: Store, plan: Plan, task: Task, reason: str) -> None:
