@@ -25,6 +25,7 @@ __all__ = [
     "FAULT_ERRORS",
     "CutStream",
     "MessagesRequest",
+    "answer_usage",
     "blocks_text",
     "cut_response",
     "error_response",
@@ -32,6 +33,7 @@ __all__ = [
     "new_message_id",
     "stream_events",
     "streaming_response",
+    "templated",
     "text_block",
     "tool_result_texts",
     "tool_use_block",
@@ -289,3 +291,31 @@ async def stream_events(
     }
     yield _sse("message_delta", message_delta)
     yield _sse("message_stop", {"type": "message_stop"})
+
+
+# -- an answer's content ---------------------------------------------------------------------
+
+_TEMPLATE = re.compile(r"\{(\w+)\}")
+
+
+def templated(value: Any, variables: Mapping[str, str]) -> Any:
+    """``value`` (a string, or lists and dicts of them) with ``{name}`` replaced for the
+    known names only, so JSON or code braces pass through."""
+    if isinstance(value, str):
+        return _TEMPLATE.sub(lambda m: variables.get(m.group(1), m.group(0)), value)
+    if isinstance(value, list):
+        return [templated(v, variables) for v in value]
+    if isinstance(value, dict):
+        return {k: templated(v, variables) for k, v in value.items()}
+    return value
+
+
+def answer_usage(
+    input_tokens: int | None, output_tokens: int | None, first_text: str, content: list[dict[str, Any]]
+) -> dict[str, int]:
+    """The usage of an answer: the given token counts, or estimates from the prompt's and
+    the answer's lengths."""
+    return usage_json(
+        input_tokens if input_tokens is not None else max(1, len(first_text) // 4),
+        output_tokens if output_tokens is not None else max(1, len(json.dumps(content)) // 4),
+    )

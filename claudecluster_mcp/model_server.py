@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import socket
 import threading
 import time
@@ -34,16 +33,17 @@ from .messages_api import (
     FAULT_ERRORS,
     CutStream,
     MessagesRequest,
+    answer_usage,
     cut_response,
     error_response,
     message_response,
     new_message_id,
     stream_events,
     streaming_response,
+    templated,
     text_block,
     tool_result_texts,
     tool_use_block,
-    usage_json,
 )
 from .scenario import Fault, Rule, Scenario, Turn
 
@@ -51,7 +51,6 @@ __all__ = ["RecordedRequest", "ScriptedModelServer", "create_app", "scripted_env
 
 logger = logging.getLogger(__name__)
 
-_TEMPLATE = re.compile(r"\{(\w+)\}")
 # Faults answered with an error (or, for a hang, with silence) instead of a message.
 _NO_MESSAGE_FAULTS = frozenset(FAULT_ERRORS) | {"hang"}
 
@@ -102,33 +101,10 @@ class RecordedRequest:
     at: float = field(default_factory=time.time)
 
 
-def _substitute(value: Any, variables: Mapping[str, str]) -> Any:
-    """Replace ``{name}`` for known names only, so JSON or code braces pass through."""
-    if isinstance(value, str):
-        return _TEMPLATE.sub(lambda m: variables.get(m.group(1), m.group(0)), value)
-    if isinstance(value, list):
-        return [_substitute(v, variables) for v in value]
-    if isinstance(value, dict):
-        return {k: _substitute(v, variables) for k, v in value.items()}
-    return value
-
-
 def _content(turn: Turn, variables: Mapping[str, str]) -> list[dict[str, Any]]:
     """The content blocks of a scripted turn, templated with ``variables``."""
-    content: list[dict[str, Any]] = []
-    if turn.text is not None:
-        content.append(text_block(_substitute(turn.text, variables)))
-    for call in turn.tools:
-        content.append(tool_use_block(call.name, _substitute(call.input, variables)))
-    return content
-
-
-def _usage(turn: Turn, first_text: str, content: list[dict[str, Any]]) -> dict[str, int]:
-    """The turn's scripted token counts, or estimates from the prompt and answer lengths."""
-    return usage_json(
-        turn.input_tokens if turn.input_tokens is not None else max(1, len(first_text) // 4),
-        turn.output_tokens if turn.output_tokens is not None else max(1, len(json.dumps(content)) // 4),
-    )
+    texts = [text_block(templated(turn.text, variables))] if turn.text is not None else []
+    return texts + [tool_use_block(call.name, templated(call.input, variables)) for call in turn.tools]
 
 
 def _record_fields(request: MessagesRequest) -> dict[str, Any]:
@@ -342,7 +318,7 @@ class ScriptedModelServer:
         call: MessagesRequest, turn: Turn, content: list[dict[str, Any]], fault: Fault | None
     ) -> Response:
         """The assistant message, streamed or whole; a ``stall`` or ``cut`` fault shapes it."""
-        usage = _usage(turn, call.first_text, content)
+        usage = answer_usage(turn.input_tokens, turn.output_tokens, call.first_text, content)
         message_id = new_message_id()
         stop_reason = "tool_use" if turn.tools else "end_turn"
         if not call.stream:
