@@ -3,9 +3,8 @@
 
 Every state change is committed before it is acted on. Task moves are guarded updates
 (``UPDATE … WHERE state IN (allowed predecessors)``) that fail loudly when the task was not
-where the caller thought. Agent events go to an append-only table. A merge journal makes
-ref updates recoverable: a merge is recorded as ``started`` with the old and new tips
-before the ref moves, and closed as ``done`` or ``undone``.
+where the caller thought. Agent events go to an append-only table. A merge journal
+(:mod:`~claudecluster_mcp.merge_journal`) makes ref updates recoverable.
 
 The database lives in the repository's git directory (``.git/claudecluster/state.db``), so
 ``git status`` never shows it; the registry (``$XDG_STATE_HOME/claudecluster/registry.db``)
@@ -29,8 +28,10 @@ import aiosqlite
 import anyio
 
 from .errors import NotFoundError, StateError, StoreError
+from .merge_journal import MergeJournal
 from .models import FINAL_STATES, TRANSITIONS, Plan, PlanState, PlanStatus, Priority, Task, TaskState
-from .redact import private_dir, private_file, redact, redact_data
+from .redact import private_dir, private_file, redact_data
+from .rows import brief_plan, brief_task, encoded_tasks, redacted_fields
 from .schema import decode, encode, migrate, quote
 from .signals import Change, Watchers
 from .sqlite_errors import sqlite_errors, translate_sqlite_errors
@@ -76,7 +77,7 @@ _STATE_DB = "the state database"
 
 
 @translate_sqlite_errors(_STATE_DB)
-class Store:
+class Store(MergeJournal):
     """The state of every plan of one repository."""
 
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
@@ -150,7 +151,7 @@ class Store:
     async def create_plan(self, plan: Plan, tasks: Sequence[Task]) -> None:
         """Store a plan and its tasks atomically."""
         # Encoding thousands of tasks takes a while: off the event loop.
-        columns, values = await anyio.to_thread.run_sync(_task_rows, tasks)
+        columns, values = await anyio.to_thread.run_sync(encoded_tasks, tasks)
         async with self.transaction() as db:
             row = plan.model_dump()
             await db.execute(
@@ -200,7 +201,7 @@ class Store:
 
     async def update_plan(self, plan_id: str, **fields: Any) -> None:
         """Set plan columns (``state``, ``final_merge``, …)."""
-        fields = {**_redacted(fields), "updated_at": now()}
+        fields = {**redacted_fields(fields), "updated_at": now()}
         sets = ", ".join(f"{quote(k)} = ?" for k in fields)
         async with self.transaction() as db:
             cursor = await db.execute(
@@ -209,7 +210,7 @@ class Store:
             )
             if cursor.rowcount == 0:
                 raise NotFoundError(f"no plan {plan_id!r}")
-        self.watchers.emit(Change(plan_id, None, "plan_state", _brief_plan(fields)))
+        self.watchers.emit(Change(plan_id, None, "plan_state", brief_plan(fields)))
 
     # -- tasks ------------------------------------------------------------------------------
 
@@ -306,7 +307,7 @@ class Store:
         """Guarded state transition; raises :class:`StateError` if ``to`` is not allowed from
         the task's current state. Extra ``fields`` are written in the same statement."""
         allowed_from = [s.value for s, targets in TRANSITIONS.items() if to in targets]
-        fields = {**_redacted(fields), "state": to, "updated_at": now()}
+        fields = {**redacted_fields(fields), "state": to, "updated_at": now()}
         sets = ", ".join(f"{quote(k)} = ?" for k in fields)
         async with self.transaction() as db:
             cursor = await db.execute(
@@ -320,7 +321,7 @@ class Store:
                 if row is None:
                     raise NotFoundError(f"plan {plan_id!r} has no task {task_id!r}")
                 raise StateError(f"task {plan_id}/{task_id} cannot move from {row[0]} to {to.value}")
-            stored = await self._event(db, plan_id, task_id, "state", {"state": to.value, **_brief(fields)})
+            stored = await self._event(db, plan_id, task_id, "state", {"state": to.value, **brief_task(fields)})
         self.watchers.emit(Change(plan_id, task_id, "state", stored))
         return await self.task(plan_id, task_id)
 
@@ -328,7 +329,7 @@ class Store:
         """Set non-state task columns (progress, pid, worktree, …)."""
         if "state" in fields:
             raise ValueError("use move() to change a task's state")
-        fields = {**_redacted(fields), "updated_at": now()}
+        fields = {**redacted_fields(fields), "updated_at": now()}
         sets = ", ".join(f"{quote(k)} = ?" for k in fields)
         async with self.transaction() as db:
             await db.execute(
@@ -376,82 +377,12 @@ class Store:
         rows = await self._rows(query, args)
         return [StoredEvent({**dict(row), "data": json.loads(row["data"])}) for row in rows]
 
-    # -- merge journal ----------------------------------------------------------------------
-
-    async def begin_merge(
-        self, plan_id: str, task_id: str | None, ref: str, old: str, new: str, *, batch: Sequence[str] = ()
-    ) -> int:
-        """Record a ref update about to happen (landing ``task_id``, or every task of
-        ``batch``); returns its journal number."""
-        async with self.transaction() as db:
-            cursor = await db.execute(
-                "INSERT INTO merges (plan_id, task_id, ref, old, new, state, at, task_ids) "
-                "VALUES (?, ?, ?, ?, ?, 'started', ?, ?)",
-                [plan_id, task_id, ref, old, new, now().isoformat(), json.dumps(list(batch)) if batch else None],
-            )
-            return int(cursor.lastrowid or 0)
-
-    async def end_merge(self, seq: int, state: str) -> None:
-        """Close a journal entry as ``done`` or ``undone``."""
-        async with self.transaction() as db:
-            await db.execute("UPDATE merges SET state = ? WHERE seq = ? AND state = 'started'", [state, seq])
-
-    async def open_merges(self) -> list[dict[str, Any]]:
-        """Journal entries left ``started`` (a crash between recording and closing); an
-        entry's ``tasks`` are the tasks it lands (none for a plan's final merge)."""
-        rows = [dict(row) for row in await self._rows("SELECT * FROM merges WHERE state = 'started' ORDER BY seq")]
-        for row in rows:
-            batch = json.loads(row["task_ids"]) if row["task_ids"] else []
-            row["tasks"] = batch or ([row["task_id"]] if row["task_id"] else [])
-        return rows
-
-    async def count_merges(self, plan_id: str, *, batches: int = 0, gate_runs: int = 0) -> int:
-        """Add to a plan's count of merge batches and gate runs; returns its batch count."""
-        async with (
-            self.transaction() as db,
-            db.execute(
-                "UPDATE plans SET merge_batches = merge_batches + ?, gate_runs = gate_runs + ? "
-                "WHERE id = ? RETURNING merge_batches",
-                [batches, gate_runs, plan_id],
-            ) as cursor,
-        ):
-            row = await cursor.fetchone()
-        if row is None:
-            raise NotFoundError(f"no plan {plan_id!r}")
-        return int(row[0])
-
     async def schema(self) -> list[tuple[str, str]]:
         """(name, sql) of every table and index, for the migrated-equals-fresh test."""
         rows = await self._rows(
             "SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%' ORDER BY name"
         )
         return [(row[0], row[1]) for row in rows]
-
-
-def _brief(fields: Mapping[str, Any]) -> dict[str, Any]:
-    keep = ("attempts", "reason", "commit", "merge_commit", "turns", "cost_usd")
-    return {k: encode(k, v) for k, v in fields.items() if k in keep and v not in (None, "")}
-
-
-def _brief_plan(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """What observers learn of a plan update: its state and reason, if set."""
-    return {k: encode(k, v) for k, v in fields.items() if k in ("state", "reason") and v not in (None, "")}
-
-
-def _task_rows(tasks: Sequence[Task]) -> tuple[list[str], list[list[Any]]]:
-    """(columns, encoded values) of ``tasks`` in order, ``seq`` numbering them."""
-    rows = [{**task.model_dump(), "seq": seq} for seq, task in enumerate(tasks)]
-    columns = list(rows[0]) if rows else []
-    return columns, [[encode(k, row[k]) for k in columns] for row in rows]
-
-
-# Task columns holding what agents and tools said (as opposed to what the user asked).
-_REDACTED_COLUMNS = ("reason", "last_activity")
-
-
-def _redacted(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """``fields`` with secrets redacted from the columns that hold agents' output."""
-    return {k: redact(v) if k in _REDACTED_COLUMNS and isinstance(v, str) else v for k, v in fields.items()}
 
 
 def _make_private(path: Path) -> None:
