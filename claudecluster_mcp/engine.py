@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -82,7 +83,7 @@ class Cluster:
         self.placement = placement
         self.registry = Registry(settings.state_dir / "registry.db")
         self.pulse = Pulse()
-        pause = RateLimitPause(settings.restart_stagger)
+        pause = self._pause = RateLimitPause(settings.restart_stagger)
         self.merges = MergeQueue(repo, store, settings, self.pulse)
         self.runner = TaskRunner(repo, store, settings, placement, self.pulse, pause, self.merges)
         self.scheduler = Scheduler(store, self.runner, self.pulse, pause, settings.workers)
@@ -153,6 +154,11 @@ class Cluster:
     def running(self) -> int:
         """Agents running now."""
         return len(self.scheduler.starting)
+
+    @property
+    def rate_limit(self) -> str:
+        """What the pool is doing about a model rate limit, in words (empty when nothing)."""
+        return self._pause.describe(time.time())
 
     # -- plan -------------------------------------------------------------------------------
 

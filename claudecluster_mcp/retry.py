@@ -181,6 +181,19 @@ class RateLimitPause:
         if self.until and not self.incident and clock >= max(self.until, self._stagger_until):
             self.until = 0.0
 
+    def describe(self, clock: float) -> str:
+        """What the pool is doing about a rate limit, for people (empty when nothing)."""
+        if self.incident:
+            strikes = f"{self.strikes} strike{'s' if self.strikes != 1 else ''}"
+            since = f"rate limited for {clock - self.since:.0f} s ({strikes})"
+            if self.probe is not None:
+                return f"{since}: one agent is probing the model; the others wait"
+            return f"{since}: no agent starts for {max(0.0, self.until - clock):.0f} s, then one probes the model"
+        hold = max(self._holds.values(), default=0.0)
+        if hold > clock:
+            return f"rate limited: Claude Code retries a request in {hold - clock:.0f} s; no new agent starts meanwhile"
+        return ""
+
 
 def pause_length(
     strikes: int,

@@ -16,6 +16,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from .engine import STATUS_FOCUS, Cluster
 from .merge_queue import FinalMerge
@@ -42,10 +43,17 @@ def tally(status: PlanStatus) -> str:
 
 
 async def show_live(
-    console: Console, poll: Poll, changed: Callable[[float], Awaitable[None]], isolation: str, *, live: bool
+    console: Console,
+    poll: Poll,
+    changed: Callable[[float], Awaitable[None]],
+    isolation: str,
+    *,
+    live: bool,
+    note: Callable[[], str] | None = None,
 ) -> PlanStatus:
-    """Show the live table and overall bar until ``poll`` says it is done; returns the last
-    status read. The display is transient: the caller prints the final table."""
+    """Show the live table, ``note`` (e.g. the pool's rate-limit state) when it says
+    something, and the overall bar until ``poll`` says it is done; returns the last status
+    read. The display is transient: the caller prints the final table."""
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(), console=console
     )
@@ -56,7 +64,9 @@ async def show_live(
             total = sum(status.counts.values())
             final = sum(n for s, n in status.counts.items() if TaskState(s) in FINAL_STATES)
             progress.update(bar, total=total, completed=final, description=f"{final}/{total} final")
-            screen.update(Group(plan_view(status, isolation, width=console.width), progress))
+            said = note() if note is not None else ""
+            lines = [Text(said, style="yellow")] if said else []
+            screen.update(Group(plan_view(status, isolation, width=console.width), *lines, progress))
             if done:
                 return status
             await changed(0.5)
@@ -70,7 +80,9 @@ async def follow(console: Console, cluster: Cluster, plan_id: str, *, live: bool
         status = await cluster.status(plan_id, focus=STATUS_FOCUS)
         return status, status.finished or bool(await cluster.held_up(plan_id))
 
-    await show_live(console, poll, cluster.changed, cluster.settings.isolation, live=live)
+    await show_live(
+        console, poll, cluster.changed, cluster.settings.isolation, live=live, note=lambda: cluster.rate_limit
+    )
     return await cluster.wait(plan_id)
 
 

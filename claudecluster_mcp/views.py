@@ -173,6 +173,7 @@ class StatusView(BaseModel):
     gate_runs: int = Field(default=0, description="runs of the plan's gate (batches, their bisection, final merge)")
     workers: int = 0
     agents_running: int = 0
+    rate_limit: str = Field(default="", description="what the pool does while the model refuses requests (429)")
     tasks: list[TaskView] = Field(default_factory=list)
     tasks_omitted: int = Field(default=0, description="tasks left out of `tasks` (pending or merged, big plans)")
     final_merge: dict[str, Any] | None = None
@@ -180,10 +181,14 @@ class StatusView(BaseModel):
     isolation: str = Field(default="", description="how the engine confines agents and the gate: sandbox | none")
 
     @classmethod
-    def of(cls, status: PlanStatus, *, workers: int, agents_running: int, isolation: str = "") -> StatusView:
-        """The view of a plan's status, with its repository's pool and isolation level."""
+    def of(
+        cls, status: PlanStatus, *, workers: int, agents_running: int, isolation: str = "", rate_limit: str = ""
+    ) -> StatusView:
+        """The view of a plan's status, with its repository's pool (and its rate-limit state)
+        and isolation level."""
         return cls(
             isolation=isolation,
+            rate_limit=rate_limit,
             plan_id=status.plan.id,
             goal=status.plan.goal,
             state=status.plan.state.value,
@@ -206,7 +211,11 @@ class StatusView(BaseModel):
     def of_cluster(cls, status: PlanStatus, cluster: Cluster) -> StatusView:
         """The view of a plan's status in the engine that runs it."""
         return cls.of(
-            status, workers=cluster.workers, agents_running=cluster.running, isolation=cluster.settings.isolation
+            status,
+            workers=cluster.workers,
+            agents_running=cluster.running,
+            isolation=cluster.settings.isolation,
+            rate_limit=cluster.rate_limit,
         )
 
     @classmethod
@@ -227,6 +236,7 @@ class StatusView(BaseModel):
             f"{self.agents_running} agents running; ${self.total_cost_usd:.4f}, {self.total_tokens:,} tokens"
             f"{f'; {self.gate_runs} gate runs, {self.merge_batches} merge batches' if self.gate_runs else ''}"
             f"{f'; {self.notice}' if self.notice else ''}"
+            f"{f'; {self.rate_limit}' if self.rate_limit else ''}"
             f"{'; isolation none: agents run unconfined' if self.isolation == 'none' else ''}"
         )
 

@@ -20,12 +20,13 @@ from claudecluster_mcp.benchmarks import results_table
 from claudecluster_mcp.claude_cli import ClaudeBinary
 from claudecluster_mcp.engine import Cluster
 from claudecluster_mcp.model_server import ScriptedModelServer
-from claudecluster_mcp.models import PlanStatus, TaskState
+from claudecluster_mcp.models import TaskState
 from claudecluster_mcp.outcome import AgentOutcome
 from claudecluster_mcp.placement import AgentHandle, LocalPlacement
 from claudecluster_mcp.scenario import marker_rule, marker_task, write_turn
 from claudecluster_mcp.settings import EngineSettings
 from claudecluster_mcp.store import StoredEvent
+from claudecluster_mcp.views import StatusView
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
@@ -121,20 +122,24 @@ async def test_a_rate_limited_agent_that_got_somewhere_resumes_its_session_after
 
 async def run_through_a_storm(
     repo: Path, server: ScriptedModelServer, settings: EngineSettings, count: int
-) -> tuple[PlanStatus, list[StoredEvent]]:
+) -> tuple[list[StoredEvent], set[str]]:
     """Run ``count`` one-file tasks at once with Claude Code retrying 429s itself (its
-    default); every task must merge on its first attempt (a rate limit is not its fault)."""
+    default); every task must merge on its first attempt (a rate limit is not its fault).
+    Returns the plan's events and what the status said of the rate limit meanwhile."""
     env = {k: v for k, v in settings.agent_env.items() if k != "CLAUDE_CODE_MAX_RETRIES"}
+    said: set[str] = set()
     async with Cluster.open(repo, workers=count, settings=settings.model_copy(update={"agent_env": env})) as cluster:
         plan = (await cluster.plan("storm", [marker_task(f"T{i}") for i in range(count)])).plan
         await cluster.dispatch(plan.id)
         with anyio.fail_after(100):
-            status = await cluster.wait(plan.id)
+            while not (status := await cluster.status(plan.id)).finished:
+                said.add(StatusView.of_cluster(status, cluster).rate_limit)
+                await cluster.changed(0.2)
         events = await cluster.events(plan.id)
     assert all(t.state is TaskState.MERGED and t.attempts == 1 for t in status.tasks), [
         (t.id, t.state, t.reason) for t in status.tasks
     ]
-    return status, events
+    return events, said - {""}
 
 
 def storm_server(model_server: StartServer, storm: dict[str, Any], count: int) -> ScriptedModelServer:
@@ -149,11 +154,13 @@ async def test_in_a_storm_one_agent_retries_for_the_pool_and_the_others_wait_par
     # Every request of the first 5 s gets a 429.
     server = storm_server(model_server, {"seconds": 5, "fault": {"type": "rate_limit", "retry_after": 1}}, 3)
 
-    _, events = await run_through_a_storm(repo, server, engine_settings(server), 3)
+    events, said = await run_through_a_storm(repo, server, engine_settings(server), 3)
 
     parked = {e["task_id"] for e in events if "parked" in str(e["data"].get("reason", ""))}
     assert parked, [e["data"] for e in events if e["kind"] == "state"]
     assert len(server.requests) < 40
+    # Meanwhile the status said what the pool was doing about it.
+    assert any(text.startswith("rate limited") for text in said), said
 
 
 @pytest.mark.claude
@@ -166,7 +173,7 @@ async def test_when_a_storm_ends_the_agent_in_a_long_cli_retry_delay_is_woken_an
     server = storm_server(model_server, {"seconds": 10, "fault": {"type": "rate_limit"}}, 2)
     settings = engine_settings(server, rate_limit_pause=10.0)  # the default: a probe has 10 s to get a verdict
 
-    _, events = await run_through_a_storm(repo, server, settings, 2)
+    events, _ = await run_through_a_storm(repo, server, settings, 2)
 
     reasons = [str(e["data"].get("reason", "")) for e in events if e["kind"] == "state"]
     assert any(r.startswith("woken after a rate-limit storm") for r in reasons), [r for r in reasons if r]

@@ -291,3 +291,16 @@ def test_without_a_rate_limit_nothing_waits() -> None:
     p.started(100.0, "a")
     p.settle(100.0)
     assert p.wait_for(100.0) == 0 and p.probe is None
+
+
+def test_what_the_pool_does_about_a_rate_limit_is_said_in_words() -> None:
+    p = pool()
+    assert p.describe(100.0) == ""
+    p.retrying("a", 100.0, 4.0)
+    assert p.describe(100.0) == "rate limited: Claude Code retries a request in 4 s; no new agent starts meanwhile"
+    until = p.rate_limited("b", 100.5)
+    assert p.describe(100.5).startswith("rate limited for 0 s (1 strike): no agent starts for ")
+    p.started(until, "c")
+    assert p.describe(until + 10) == "rate limited for 11 s (1 strike): one agent is probing the model; the others wait"
+    p.answered("c", until + 11)
+    assert p.describe(until + 11) == ""
