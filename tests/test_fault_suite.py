@@ -23,7 +23,7 @@ from claudecluster_mcp.model_server import ScriptedModelServer
 from claudecluster_mcp.models import TaskState
 from claudecluster_mcp.outcome import AgentOutcome
 from claudecluster_mcp.placement import AgentHandle, LocalPlacement
-from claudecluster_mcp.scenario import marker_rule, marker_task, write_turn
+from claudecluster_mcp.scenario import bash_turn, marker_rule, marker_task, write_turn
 from claudecluster_mcp.settings import EngineSettings
 from claudecluster_mcp.store import StoredEvent
 from claudecluster_mcp.views import StatusView
@@ -167,16 +167,26 @@ async def test_in_a_storm_one_agent_retries_for_the_pool_and_the_others_wait_par
 async def test_when_a_storm_ends_the_agent_in_a_long_cli_retry_delay_is_woken_and_resumes(
     repo: Path, model_server: StartServer, engine_settings: Settings
 ) -> None:
-    # No retry-after: Claude Code's own delays grow (0.6, 1.1, 2.5, 4.1, 9.7 s…), so the agent
-    # retrying for the pool would next try ~18 s in, long after the 10 s storm; the engine's
-    # probe notices the end within a few seconds and that agent is restarted on its session.
-    server = storm_server(model_server, {"seconds": 10, "fault": {"type": "rate_limit"}}, 2)
+    # T0's first request gets a 429 that says "retry after 30 s": its Claude Code waits 30 s,
+    # retrying for the pool. T1 meets a 429 later, is parked, and probes after a short pause:
+    # its answer ends the incident, and T0, with most of its 30 s still ahead, is woken and
+    # resumes at once.
+    def limited(retry_after: float) -> dict[str, Any]:
+        return {"fault": {"type": "rate_limit", "retry_after": retry_after, "per": "rule"}}
+
+    rules = [
+        marker_rule("T0", write_turn("t0.txt", "0\n", **limited(30))),
+        marker_rule("T1", bash_turn("sleep 2"), write_turn("t1.txt", "1\n", **limited(1))),
+    ]
+    server = model_server({"rules": rules})
     settings = engine_settings(server, rate_limit_pause=10.0)  # the default: a probe has 10 s to get a verdict
 
-    events, _ = await run_through_a_storm(repo, server, settings, 2)
+    events, said = await run_through_a_storm(repo, server, settings, 2)
 
-    reasons = [str(e["data"].get("reason", "")) for e in events if e["kind"] == "state"]
-    assert any(r.startswith("woken after a rate-limit storm") for r in reasons), [r for r in reasons if r]
+    reasons = {e["task_id"]: str(e["data"].get("reason", "")) for e in events if e["kind"] == "state"}
+    woken = [e["task_id"] for e in events if str(e["data"].get("reason", "")).startswith("woken after a rate-limit")]
+    assert woken == ["T0"], reasons
+    assert any(text.startswith("rate limited: Claude Code retries a request in") for text in said), said
 
 
 class HeldOutcomes:
