@@ -204,16 +204,33 @@ def test_settings_refuse_copy_files_globs_leaving_the_repository(glob: str) -> N
         EngineSettings(copy_files=[glob])
 
 
+def _free_ports(count: int) -> int:
+    """The first of ``count`` consecutive ports nothing on this machine holds now (other
+    processes' connections take ports of the ephemeral range too)."""
+
+    def free(port: int) -> bool:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
+
+    return next(base for base in range(42000, 60000, 100) if all(free(p) for p in range(base, base + count)))
+
+
 def test_port_blocks_are_unique_and_skip_ports_another_program_holds() -> None:
     blocks = PortBlocks()
+    base = _free_ports(40)
     with socket.socket() as taken:  # another program listens in the first block
-        taken.bind(("127.0.0.1", 42003))
+        taken.bind(("127.0.0.1", base + 3))
         taken.listen()
-        first = blocks.acquire(42000, 10)
-        second = blocks.acquire(42000, 10)
-    assert (first, second) == (42010, 42020)
+        first = blocks.acquire(base, 10)
+        second = blocks.acquire(base, 10)
+    assert (first, second) == (base + 10, base + 20)
     blocks.release(first, 10)
-    assert blocks.acquire(42000, 10) == 42000  # free again once the listener is gone
-    assert blocks.held == frozenset(range(42000, 42010)) | frozenset(range(42020, 42030))
+    assert blocks.acquire(base, 10) == base  # free again once the listener is gone
+    assert blocks.held == frozenset(range(base, base + 10)) | frozenset(range(base + 20, base + 30))
     with pytest.raises(ConfigError, match="no free block of 10 ports"):
         blocks.acquire(65530, 10)
