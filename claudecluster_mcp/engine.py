@@ -34,7 +34,7 @@ from typing import Any
 import anyio
 
 from .claude_cli import ClaudeBinary, find_claude
-from .errors import ConfigError, NotFoundError, StateError, single_errors
+from .errors import NotFoundError, StateError, single_errors
 from .events import activity
 from .graph import checked_plan, parse_tasks
 from .isolation import require_isolation
@@ -60,7 +60,7 @@ from .registry import Registry
 from .retention import GcReport, Retention
 from .retry import RateLimitPause
 from .scheduler import Scheduler, held_up
-from .settings import MAX_WORKERS, EngineSettings, default_state_dir
+from .settings import EngineSettings, check_workers, default_state_dir
 from .signals import Pulse, Watcher
 from .store import Store, StoredEvent, state_db_path
 from .task_runner import TaskRunner
@@ -107,7 +107,7 @@ class Cluster:
         schedule. Leaving the block stops running agents; their tasks are re-queued."""
         settings = settings or EngineSettings()
         if workers is not None:
-            settings = settings.model_copy(update={"workers": _check_workers(workers)})
+            settings = settings.model_copy(update={"workers": check_workers(workers)})
         root = await repo_root(Path(repo))
         require_isolation(settings.isolation)
         if placement is None:
@@ -141,7 +141,7 @@ class Cluster:
 
     def set_workers(self, count: int) -> None:
         """Resize the agent pool (1 to 64); takes effect at once for new starts."""
-        self.settings = self.settings.model_copy(update={"workers": _check_workers(count)})
+        self.settings = self.settings.model_copy(update={"workers": check_workers(count)})
         self.scheduler.workers = count
         self.pulse.kick()
 
@@ -396,9 +396,3 @@ class Cluster:
 
     def _busy(self, plan_id: str) -> bool:
         return plan_id in self.scheduler.active or self.scheduler.running(plan_id) or self.merges.merging(plan_id)
-
-
-def _check_workers(count: int) -> int:
-    if not 1 <= count <= MAX_WORKERS:
-        raise ConfigError(f"workers must be between 1 and {MAX_WORKERS}, not {count}")
-    return count

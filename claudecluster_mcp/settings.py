@@ -17,10 +17,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .agent_spec import PermissionMode
+from .errors import ConfigError
 from .isolation import Isolation, SandboxPolicy
 from .models import MergePolicy
 
-__all__ = ["MAX_WORKERS", "PROTECTED_PATHS", "EngineSettings", "default_state_dir", "protected"]
+__all__ = ["MAX_WORKERS", "PROTECTED_PATHS", "EngineSettings", "check_workers", "default_state_dir", "protected"]
 
 MAX_WORKERS = 64
 #: The orchestrator's and the agents' own control files: changing them changes what runs next.
@@ -161,3 +162,10 @@ def protected(files: Iterable[str], globs: Iterable[str]) -> list[str]:
     """The ``files`` (repository-relative) that match a protected glob (``*`` spans ``/``)."""
     patterns = list(globs)
     return sorted(f for f in files if any(fnmatch.fnmatchcase(f, g) for g in patterns))
+
+
+def check_workers(count: int) -> int:
+    """``count`` if it is a valid pool size (1 to :data:`MAX_WORKERS`), else a ConfigError."""
+    if not 1 <= count <= MAX_WORKERS:
+        raise ConfigError(f"workers must be between 1 and {MAX_WORKERS}, not {count}")
+    return count

@@ -7,7 +7,11 @@ import pkgutil
 import subprocess
 import sys
 
+import pytest
+
 import claudecluster_mcp
+from claudecluster_mcp.errors import ConfigError
+from claudecluster_mcp.settings import MAX_WORKERS, check_workers
 
 
 def test_top_level_exports_exist() -> None:
@@ -30,3 +34,10 @@ def test_importing_the_package_does_not_start_an_http_stack() -> None:
     code = "import sys, claudecluster_mcp; print(sorted(m for m in ('uvicorn', 'starlette') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("count", [0, -1, MAX_WORKERS + 1])
+def test_a_pool_size_outside_1_to_max_workers_is_refused_naming_the_range(count: int) -> None:
+    with pytest.raises(ConfigError, match=f"workers must be between 1 and {MAX_WORKERS}, not {count}"):
+        check_workers(count)
+    assert check_workers(MAX_WORKERS) == MAX_WORKERS
